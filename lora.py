@@ -1,0 +1,145 @@
+"""
+LoRA (Hu et al. 2022; paper eq. 3) and SLAD's sharing of the teacher's adapters with the student (Fig. 4).
+
+    add_lora(teacher.vit)                  # adapters on every block's attn.qkv, the backbone frozen
+    share_lora(student.vit, teacher.vit)   # student block i uses teacher block g(i)'s adapters, sliced
+    merge_lora(student.vit)                # a plain ViT with the adapters folded in, official layout
+
+In the style of minLoRA: one small module and plain functions to add, share and merge.
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+MAPPINGS = ("even", "first", "last")
+
+
+class LoRALinear(nn.Module):
+    """y = W0 x + (alpha / r) * B A x (eq. 3), W0 frozen, A (r, in) Kaiming-uniform, B (out, r) zeros.
+
+    A and B may belong to a wider layer (the teacher's): this layer then uses the slice that fits it,
+    A[:, :d_in] and the first rows of B (Fig. 4). They are the same Parameter objects as the teacher's,
+    so both models train them. `chunks` is the number of outputs fused in one matrix (3 for q|k|v)."""
+
+    def __init__(self, base: nn.Linear, lora_A: nn.Parameter, lora_B: nn.Parameter, alpha: float, chunks=1):
+        super().__init__()
+        rank = lora_A.shape[0]
+        if base.in_features > lora_A.shape[1] or base.out_features > lora_B.shape[0] or lora_B.shape[1] != rank:
+            raise ValueError(f"adapters of shape A {tuple(lora_A.shape)}, B {tuple(lora_B.shape)} cannot be "
+                             f"sliced to a {base.in_features} -> {base.out_features} layer")
+        self.base, self.lora_A, self.lora_B = base, lora_A, lora_B
+        self.scale, self.chunks = alpha / rank, chunks
+
+    def sliced(self):
+        """(A, B) cut to this layer: the whole of them for the teacher, a top-left part for the student."""
+        A = self.lora_A[:, : self.base.in_features]  # Fig. 4: the student's d_s input dims are the first d_s
+        # fused q|k|v: take the first d_s rows of each of q, k and v, so that student head h meets teacher
+        # head h's rows (heads are contiguous 64-dim slices; one flat slice would give the student q only)
+        B = self.lora_B.unflatten(0, (self.chunks, -1))[:, : self.base.out_features // self.chunks].flatten(0, 1)
+        return A, B
+
+    def delta_weight(self):  # Delta W = (alpha / r) B A, (out, in)
+        A, B = self.sliced()
+        return self.scale * B @ A
+
+    def forward(self, x):
+        A, B = self.sliced()
+        # the low-rank path costs 2r(in+out) per token and needs no gradient of the full (out, in) matrix
+        return self.base(x) + self.scale * F.linear(F.linear(x, A), B)
+
+    def extra_repr(self):
+        return f"rank={self.lora_A.shape[0]}, scale={self.scale:g}, chunks={self.chunks}, adapters={tuple(self.lora_A.shape)}->{tuple(self.lora_B.shape)}"
+
+
+def _chunks(target):
+    return {"attn.qkv": 3, "mlp.w12": 2}.get(target, 1)  # fused matrices: q|k|v, and SwiGLU's two inputs
+
+
+def _swap(block, target, make):
+    """Replace the nn.Linear at `target` (e.g. 'attn.qkv') inside `block` by make(linear)."""
+    parent_name, _, attr = target.rpartition(".")
+    parent = block.get_submodule(parent_name) if parent_name else block
+    base = getattr(parent, attr, None)
+    if not isinstance(base, nn.Linear):
+        raise ValueError(f"no linear layer {target!r} in {type(block).__name__}: LoRA targets are e.g. "
+                         f"attn.qkv, attn.proj, mlp.fc1, mlp.fc2 (mlp.w12, mlp.w3 for SwiGLU)")
+    setattr(parent, attr, make(base))
+
+
+def add_lora(vit, rank=16, alpha=None, targets=("attn.qkv",)):
+    """Freeze the whole backbone and put fresh adapters on `targets` of every block. alpha defaults to
+    the rank, i.e. W = W0 + B A exactly as eq. 3."""
+    for p in vit.parameters():
+        p.requires_grad_(False)
+    for block in vit.blocks:
+        for target in targets:
+            def make(base):
+                w = base.weight
+                A = nn.Parameter(torch.empty(rank, base.in_features, device=w.device, dtype=w.dtype))
+                nn.init.kaiming_uniform_(A, a=math.sqrt(5))  # as nn.Linear's init, as Hu et al.'s code
+                B = nn.Parameter(torch.zeros(base.out_features, rank, device=w.device, dtype=w.dtype))  # Delta W = 0
+                return LoRALinear(base, A, B, alpha or rank, _chunks(target))
+            _swap(block, target, make)
+    return vit
+
+
+def layer_mapping(n_student, n_teacher, mapping="even"):
+    """g: student block i -> teacher block g(i) (§5.2.1). even: uniformly spaced, g(i) = 2i for 24 -> 12;
+    first: the first n_student teacher blocks; last: the last ones."""
+    if n_student > n_teacher:
+        raise ValueError(f"the student has {n_student} blocks, more than its teacher's {n_teacher}: "
+                         f"SLAD needs a student no deeper than its teacher")
+    if mapping == "even":
+        return [i * n_teacher // n_student for i in range(n_student)]
+    if mapping == "first":
+        return list(range(n_student))
+    if mapping == "last":
+        return list(range(n_teacher - n_student, n_teacher))
+    raise ValueError(f"unknown mapping {mapping!r}; one of {', '.join(MAPPINGS)}")
+
+
+def share_lora(student, teacher, mapping="even"):
+    """Give student block i the adapters of teacher block g(i), sliced to the student's width (Fig. 4).
+    The teacher must carry adapters already (add_lora); teacher blocks that no student block maps to keep
+    theirs to themselves. The student's backbone is frozen. Returns g as a list."""
+    if student.embed_dim > teacher.embed_dim:
+        raise ValueError(f"the student is {student.embed_dim} wide, wider than its teacher's {teacher.embed_dim}: "
+                         f"SLAD slices the teacher's adapters, so it needs a student no wider than its teacher")
+    g = layer_mapping(len(student.blocks), len(teacher.blocks), mapping)
+    for p in student.parameters():
+        p.requires_grad_(False)
+    for i, j in enumerate(g):
+        adapters = {n: m for n, m in teacher.blocks[j].named_modules() if isinstance(m, LoRALinear)}
+        if not adapters:
+            raise ValueError(f"teacher block {j} has no LoRA adapters: call add_lora(teacher) first")
+        for target, t in adapters.items():
+            _swap(student.blocks[i], target, lambda base: LoRALinear(base, t.lora_A, t.lora_B, t.scale * t.lora_A.shape[0], t.chunks))
+    return g
+
+
+def merge_lora(vit):
+    """A new plain ViT with every adapter folded into its weight, W0 + Delta W: the official DINOv2
+    state-dict layout, what one deploys. `vit` is left as it is."""
+    state = {k.replace(".base.", "."): v for k, v in vit.state_dict().items() if not k.endswith(("lora_A", "lora_B"))}
+    with torch.no_grad():
+        for name, m in vit.named_modules():
+            if isinstance(m, LoRALinear):
+                state[f"{name}.weight"] = m.base.weight + m.delta_weight().to(m.base.weight.dtype)
+    merged = type(vit)(vit.config, name=vit.name).to(next(vit.parameters()).device)
+    merged.load_state_dict(state, strict=True)
+    return merged
+
+
+def trainable_parameters(*modules):
+    """Every parameter that requires grad across `modules`, each once: the shared adapters appear in both
+    the teacher and the student, and an optimizer must not see a tensor twice."""
+    seen, params = set(), []
+    for m in modules:
+        for p in m.parameters():
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                params.append(p)
+    return params

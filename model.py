@@ -1,0 +1,319 @@
+"""
+A self-contained DINOv2 Vision Transformer, numerically the official one
+(github.com/facebookresearch/dinov2), plus the prediction heads of SLAD (App. C.1).
+
+Parameter names equal the official checkpoints' keys, so
+    vit.load_state_dict(torch.load("dinov2_vitb14_pretrain.pth"), strict=True)
+works as is. What we leave out of the official code: xformers, nested tensors, FSDP block
+chunking, drop-path and the DINO training heads.
+"""
+
+import math
+import os
+import urllib.error
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+# -----------------------------------------------------------------------------
+# configs: the four DINOv2 backbones by their torch.hub names, with and without registers
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    embed_dim: int = 384
+    depth: int = 12
+    num_heads: int = 6
+    ffn: str = "mlp"  # "mlp" (GELU) or "swiglu" (ViT-g)
+    num_register_tokens: int = 0
+    patch_size: int = 14
+    img_size: int = 518  # the pos-embed grid of the checkpoints: 37 x 37 patches
+    mlp_ratio: float = 4.0
+    init_values: float = 1.0  # LayerScale init, as DINOv2's hub models
+    # pos-embed resampling: DINOv2's hub models use offset 0.1 without antialiasing, the *_reg ones 0 with it
+    interpolate_offset: float = 0.1
+    interpolate_antialias: bool = False
+
+
+CONFIGS = {
+    "vits14": ViTConfig(embed_dim=384, depth=12, num_heads=6),
+    "vitb14": ViTConfig(embed_dim=768, depth=12, num_heads=12),
+    "vitl14": ViTConfig(embed_dim=1024, depth=24, num_heads=16),
+    "vitg14": ViTConfig(embed_dim=1536, depth=40, num_heads=24, ffn="swiglu"),
+}
+CONFIGS.update({f"{k}_reg": replace(c, num_register_tokens=4, interpolate_offset=0.0, interpolate_antialias=True)
+                for k, c in list(CONFIGS.items())})
+# toy configs for tests and the offline demo: the toy teacher is wider and deeper than the toy
+# student, and both keep DINOv2's head width (32 here, 64 in DINOv2) equal so heads line up (Fig. 4)
+CONFIGS["toy-s"] = ViTConfig(embed_dim=64, depth=2, num_heads=2, img_size=224)
+CONFIGS["toy-b"] = ViTConfig(embed_dim=128, depth=4, num_heads=4, img_size=224)
+
+DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2"
+
+
+def checkpoint_url(name):
+    """The URL DINOv2's torch.hub entry point downloads for `name`, e.g. .../dinov2_vitb14_reg4_pretrain.pth."""
+    arch = name.removesuffix("_reg")
+    reg = "_reg4" if name.endswith("_reg") else ""
+    return f"{DINOV2_URL}/dinov2_{arch}/dinov2_{arch}{reg}_pretrain.pth"
+
+
+def describe(name):
+    c = CONFIGS[name]
+    reg = f", {c.num_register_tokens} registers" if c.num_register_tokens else ""
+    return f"{name} ({c.embed_dim} wide, {c.depth} blocks, {c.num_heads} heads, {c.ffn} FFN{reg})"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be had or read; the message says what was expected and where."""
+
+
+# -----------------------------------------------------------------------------
+# the layers, named as in DINOv2 so the checkpoints load without remapping
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size, embed_dim):
+        super().__init__()
+        self.proj = nn.Conv2d(3, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):  # (B, 3, H, W) -> (B, H/p * W/p, D), patches in row-major order
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)  # fused q, k, v: rows [0:D] are q, [D:2D] k, [2D:3D] v
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, head_dim); flash / mem-efficient on GPU
+        return self.proj(x.transpose(1, 2).reshape(B, N, D))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class SwiGLUFFN(nn.Module):
+    """ViT-g's FFN: w12 holds the two input projections fused, the hidden width shrunk by 2/3 and rounded to 8."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        hidden = (int(hidden * 2 / 3) + 7) // 8 * 8  # 6144 -> 4096 for ViT-g
+        self.w12 = nn.Linear(dim, 2 * hidden)
+        self.w3 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        x1, x2 = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(x1) * x2)
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim, init_values):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), float(init_values)))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+class Block(nn.Module):
+    def __init__(self, c: ViTConfig):
+        super().__init__()
+        D = c.embed_dim
+        self.norm1 = nn.LayerNorm(D, eps=1e-6)
+        self.attn = Attention(D, c.num_heads)
+        self.ls1 = LayerScale(D, c.init_values)
+        self.norm2 = nn.LayerNorm(D, eps=1e-6)
+        self.mlp = (SwiGLUFFN if c.ffn == "swiglu" else Mlp)(D, int(D * c.mlp_ratio))
+        self.ls2 = LayerScale(D, c.init_values)
+
+    def forward(self, x):
+        x = x + self.ls1(self.attn(self.norm1(x)))
+        return x + self.ls2(self.mlp(self.norm2(x)))
+
+
+# -----------------------------------------------------------------------------
+# the Vision Transformer
+
+
+class ViT(nn.Module):
+    def __init__(self, config: ViTConfig, name=None):
+        super().__init__()
+        if config.ffn not in ("mlp", "swiglu"):
+            raise ValueError(f"unknown ffn {config.ffn!r}: 'mlp' or 'swiglu'")
+        self.config, self.name = config, name
+        c, D = config, config.embed_dim
+        self.grid = c.img_size // c.patch_size  # pos_embed holds grid x grid patch positions
+        self.patch_embed = PatchEmbed(c.patch_size, D)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid**2, D))
+        if c.num_register_tokens:  # absent from the state dict when there are none, as in DINOv2
+            self.register_tokens = nn.Parameter(torch.zeros(1, c.num_register_tokens, D))
+        self.mask_token = nn.Parameter(torch.zeros(1, D))  # unused here (iBOT masking); kept so checkpoints load strictly
+        self.blocks = nn.ModuleList(Block(c) for _ in range(c.depth))
+        self.norm = nn.LayerNorm(D, eps=1e-6)
+        self.grad_checkpointing = False  # recompute each block in backward: memory for ViT-L/g at 518
+        self.init_weights()
+
+    @property
+    def embed_dim(self):
+        return self.config.embed_dim
+
+    def init_weights(self):  # DINOv2's init, for --init random
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        if self.config.num_register_tokens:
+            nn.init.normal_(self.register_tokens, std=1e-6)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    @classmethod
+    def from_name(cls, name, **overrides):
+        """A randomly initialised ViT of a CONFIGS name; overrides change config fields."""
+        if name not in CONFIGS:
+            raise ValueError(f"unknown model {name!r}; one of: {', '.join(CONFIGS)}")
+        return cls(replace(CONFIGS[name], **overrides), name=name)
+
+    @classmethod
+    def from_pretrained(cls, name, path=None, progress=True):
+        """The official DINOv2 weights of `name`: from `path` if given, else from torch.hub's cache,
+        downloading them there first (as torch.hub.load('facebookresearch/dinov2', ...) does)."""
+        model = cls.from_name(name)
+        if name.startswith("toy"):
+            raise CheckpointError(f"{name} is a toy config: it has no official weights (use random init)")
+        url = checkpoint_url(name)
+        if path is None:
+            path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+            if not os.path.exists(path):
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                try:  # writes to a temporary file, then renames: an interrupted download leaves nothing behind
+                    torch.hub.download_url_to_file(url, path, progress=progress)
+                except (urllib.error.URLError, OSError) as e:
+                    raise CheckpointError(
+                        f"could not download the DINOv2 weights of {describe(name)} from {url} ({e}). "
+                        f"Without network, fetch that file elsewhere and put it at {path}"
+                    ) from None
+        try:
+            state_dict = torch.load(path, map_location="cpu", weights_only=True)
+            model.load_state_dict(state_dict, strict=True)
+        except FileNotFoundError:
+            raise CheckpointError(f"no file {path}: expected the DINOv2 weights of {describe(name)} from {url}") from None
+        except Exception as e:  # truncated zip, unpickling error, another model's keys or shapes
+            reason = str(e).strip().splitlines()[0][:300]
+            raise CheckpointError(
+                f"{path} is not a valid checkpoint of {describe(name)} ({type(e).__name__}: {reason}). "
+                f"Expected {os.path.basename(url)} from {url}; if it is truncated, delete it and download it again"
+            ) from None
+        return model
+
+    def interpolate_pos_embed(self, h, w):
+        """Position embeddings for an h x w patch grid, resampled from the checkpoint's grid x grid."""
+        if (h, w) == (self.grid, self.grid):
+            return self.pos_embed
+        c = self.config
+        pos = self.pos_embed.float()  # resampled in float32 whatever the autocast dtype, as DINOv2
+        patch_pos = pos[:, 1:].reshape(1, self.grid, self.grid, -1).permute(0, 3, 1, 2)
+        if c.interpolate_offset:
+            # DINOv2 asks for a scale factor of (n + 0.1) / grid rather than a size: the output size is the
+            # same, but bicubic sampling positions follow the scale factor, so we keep it for identical outputs
+            size = dict(scale_factor=((h + c.interpolate_offset) / self.grid, (w + c.interpolate_offset) / self.grid))
+        else:
+            size = dict(size=(h, w))
+        patch_pos = F.interpolate(patch_pos, mode="bicubic", antialias=c.interpolate_antialias, **size)
+        patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, h * w, -1)
+        return torch.cat((pos[:, :1], patch_pos), dim=1)
+
+    def prepare_tokens(self, x):
+        B, _, H, W = x.shape
+        p = self.config.patch_size
+        if H % p or W % p:
+            raise ValueError(
+                f"input of {H}x{W} pixels: both sides must be multiples of the patch size {p} "
+                f"(e.g. {max(p, H // p * p)}x{max(p, W // p * p)})"
+            )
+        x = self.patch_embed(x)
+        x = torch.cat((self.cls_token.expand(B, -1, -1).to(x.dtype), x), dim=1)
+        x = x + self.interpolate_pos_embed(H // p, W // p).to(x.dtype)
+        if self.config.num_register_tokens:  # registers go after CLS and carry no position
+            x = torch.cat((x[:, :1], self.register_tokens.expand(B, -1, -1).to(x.dtype), x[:, 1:]), dim=1)
+        return x
+
+    def forward_blocks(self, x, blocks):
+        """The outputs of the chosen blocks (indices, negatives count from the end), each after the final
+        LayerNorm: a list of (B, 1 + R + N, D), CLS first, then registers, then patches. Blocks after the
+        last chosen one are not run."""
+        idx = [b % self.config.depth for b in blocks]
+        x = self.prepare_tokens(x)
+        out = {}
+        for i, blk in enumerate(self.blocks[: max(idx) + 1]):
+            x = checkpoint(blk, x, use_reentrant=False) if self.grad_checkpointing and self.training else blk(x)
+            if i in idx:
+                out[i] = self.norm(x)
+        return [out[i] for i in idx]
+
+    def forward_features(self, x):
+        """The tokens after the final LayerNorm, (B, 1 + R + N, D): DINOv2's x_norm_clstoken,
+        x_norm_regtokens and x_norm_patchtokens, concatenated."""
+        return self.forward_blocks(x, [-1])[0]
+
+    forward = forward_features
+
+
+# -----------------------------------------------------------------------------
+# prediction heads (App. C.1)
+
+
+class Classifier(nn.Module):
+    """A ViT and its classification head (App. C.1, after Marrie et al.): a two-layer MLP on the CLS
+    tokens of the last three blocks, concatenated."""
+
+    n_blocks = 3
+
+    def __init__(self, vit, num_classes):
+        super().__init__()
+        self.vit = vit
+        n_in = self.n_blocks * vit.embed_dim
+        # n_hidden = n_in for ViT-S (and narrower), sqrt(n_in * n_out) for ViT-B/L (and wider)
+        n_hidden = n_in if vit.embed_dim <= 384 else round(math.sqrt(n_in * num_classes))
+        self.head = nn.Sequential(nn.Linear(n_in, n_hidden), nn.GELU(), nn.Linear(n_hidden, num_classes))
+
+    def forward(self, x):  # (B, 3, H, W) -> logits (B, num_classes)
+        cls = torch.cat([t[:, 0] for t in self.vit.forward_blocks(x, range(-self.n_blocks, 0))], dim=-1)
+        return self.head(cls)
+
+
+def save_classifier(path, model, **extra):
+    """A deployable classifier: its backbone's official-layout state dict and config, and its head."""
+    vit = model.vit
+    torch.save({"config": asdict(vit.config), "name": vit.name, "vit": vit.state_dict(),
+                "head": model.head.state_dict(), "num_classes": model.head[-1].out_features, **extra}, path)
+
+
+def load_classifier(path):
+    """A Classifier from a file written by save_classifier, e.g. the student a training script exports."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        model = Classifier(ViT(ViTConfig(**ckpt["config"]), name=ckpt["name"]), ckpt["num_classes"])
+        model.vit.load_state_dict(ckpt["vit"])
+        model.head.load_state_dict(ckpt["head"])
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a classifier written by save_classifier "
+                              f"({type(e).__name__}: {str(e).strip()[:300]})") from None
+    return model
