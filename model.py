@@ -48,8 +48,8 @@ CONFIGS.update({f"{k}_reg": replace(c, num_register_tokens=4, interpolate_offset
                 for k, c in list(CONFIGS.items())})
 # toy configs for tests and the offline demo: the toy teacher is wider and deeper than the toy
 # student, and both keep DINOv2's head width (32 here, 64 in DINOv2) equal so heads line up (Fig. 4)
-CONFIGS["toy-s"] = ViTConfig(embed_dim=64, depth=2, num_heads=2, img_size=224)
-CONFIGS["toy-b"] = ViTConfig(embed_dim=128, depth=4, num_heads=4, img_size=224)
+CONFIGS["toy-s"] = ViTConfig(embed_dim=64, depth=3, num_heads=2, img_size=224)
+CONFIGS["toy-b"] = ViTConfig(embed_dim=128, depth=6, num_heads=4, img_size=224)
 
 DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2"
 
@@ -274,6 +274,18 @@ class ViT(nn.Module):
         return self.forward_blocks(x, [-1])[0]
 
     forward = forward_features
+
+    def flops(self, img_size):
+        """Matmul FLOPs of one forward pass on one img_size x img_size image (2 per multiply-add), as
+        nanoGPT's estimate_mfu counts them: the linear layers, the attention products and the patch
+        embedding; norms and activations are left out."""
+        c = self.config
+        n = 1 + c.num_register_tokens + (img_size // c.patch_size) ** 2
+        D = c.embed_dim
+        hidden = int(D * c.mlp_ratio)
+        ffn = 3 * D * ((int(hidden * 2 / 3) + 7) // 8 * 8) if c.ffn == "swiglu" else 2 * D * hidden
+        per_block = 2 * n * (3 * D * D + D * D + ffn) + 2 * 2 * n * n * D  # qkv, proj, FFN; q k^T and attn v
+        return c.depth * per_block + 2 * (n - 1 - c.num_register_tokens) * 3 * c.patch_size**2 * D
 
 
 # -----------------------------------------------------------------------------

@@ -316,3 +316,416 @@ def test_sharing_mapping_last_on_real_depths():
         g = share_lora(student, teacher, "last")
     assert g == list(range(12, 24))
     assert student.blocks[0].attn.qkv.lora_A is teacher.blocks[12].attn.qkv.lora_A
+
+
+# -----------------------------------------------------------------------------
+# data.py: the datasets on tiny fake copies of their on-disk layouts, the synthetic set, the loaders
+
+import importlib
+import json
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+
+import data
+import experiment
+import kd
+from data import DataError, EpochSampler, SyntheticTextures, Transformed, eval_transform, load_splits, make_loader, train_transform
+from model import Classifier, load_classifier
+
+
+def write_jpg(path, seed):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(path)
+
+
+def fake_dtd(root, classes=("banded", "dotted", "striped"), per_split=2):
+    base = os.path.join(root, "dtd", "dtd")
+    for split in ("train", "val", "test"):
+        lines = []
+        for c in classes:
+            for k in range(per_split):
+                name = f"{c}_{split}_{k}.jpg"
+                write_jpg(os.path.join(base, "images", c, name), hash((c, split, k)) % 1000)
+                lines.append(f"{c}/{name}")
+        os.makedirs(os.path.join(base, "labels"), exist_ok=True)
+        open(os.path.join(base, "labels", f"{split}1.txt"), "w").write("\n".join(lines) + "\n")
+
+
+def fake_aircraft(root, variants=("707-320", "A320", "Cessna 172"), per_split=2):
+    base = os.path.join(root, "fgvc-aircraft-2013b", "data")
+    os.makedirs(os.path.join(base, "images"), exist_ok=True)
+    open(os.path.join(base, "variants.txt"), "w").write("\n".join(variants) + "\n")
+    n = 0
+    for split in ("train", "val", "test"):
+        lines = []
+        for v in variants:
+            for k in range(per_split):
+                n += 1
+                write_jpg(os.path.join(base, "images", f"{1000000 + n}.jpg"), n)
+                lines.append(f"{1000000 + n} {v}")
+        open(os.path.join(base, f"images_variant_{split}.txt"), "w").write("\n".join(lines) + "\n")
+
+
+def fake_cub(root, n_classes=4, per_class=10):
+    base = os.path.join(root, "CUB_200_2011")
+    images, split, labels, i = [], [], [], 0
+    for c in range(1, n_classes + 1):
+        for k in range(per_class):
+            i += 1
+            rel = f"{c:03d}.Bird_{c}/Bird_{c}_{k}.jpg"
+            write_jpg(os.path.join(base, "images", rel), i)
+            images.append(f"{i} {rel}")
+            split.append(f"{i} {int(k < 7)}")  # 7 train, 3 test per class
+            labels.append(f"{i} {c}")
+    for f, lines in (("images.txt", images), ("train_test_split.txt", split), ("image_class_labels.txt", labels)):
+        open(os.path.join(base, f), "w").write("\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize("name,make,n_classes,sizes", [
+    ("dtd", fake_dtd, 3, (6, 6, 6)),
+    ("aircraft", fake_aircraft, 3, (6, 6, 6)),
+    ("cub", fake_cub, 4, (25, 3, 12)),  # no val split: 10% of the 28 train images held out
+])
+def test_loaders_on_fake_layouts(tmp_path, name, make, n_classes, sizes):
+    make(str(tmp_path))
+    splits, num_classes = load_splits(name, str(tmp_path))
+    assert num_classes == n_classes
+    assert tuple(len(splits[s]) for s in ("train", "val", "test")) == sizes
+    img, label = splits["train"][0]
+    assert isinstance(img, Image.Image) and img.mode == "RGB" and 0 <= label < n_classes
+    labels = {splits["test"][i][1] for i in range(len(splits["test"]))}
+    assert labels == set(range(n_classes))
+    x, y = next(iter(make_loader(splits["train"], train_transform(28), 4, train=True)))
+    assert x.shape == (4, 3, 28, 28) and y.shape == (4,)
+
+
+def test_cub_holdout_is_fixed_and_disjoint(tmp_path):
+    fake_cub(str(tmp_path))
+    a, _ = load_splits("cub", str(tmp_path))
+    b, _ = load_splits("cub", str(tmp_path))
+    assert a["val"].indices == b["val"].indices  # a fixed seed: the same val set every run
+    assert not set(a["val"].indices) & set(a["train"].indices)
+    test_paths = {p for p, _ in a["test"].samples}
+    assert not test_paths & {a["train"].dataset.samples[i][0] for i in a["train"].indices}
+
+
+def test_missing_data_offline_is_a_clear_paragraph(tmp_path, monkeypatch):
+    import urllib.request
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    for name, url in (("dtd", "dtd-r1.0.1.tar.gz"), ("aircraft", "fgvc-aircraft-2013b.tar.gz"), ("cub", "CUB_200_2011.tgz")):
+        with pytest.raises(DataError) as e:
+            load_splits(name, str(tmp_path / "data"))
+        msg = str(e.value)
+        assert url in msg and str(tmp_path / "data") in msg and "could not be downloaded" in msg
+
+
+def test_incomplete_copy_is_a_clear_error(tmp_path):
+    fake_dtd(str(tmp_path))
+    os.remove(tmp_path / "dtd" / "dtd" / "labels" / "val1.txt")
+    with pytest.raises(DataError, match="not a complete copy of dtd"):
+        load_splits("dtd", str(tmp_path))
+
+
+def test_transforms_follow_appendix_c2():
+    names = [type(t).__name__ for t in train_transform(518).transforms]
+    assert names == ["Resize", "CenterCrop", "ColorJitter", "RandomHorizontalFlip", "ToTensor", "Normalize"]
+    assert [type(t).__name__ for t in eval_transform(518).transforms] == ["Resize", "CenterCrop", "ToTensor", "Normalize"]
+    assert train_transform(518).transforms[0].size == 648  # 640 / 512 of the crop, as the paper's 640 -> 512
+    img = Image.new("RGB", (90, 70), (200, 30, 60))
+    x = eval_transform(56)(img)
+    assert x.shape == (3, 56, 56) and torch.allclose(x[:, 0, 0], (torch.tensor([200, 30, 60]) / 255 - torch.tensor(data.IMAGENET_MEAN)) / torch.tensor(data.IMAGENET_STD), atol=1e-2)
+
+
+def test_synthetic_textures_are_deterministic_and_balanced():
+    a, b = SyntheticTextures("train"), SyntheticTextures("train")
+    assert len(a.CLASSES) >= 10
+    assert np.array_equal(np.asarray(a[7][0]), np.asarray(b[7][0]))
+    assert not np.array_equal(np.asarray(a[7][0]), np.asarray(SyntheticTextures("train", seed=1)[7][0]))
+    assert not np.array_equal(np.asarray(a[7][0]), np.asarray(SyntheticTextures("test")[7][0]))
+    labels = [a[i][1] for i in range(100)]
+    assert sorted(set(labels)) == list(range(len(a.CLASSES))) and all(labels.count(c) == 10 for c in set(labels))
+
+
+def test_epoch_sampler_is_a_function_of_seed_and_epoch():
+    s = EpochSampler(20, seed=3)
+    s.set_epoch(1)
+    first, again = list(s), list(s)
+    assert first == again and sorted(i for i, _ in first) == list(range(20))
+    s.set_epoch(2)
+    assert list(s) != first
+    ranks = [EpochSampler(20, seed=3, rank=r, world=2) for r in range(2)]
+    for r in ranks:
+        r.set_epoch(1)
+    parts = [list(r) for r in ranks]
+    assert sorted(parts[0] + parts[1]) == sorted(first)  # two processes see what one would
+    assert [k for pair in zip(*parts) for k in pair] == first  # and form the same global batches
+
+
+def test_transformed_seeds_augmentations_per_sample_and_keeps_caller_rng():
+    ds = Transformed(SyntheticTextures("train"), train_transform(56))
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    x1, x2, x3 = ds[(5, 123)][0], ds[(5, 123)][0], ds[(5, 124)][0]
+    assert torch.equal(x1, x2) and not torch.equal(x1, x3)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+# -----------------------------------------------------------------------------
+# heads (App. C.1) and losses (eq. 2, eq. 4)
+
+
+def test_classifier_head_sizes():
+    with torch.device("meta"):
+        s = Classifier(ViT.from_name("vits14"), 47)
+        b = Classifier(ViT.from_name("vitb14"), 47)
+        l = Classifier(ViT.from_name("vitl14"), 200)
+    assert s.head[0].in_features == s.head[0].out_features == 3 * 384  # n_hidden = n_in for ViT-S
+    assert b.head[0].out_features == round((3 * 768 * 47) ** 0.5)  # sqrt(n_in n_out) for ViT-B/L
+    assert l.head[0].out_features == round((3 * 1024 * 200) ** 0.5) and l.head[-1].out_features == 200
+
+
+def test_classifier_uses_cls_of_last_three_blocks():
+    torch.manual_seed(0)
+    clf = Classifier(ViT.from_name("toy-s"), 5).eval()
+    x = torch.randn(2, 3, 28, 28)
+    blocks = clf.vit.forward_blocks(x, range(clf.vit.config.depth))
+    want = clf.head(torch.cat([t[:, 0] for t in blocks[-3:]], -1))
+    assert torch.allclose(clf(x), want, atol=1e-6)
+
+
+def test_losses_zero_when_student_is_teacher_and_scale_with_t_squared():
+    torch.manual_seed(0)
+    s, t, y = torch.randn(8, 5), torch.randn(8, 5), torch.randint(0, 5, (8,))
+    assert kd.kl_term(s, s.clone(), T=2.0).abs() < 1e-6
+    assert torch.allclose(kd.distill_loss(s, s.clone(), y), 0.5 * F.cross_entropy(s, y), atol=1e-6)
+    for T in (1.0, 2.0, 4.0):  # the T^2 factor, and KL(teacher || student) at temperature T
+        p_t, p_s = F.softmax(t / T, -1), F.softmax(s / T, -1)
+        manual = (p_t * (p_t.log() - p_s.log())).sum(-1).mean()
+        assert torch.allclose(kd.kl_term(s, t, T), T * T * manual, atol=1e-5)
+    full = kd.slad_loss(s, t, y)  # eq. 4 with (1, 1, 1)
+    assert torch.allclose(full, F.cross_entropy(s, y) + F.cross_entropy(t, y) + kd.kl_term(s, t), atol=1e-5)
+
+
+def test_loss_gradients_flow_only_where_they_should():
+    torch.manual_seed(0)
+    s, t, y = torch.randn(8, 5, requires_grad=True), torch.randn(8, 5, requires_grad=True), torch.randint(0, 5, (8,))
+    kd.distill_loss(s, t, y).backward()
+    assert t.grad is None and s.grad.abs().sum() > 0  # eq. 2: the teacher is a fixed target
+    s.grad = None
+    kd.slad_loss(s, t, y).backward()  # eq. 4, default: the teacher learns from its own CE only
+    ce_grad = torch.autograd.grad(F.cross_entropy(t, y), t)[0]
+    assert torch.allclose(t.grad, ce_grad, atol=1e-6)
+    t.grad = None
+    kd.slad_loss(s, t, y, kl_into_teacher=True).backward()
+    assert not torch.allclose(t.grad, ce_grad, atol=1e-4)
+
+
+# -----------------------------------------------------------------------------
+# train_slad.py and train_twostep.py, end to end on synthetic data
+
+TOY = ["--dataset", "synthetic", "--teacher", "toy-b", "--student", "toy-s", "--init", "random", "--device", "cpu"]
+
+
+def run_main(script, argv, monkeypatch):
+    monkeypatch.setattr(sys, "argv", [script + ".py", *argv])
+    importlib.import_module(script).main()
+
+
+def results_of(out):
+    return json.load(open(os.path.join(out, "results.json")))
+
+
+@pytest.fixture
+def small_synthetic(monkeypatch):
+    monkeypatch.setattr(SyntheticTextures, "SIZES", {"train": 96, "val": 32, "test": 32})
+
+
+def test_slad_demo_learns_and_writes_its_outputs(tmp_path, monkeypatch):
+    out = str(tmp_path / "slad")
+    run_main("train_slad", TOY + ["--epochs", "1", "--out_dir", out], monkeypatch)  # the README's demo, exactly
+    res = results_of(out)
+    assert res["student_acc"] >= 2 * 100 / res["num_classes"] and res["teacher_acc"] >= 2 * 100 / res["num_classes"]
+    assert res["num_classes"] == 10 and res["train_seconds"] > 0
+    for f in ("config.json", "log.txt", "metrics.jsonl", "ckpt.pt", "student.pt", "teacher.pt"):
+        assert os.path.exists(os.path.join(out, f)), f
+    rows = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
+    assert len(rows) == 1 and {"val_teacher_acc", "val_student_acc", "train_loss"} <= set(rows[0])
+    log = open(os.path.join(out, "log.txt")).read()
+    assert "img/s" in log and "eta" in log and "lr" in log
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert all(k.startswith("head.") or "lora_" in k for m in ckpt["models"].values() for k in m)  # no frozen backbone
+    # the exported student: adapters merged, official layout, loadable by model.py alone, same accuracy
+    student = load_classifier(os.path.join(out, "student.pt")).eval()
+    assert list(student.vit.state_dict()) == list(ViT.from_name("toy-s").state_dict())
+    test = make_loader(SyntheticTextures("test"), eval_transform(56), 100, train=False)
+    with torch.no_grad():
+        correct = sum((student(x).argmax(-1) == y).sum().item() for x, y in test)
+    assert abs(100 * correct / len(test.dataset) - res["student_acc"]) < 0.11
+
+
+def test_twostep_probe_demo_learns(tmp_path, monkeypatch):
+    out = str(tmp_path / "probe")
+    run_main("train_twostep", TOY + ["--epochs", "1", "--out_dir", out, "--teacher_adapt", "probe"], monkeypatch)
+    res = results_of(out)
+    assert res["student_acc"] >= 2 * 100 / res["num_classes"]
+    assert res["teacher_epochs"] == res["student_epochs"] == 1
+    stages = [json.loads(l)["stage"] for l in open(os.path.join(out, "metrics.jsonl"))]
+    assert stages == ["teacher", "student"]
+
+
+@pytest.mark.parametrize("adapt,trained", [("probe", "head."), ("lora", "lora_"), ("finetune", "vit.")])
+def test_twostep_teacher_adapt_trains_what_it_says(tmp_path, monkeypatch, small_synthetic, adapt, trained):
+    out = str(tmp_path / adapt)
+    run_main("train_twostep", TOY + ["--epochs", "1", "--out_dir", out, "--teacher_adapt", adapt], monkeypatch)
+    keys = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["models"]["teacher"]
+    assert any(trained in k for k in keys)
+    assert all(k.startswith("head.") for k in keys) == (adapt == "probe")
+    assert any(k.startswith("vit.") and "lora_" not in k for k in keys) == (adapt == "finetune")
+    assert set(results_of(out)) >= {"teacher_acc", "student_acc", "num_classes", "train_seconds"}
+
+
+def test_twostep_epoch_defaults():
+    import train_twostep
+    for argv, want in (([], (30, 30)), (["--teacher_adapt", "probe"], (30, 80)), (["--epochs", "3", "--teacher_adapt", "probe"], (3, 3)),
+                       (["--epochs", "3", "--student_epochs", "5"], (3, 5))):
+        args, _ = train_twostep.parse_args(argv)
+        assert (args.teacher_epochs, args.student_epochs) == want, argv
+
+
+class Interrupt(Exception):
+    pass
+
+
+def interrupt_after(monkeypatch, n_epochs):
+    """Make a run stop (as if killed) right after its n-th checkpoint is written."""
+    real, calls = experiment.Run.end_epoch, []
+
+    def end_epoch(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == n_epochs:
+            raise Interrupt
+    monkeypatch.setattr(experiment.Run, "end_epoch", end_epoch)
+    return lambda: monkeypatch.setattr(experiment.Run, "end_epoch", real)
+
+
+def same_weights(a, b):
+    sa, sb = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
+    return all(torch.equal(sa["vit"][k], sb["vit"][k]) for k in sa["vit"]) and all(torch.equal(sa["head"][k], sb["head"][k]) for k in sa["head"])
+
+
+@pytest.mark.parametrize("script,extra", [("train_slad", ["--epochs", "2"]),
+                                          ("train_twostep", ["--teacher_epochs", "2", "--student_epochs", "1"])])
+def test_resume_continues_exactly(tmp_path, monkeypatch, small_synthetic, script, extra):
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    run_main(script, TOY + extra + ["--out_dir", straight], monkeypatch)
+    restore = interrupt_after(monkeypatch, 1)
+    with pytest.raises(Interrupt):
+        run_main(script, TOY + extra + ["--out_dir", split], monkeypatch)
+    restore()
+    assert not os.path.exists(os.path.join(split, "results.json"))
+    run_main(script, TOY + extra + ["--out_dir", split, "--resume", os.path.join(split, "ckpt.pt")], monkeypatch)
+    a, b = results_of(straight), results_of(split)
+    assert (a["teacher_acc"], a["student_acc"]) == (b["teacher_acc"], b["student_acc"])
+    assert same_weights(os.path.join(straight, "student.pt"), os.path.join(split, "student.pt"))
+    assert same_weights(os.path.join(straight, "teacher.pt"), os.path.join(split, "teacher.pt"))
+    rows = [json.loads(l) for l in open(os.path.join(split, "metrics.jsonl"))]
+    assert [r["epoch"] for r in rows] == [json.loads(l)["epoch"] for l in open(os.path.join(straight, "metrics.jsonl"))]
+
+
+def test_amp_dtypes_on_cpu(tmp_path, monkeypatch, small_synthetic):
+    for dtype in ("bfloat16", "float16"):  # fp16 runs with a GradScaler
+        out = str(tmp_path / dtype)
+        run_main("train_slad", TOY + ["--epochs", "1", "--out_dir", out, "--dtype", dtype], monkeypatch)
+        cfg = json.load(open(os.path.join(out, "config.json")))
+        assert cfg["dtype"] == dtype
+        ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+        assert bool(ckpt["scaler"]) == (dtype == "float16")
+        assert np.isfinite(json.loads(open(os.path.join(out, "metrics.jsonl")).readline())["train_loss"])
+
+
+def test_compile_traces_without_graph_breaks():
+    torch.manual_seed(0)
+    teacher, student = Classifier(ViT.from_name("toy-b"), 4), Classifier(ViT.from_name("toy-s"), 4)
+    add_lora(teacher.vit, rank=4)
+    share_lora(student.vit, teacher.vit)
+    x = torch.randn(2, 3, 28, 28)
+    compiled = torch.compile(student, backend="eager", fullgraph=True)  # fullgraph: fails on any graph break
+    assert torch.allclose(compiled(x), student(x), atol=1e-5)
+
+
+def test_lr_schedule_warms_up_then_decays():
+    opt = torch.optim.AdamW([dict(params=[torch.nn.Parameter(torch.zeros(2))], lr=1.0, base_lr=1.0)])
+    lrs = [experiment.Run.set_lr(opt, it, 100) for it in range(100)]
+    assert lrs[0] < lrs[4] == 1.0 and lrs[4] >= max(lrs) and lrs[-1] < 0.01
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
+
+
+# bad input: one line, a non-zero exit, nothing overwritten
+
+
+def cli(args, cwd=HERE, env=None):
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.mark.parametrize("script", ["train_slad.py", "train_twostep.py"])
+@pytest.mark.parametrize("bad,says", [
+    (["--dataset", "imagenet"], "invalid choice: 'imagenet'"),
+    (["--teacher", "vitx14"], "invalid choice: 'vitx14'"),
+    (["--img_size", "50"], "not a multiple of the patch size 14"),
+    (["--teacher", "toy-s", "--student", "toy-b"], "wider or deeper than its teacher"),
+    (["--teacher", "vitb14", "--student", "vitl14"], "wider or deeper than its teacher"),
+])
+def test_bad_input_is_one_line(monkeypatch, capsys, script, bad, says):
+    argv = TOY + ["--out_dir", "unused"]
+    for k in range(0, len(bad), 2):
+        if bad[k] in argv:
+            i = argv.index(bad[k])
+            argv[i + 1] = bad[k + 1]
+        else:
+            argv += bad[k:k + 2]
+    with pytest.raises(SystemExit) as e:
+        run_main(script.removesuffix(".py"), argv, monkeypatch)
+    msg = str(e.value.code)
+    assert e.value.code != 0 and says in msg and "\n" not in msg
+    assert not os.path.exists("unused")
+
+
+def test_resume_from_another_config_and_overwrites_are_refused(tmp_path, monkeypatch, small_synthetic):
+    out = str(tmp_path / "run")
+    run_main("train_slad", TOY + ["--epochs", "1", "--out_dir", out], monkeypatch)
+    before = {f: open(os.path.join(out, f), "rb").read() for f in os.listdir(out)}
+    cases = [
+        (TOY + ["--epochs", "1", "--out_dir", out], "already holds a run"),
+        (TOY + ["--epochs", "1", "--rank", "8", "--out_dir", out, "--resume", os.path.join(out, "ckpt.pt")], "rank=16 (now 8)"),
+        (TOY + ["--epochs", "1", "--out_dir", out, "--resume", os.path.join(out, "nope.pt")], "no such file"),
+    ]
+    for argv, says in cases:
+        with pytest.raises(SystemExit) as e:
+            run_main("train_slad", argv, monkeypatch)
+        assert says in str(e.value.code) and "\n" not in str(e.value.code)
+    with pytest.raises(SystemExit) as e:  # a checkpoint of the other script
+        run_main("train_twostep", TOY + ["--epochs", "1", "--out_dir", str(tmp_path / "x"), "--resume", os.path.join(out, "ckpt.pt")], monkeypatch)
+    assert "another config" in str(e.value.code)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(open(os.path.join(out, "ckpt.pt"), "rb").read()[:1000])
+    with pytest.raises(SystemExit) as e:
+        run_main("train_slad", TOY + ["--epochs", "1", "--out_dir", out, "--resume", str(truncated)], monkeypatch)
+    assert "not a checkpoint" in str(e.value.code)
+    assert before == {f: open(os.path.join(out, f), "rb").read() for f in os.listdir(out)}  # nothing overwritten
+
+
+def test_no_network_stops_with_a_paragraph_and_no_traceback(tmp_path):
+    env = dict(os.environ, http_proxy="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9",
+               HTTP_PROXY="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9", no_proxy="", NO_PROXY="")
+    r = cli(["train_slad.py", "--dataset", "dtd", "--data_dir", str(tmp_path / "data"), "--device", "cpu",
+             "--out_dir", str(tmp_path / "out")], env=env)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "dtd-r1.0.1.tar.gz" in r.stderr and str(tmp_path / "data") in r.stderr
+    assert not os.path.exists(tmp_path / "out")

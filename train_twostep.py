@@ -1,0 +1,141 @@
+"""
+The two-step baselines of Table 1 (§3.1, §3.2; Marrie et al. 2024): adapt the teacher to the task, then
+distill the frozen teacher into the student.
+
+  stage 1, eq. 1: the teacher alone, cross-entropy, adapted by --teacher_adapt
+      probe     encoder frozen, only the head trains ("Probing", Marrie et al.'s recipe)
+      finetune  every weight trains
+      lora      LoRA adapters on qkv and the head ("LoRA (ours)", §3.2)
+  stage 2, eq. 2: the student, adapted by --student_adapt (lora or finetune), with
+      alpha_s CE + alpha_KL T^2 KL(teacher || student), (alpha_s, alpha_KL) = (0.5, 0.5), T = 2, from the
+      frozen teacher (eval mode, no grad)
+
+    python train_twostep.py --dataset dtd --teacher_adapt probe     # 30 + 80 epochs, as Marrie et al.
+    python train_twostep.py --dataset synthetic --teacher toy-b --student toy-s --init random --epochs 1 \\
+        --device cpu --teacher_adapt lora --out_dir out/demo-lora   # the offline demo
+"""
+
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from data import DataError, load_splits
+from experiment import Run, parser
+from kd import distill_loss
+from lora import add_lora, trainable_parameters
+from model import CheckpointError, Classifier
+
+
+def adapt(model, how, rank):
+    """Choose what of a Classifier trains: the head always; the encoder's LoRA adapters, all of it, or nothing."""
+    if how == "lora":
+        add_lora(model.vit, rank=rank)  # freezes the encoder, adds trainable adapters
+    else:
+        model.vit.requires_grad_(how == "finetune")
+
+
+def make_optimizer(run, model):
+    """Heads and adapters at --lr; a fully fine-tuned encoder at --backbone_lr."""
+    is_backbone = lambda n: n.startswith("vit.") and "lora_" not in n
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return run.optimizer([([p for n, p in named if not is_backbone(n)], run.args.lr),
+                          ([p for n, p in named if is_backbone(n)], run.args.backbone_lr)])
+
+
+def train_stage(run, stage, model, loss_fn, optimizer, epochs, start_epoch, train_loader, val_loader):
+    """The loop of one stage: AdamW + cosine, raw AMP, a val accuracy and a checkpoint every epoch."""
+    steps = len(train_loader)
+    progress = run.progress(stage, epochs, steps)
+    for epoch in range(start_epoch, epochs):
+        t0 = time.perf_counter()
+        model.train()
+        train_loader.sampler.set_epoch(epoch)
+        for step, (x, y) in enumerate(train_loader):
+            lr = run.set_lr(optimizer, epoch * steps + step, epochs * steps)
+            x, y = run.to_device(x, y)
+            with run.autocast:
+                loss = loss_fn(x, y)
+            run.scaler.scale(loss).backward()
+            run.scaler.step(optimizer)
+            run.scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            progress.update(epoch, step, loss, lr, len(y))
+        train_loss = progress.epoch_loss()
+        val = run.evaluate({stage: model}, val_loader)[stage]
+        run.end_epoch(stage, epoch, time.perf_counter() - t0, optimizer=optimizer,
+                      metrics={"train_loss": train_loss, f"val_{stage}_acc": val})
+
+
+def parse_args(argv=None):
+    p = parser(__doc__, "twostep")
+    p.add_argument("--teacher_adapt", default="lora", choices=["probe", "finetune", "lora"],
+                   help="how stage 1 adapts the teacher")
+    p.add_argument("--student_adapt", default="lora", choices=["lora", "finetune"],
+                   help="how stage 2 adapts the student")
+    p.add_argument("--teacher_epochs", type=int, default=None, help="stage 1 epochs (default --epochs, or 30)")
+    p.add_argument("--student_epochs", type=int, default=None,
+                   help="stage 2 epochs (default --epochs, or 30; 80 after a probed teacher, as the paper)")
+    p.add_argument("--backbone_lr", type=float, default=2e-5, help="peak learning rate of a fully fine-tuned encoder")
+    args = p.parse_args(argv)
+    args.teacher_epochs = args.teacher_epochs or args.epochs or 30
+    args.student_epochs = args.student_epochs or args.epochs or (80 if args.teacher_adapt == "probe" else 30)
+    return args, p
+
+
+def main():
+    args, p = parse_args()
+    run = Run(args, p, "twostep")
+
+    splits, num_classes = load_splits(args.dataset, args.data_dir)
+    train_loader, val_loader, test_loader = run.loaders(splits)
+    teacher = Classifier(run.backbone(args.teacher), num_classes)
+    student = Classifier(run.backbone(args.student), num_classes)
+    adapt(teacher, args.teacher_adapt, args.rank)
+    adapt(student, args.student_adapt, args.rank)
+    teacher.to(run.device), student.to(run.device)
+    run.track(teacher=teacher, student=student)
+    run.start()
+    for name, m in (("teacher", teacher), ("student", student)):
+        run.log(f"{name} {getattr(args, name)} ({getattr(args, name + '_adapt')}): "
+                f"{sum(p.numel() for p in trainable_parameters(m)) / 1e6:.2f}M trainable parameters")
+    teacher_fwd, student_fwd = run.compile(teacher), run.compile(student)
+    stage, done = run.resume_point()
+
+    # stage 1 (eq. 1): the teacher alone, on the labels
+    if stage in (None, "teacher"):
+        optimizer = make_optimizer(run, teacher)
+        if stage == "teacher":
+            run.restore(optimizer)
+        train_stage(run, "teacher", teacher, lambda x, y: F.cross_entropy(teacher_fwd(x).float(), y), optimizer,
+                    args.teacher_epochs, done if stage == "teacher" else 0, train_loader, val_loader)
+        run.history["teacher_acc"] = run.evaluate({"teacher": teacher_fwd}, test_loader)["teacher"]
+        run.log(f"teacher test accuracy {run.history['teacher_acc']:.2f}")
+
+    # stage 2 (eq. 2): the frozen teacher distilled into the student
+    teacher.eval().requires_grad_(False)
+
+    def distill(x, y):
+        with torch.no_grad():
+            teacher_logits = teacher_fwd(x)
+        return distill_loss(student_fwd(x), teacher_logits, y, T=args.temperature)  # (alpha_s, alpha_KL) = (0.5, 0.5)
+
+    optimizer = make_optimizer(run, student)
+    if stage == "student":
+        run.restore(optimizer)
+    train_stage(run, "student", student, distill, optimizer, args.student_epochs,
+                done if stage == "student" else 0, train_loader, val_loader)
+
+    test = run.evaluate({"student": student_fwd}, test_loader)
+    run.finish({"teacher_acc": run.history["teacher_acc"], "student_acc": test["student"], "num_classes": num_classes,
+                "teacher_adapt": args.teacher_adapt, "student_adapt": args.student_adapt,
+                "teacher_epochs": args.teacher_epochs, "student_epochs": args.student_epochs},
+               exports={"student.pt": student, "teacher.pt": teacher})
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (DataError, CheckpointError) as e:
+        sys.exit(f"error: {e}")
