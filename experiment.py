@@ -110,7 +110,7 @@ class Run:
             torch.backends.cudnn.allow_tf32 = True
         self.history = dict(self.ckpt["history"]) if self.ckpt else {"train_seconds": 0.0}
         self.tracked = {}
-        torch.manual_seed(a.seed)  # model and head init
+        torch.manual_seed(a.seed)  # head init
 
     # --- set-up -------------------------------------------------------------------------------------
 
@@ -124,8 +124,8 @@ class Run:
         if self.ckpt:
             self.log(f"resuming from {self.args.resume} ({self.ckpt['stage']} stage, epoch {self.ckpt['epoch']} done)")
 
-    def backbone(self, name):
-        return ViT.from_pretrained(name) if self.args.init == "dinov2" else ViT.from_name(name)
+    def backbone(self, name, role):
+        return initial_backbone(name, role, self.args.init, self.args.seed)
 
     def loaders(self, splits):
         a = self.args
@@ -288,6 +288,15 @@ class Progress:
         loss = float(self.epoch_sum) / max(self.epoch_n, 1)
         self.epoch_sum, self.epoch_n = 0.0, 0
         return loss
+
+
+def initial_backbone(name, role, init, seed):
+    """A run's encoder before adaptation: the official weights, or a random init that depends on
+    (seed, role) alone -- 'teacher' or 'student' -- so that cka.py, or anyone, can rebuild it."""
+    if init == "dinov2":
+        return ViT.from_pretrained(name)
+    torch.manual_seed(2 * seed + (role == "student"))
+    return ViT.from_name(name)
 
 
 def hms(seconds):

@@ -15,7 +15,6 @@ from lora import LoRALinear, add_lora, layer_mapping, merge_lora, share_lora, tr
 from model import CONFIGS, CheckpointError, ViT, ViTConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-torch.set_num_threads(min(4, os.cpu_count() or 1))
 
 
 def randomize_(module, std=0.05, seed=0):
@@ -729,3 +728,12 @@ def test_no_network_stops_with_a_paragraph_and_no_traceback(tmp_path):
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert "dtd-r1.0.1.tar.gz" in r.stderr and str(tmp_path / "data") in r.stderr
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_random_init_is_rebuildable_from_seed_and_role():
+    a = experiment.initial_backbone("toy-s", "student", "random", seed=3)
+    torch.manual_seed(123)  # whatever happened in between
+    b = experiment.initial_backbone("toy-s", "student", "random", seed=3)
+    c = experiment.initial_backbone("toy-s", "teacher", "random", seed=3)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert not torch.equal(a.blocks[0].attn.qkv.weight, c.blocks[0].attn.qkv.weight)

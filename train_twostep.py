@@ -90,8 +90,8 @@ def main():
 
     splits, num_classes = load_splits(args.dataset, args.data_dir)
     train_loader, val_loader, test_loader = run.loaders(splits)
-    teacher = Classifier(run.backbone(args.teacher), num_classes)
-    student = Classifier(run.backbone(args.student), num_classes)
+    teacher = Classifier(run.backbone(args.teacher, "teacher"), num_classes)
+    student = Classifier(run.backbone(args.student, "student"), num_classes)
     adapt(teacher, args.teacher_adapt, args.rank)
     adapt(student, args.student_adapt, args.rank)
     teacher.to(run.device), student.to(run.device)
