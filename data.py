@@ -14,11 +14,15 @@ import os
 import numpy as np
 import torch
 import torchvision.transforms as T
+import torchvision.transforms.functional as TF
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-DATASETS = ("dtd", "aircraft", "cub", "synthetic")
+CLASSIFICATION = ("dtd", "aircraft", "cub", "synthetic")
+SEGMENTATION = ("cityscapes", "synthetic-seg")
+DATASETS = CLASSIFICATION + SEGMENTATION
+IGNORE = 255  # segmentation label of pixels that count for nothing
 RESIZE_RATIO = 640 / 512  # the paper resizes to 640, then center-crops 512 (App. C.2)
 
 
@@ -48,6 +52,45 @@ def eval_transform(img_size):
         T.ToTensor(),
         T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ])
+
+
+class SegTrainTransform:
+    """App. C.2 for segmentation, the same geometry for image and mask: random resize (short side
+    base x U(0.5, 2), as mmseg's RandomResize around 640), random crop (560), horizontal flip, then a
+    photometric distortion of the image alone (mmseg's PhotometricDistortion, approximated by ColorJitter)."""
+
+    def __init__(self, crop, base, scale=(0.5, 2.0)):
+        self.crop, self.base, self.scale = crop, base, scale
+        self.photometric = T.ColorJitter(brightness=0.25, contrast=0.5, saturation=0.5, hue=0.05)
+        self.to_tensor = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+    def __call__(self, img, mask):
+        short = round(self.base * float(torch.empty(()).uniform_(*self.scale)))
+        img = TF.resize(img, short, interpolation=T.InterpolationMode.BILINEAR)
+        mask = TF.resize(mask, short, interpolation=T.InterpolationMode.NEAREST)
+        pad_h, pad_w = max(self.crop - img.height, 0), max(self.crop - img.width, 0)
+        if pad_h or pad_w:  # padded pixels are ignored by the loss
+            img = TF.pad(img, [0, 0, pad_w, pad_h], fill=0)
+            mask = TF.pad(mask, [0, 0, pad_w, pad_h], fill=IGNORE)
+        top = int(torch.randint(img.height - self.crop + 1, ()))
+        left = int(torch.randint(img.width - self.crop + 1, ()))
+        img, mask = TF.crop(img, top, left, self.crop, self.crop), TF.crop(mask, top, left, self.crop, self.crop)
+        if torch.rand(()) < 0.5:
+            img, mask = TF.hflip(img), TF.hflip(mask)
+        return self.to_tensor(self.photometric(img)), torch.from_numpy(np.array(mask, dtype=np.int64))
+
+
+class SegEvalTransform:
+    """The image resized to the training base (short side 640), the mask left at full resolution: logits
+    from the sliding window are upsampled to the mask, and mIoU is counted on the original pixels."""
+
+    def __init__(self, base):
+        self.base = base
+        self.to_tensor = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+    def __call__(self, img, mask):
+        img = TF.resize(img, self.base, interpolation=T.InterpolationMode.BILINEAR)
+        return self.to_tensor(img), torch.from_numpy(np.array(mask, dtype=np.int64))
 
 
 # -----------------------------------------------------------------------------
@@ -139,6 +182,76 @@ class SyntheticTextures(Dataset):
         return np.clip(img, 0, 255).astype(np.uint8)
 
 
+class Cityscapes(Dataset):
+    """Cityscapes, fine annotations, labels mapped to the 19 train ids (255: ignored), read from the official
+    leftImg8bit/ and gtFine/ folders through torchvision."""
+
+    # labelId -> trainId of the 19 evaluated classes (cityscapesScripts' labels.py)
+    TRAIN_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12,
+                 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
+    CLASSES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
+               "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle",
+               "bicycle")
+
+    def __init__(self, root, split):
+        import torchvision.datasets as tvd
+        ds = tvd.Cityscapes(os.path.join(root, "cityscapes"), split=split, mode="fine", target_type="semantic")
+        self.samples = sorted(zip(ds.images, (t[0] for t in ds.targets)))  # os.listdir's order is arbitrary
+        self.classes = list(range(len(self.CLASSES)))
+        self.lut = np.full(256, IGNORE, dtype=np.uint8)
+        for label_id, train_id in self.TRAIN_IDS.items():
+            self.lut[label_id] = train_id
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        img, target = self.samples[i]
+        return Image.open(img).convert("RGB"), Image.fromarray(self.lut[np.array(Image.open(target))])
+
+
+class SyntheticShapes(Dataset):
+    """Shapes over textures, for offline segmentation: a striped or noisy background (class 0) and one to
+    three disks, squares and triangles (classes 1-3), each class in its own colour family, overlapping in
+    random order. Deterministic per (seed, split, index)."""
+
+    CLASSES = ("background", "disk", "square", "triangle")
+    SIZES = {"train": 1200, "val": 100, "test": 200}
+    HUES = {1: (220, 60, 40), 2: (50, 190, 60), 3: (60, 90, 220)}  # reddish, greenish, bluish
+
+    def __init__(self, split, seed=0, size=128, n=None):
+        self.split, self.seed, self.size = split, seed, size
+        self.n = n or self.SIZES[split]
+        self.classes = list(range(len(self.CLASSES)))
+        self.grid = np.mgrid[0:size, 0:size].astype(np.float32)
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        rng = np.random.default_rng([self.seed, ("train", "val", "test").index(self.split), i, 1])
+        s = self.size
+        y, x = self.grid
+        period, phase, angle = rng.uniform(6, 16), rng.uniform(0, 2 * np.pi), rng.uniform(0, np.pi)
+        stripes = np.sin(2 * np.pi * (x * np.cos(angle) + y * np.sin(angle)) / period + phase)[..., None]
+        img = rng.uniform(60, 190, 3) + rng.uniform(20, 60) * stripes + 12 * rng.standard_normal((s, s, 1))
+        mask = np.zeros((s, s), dtype=np.uint8)
+        for _ in range(rng.integers(1, 4)):
+            label = int(rng.integers(1, 4))
+            r = rng.uniform(0.12, 0.25) * s
+            cy, cx = rng.uniform(r, s - r, size=2)
+            if label == 1:
+                inside = np.hypot(x - cx, y - cy) < r
+            elif label == 2:
+                inside = (np.abs(x - cx) < r * 0.85) & (np.abs(y - cy) < r * 0.85)
+            else:  # an upward triangle: below the apex, above the base, inside both slanted sides
+                inside = (y < cy + r * 0.8) & (np.abs(x - cx) < (y - (cy - r)) * 0.6)
+            img[inside] = np.array(self.HUES[label]) + rng.uniform(-30, 30, 3)
+            mask[inside] = label
+        img = np.clip(img, 0, 255).astype(np.uint8)
+        return Image.fromarray(img), Image.fromarray(mask)
+
+
 def _open(name, root, split):
     import torchvision.datasets as tvd
     if name == "dtd":
@@ -191,6 +304,22 @@ def load_splits(name, root="./data"):
     if name == "synthetic":
         splits = {s: SyntheticTextures(s) for s in ("train", "val", "test")}
         return splits, len(SyntheticTextures.CLASSES)
+    if name == "synthetic-seg":
+        splits = {s: SyntheticShapes(s) for s in ("train", "val", "test")}
+        return splits, len(SyntheticShapes.CLASSES)
+    if name == "cityscapes":  # test labels are not public: test on val, hold out 10% of train for val (§4.2.2)
+        try:
+            train, val = holdout(Cityscapes(root, "train"))
+            return {"train": train, "val": val, "test": Cityscapes(root, "val")}, len(Cityscapes.CLASSES)
+        except (OSError, RuntimeError) as e:
+            raise DataError(
+                f"Cityscapes is not in {os.path.join(root, 'cityscapes')} ({type(e).__name__}: {str(e).strip()[:120]}). "
+                f"It needs a (free) registration, so it cannot be downloaded for you: log in at "
+                f"https://www.cityscapes-dataset.com/downloads/, download leftImg8bit_trainvaltest.zip (11 GB) and "
+                f"gtFine_trainvaltest.zip (241 MB), and put them (or what they unpack to) in "
+                f"{os.path.join(root, 'cityscapes')}, so that it holds leftImg8bit/{{train,val}}/ and "
+                f"gtFine/{{train,val}}/ (the zips are unpacked on the first run)."
+            ) from None
     if name not in HELP:
         raise ValueError(f"unknown dataset {name!r}; one of {', '.join(DATASETS)}")
     if not os.path.isdir(os.path.join(root, HELP[name][1])):
@@ -235,10 +364,12 @@ class EpochSampler(Sampler):
 
 
 class Transformed(Dataset):
-    """A dataset of (PIL image, label) seen through a transform, each sample with its own RNG seed."""
+    """A dataset of (PIL image, label) seen through a transform, each sample with its own RNG seed. A
+    segmentation transform (SegTrainTransform, SegEvalTransform) takes the image and its mask together."""
 
     def __init__(self, dataset, transform):
         self.dataset, self.transform = dataset, transform
+        self.joint = isinstance(transform, (SegTrainTransform, SegEvalTransform))
 
     def __len__(self):
         return len(self.dataset)
@@ -250,7 +381,7 @@ class Transformed(Dataset):
         state = rng.get_state()
         rng.manual_seed(seed)
         try:
-            return self.transform(img), label
+            return self.transform(img, label) if self.joint else (self.transform(img), label)
         finally:
             rng.set_state(state)  # leave the caller's RNG as it was
 

@@ -14,15 +14,21 @@ import time
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from data import DATASETS, eval_transform, make_loader, train_transform
-from model import CONFIGS, ViT
+from data import (DATASETS, IGNORE, SEGMENTATION, SegEvalTransform, SegTrainTransform, eval_transform, make_loader,
+                  train_transform)
+from lora import merge_lora
+from model import CONFIGS, Classifier, Segmenter, ViT, save_model, slide_inference
 
-# defaults that depend on the dataset. The real ones: 518 = 37 x 14, the patch-14 size nearest the paper's
-# 512 crop. The synthetic one is for random-init toy models, which need more steps (a smaller batch) and a
-# larger learning rate to learn in one epoch.
+# defaults that depend on the dataset. Classification: 518 = 37 x 14, the patch-14 size nearest the paper's
+# 512 crop; segmentation: the paper's 560 crop. The synthetic sets are for random-init toy models, which need
+# more steps (smaller batches) and a larger learning rate to learn in one epoch.
 REAL = dict(img_size=518, batch_size=32, lr=1e-3)
-DATASET_DEFAULTS = {"dtd": REAL, "aircraft": REAL, "cub": REAL, "synthetic": dict(img_size=56, batch_size=16, lr=3e-3)}
+DATASET_DEFAULTS = {"dtd": REAL, "aircraft": REAL, "cub": REAL, "synthetic": dict(img_size=56, batch_size=16, lr=3e-3),
+                    "cityscapes": dict(img_size=560, batch_size=8, lr=1e-3),
+                    "synthetic-seg": dict(img_size=112, batch_size=8, lr=3e-3)}
+SEG_BASE_RATIO = 640 / 560  # segmentation resizes around a short side of 640 for a 560 crop (App. C.2)
 
 # flags that may change between a run and its --resume: where things are, not what is computed
 RESUMABLE_CHANGES = {"resume", "out_dir", "data_dir", "device", "num_workers", "compile", "log_every"}
@@ -47,7 +53,8 @@ def parser(doc, method):
                    help="peak learning rate of the heads and LoRA adapters (1e-3; 3e-3 for synthetic)")
     p.add_argument("--weight_decay", type=float, default=0.05, help="AdamW decay on matrices (not biases, norms)")
     p.add_argument("--img_size", type=int, default=None,
-                   help="crop side, a multiple of 14; 518 for the real datasets, 56 for synthetic")
+                   help="crop side, a multiple of 14: 518 for classification, 560 for cityscapes (the sliding "
+                        "window too), 56 for synthetic, 112 for synthetic-seg")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank (paper: 16)")
     p.add_argument("--temperature", type=float, default=2.0, help="distillation temperature T (paper: 2)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
@@ -99,6 +106,7 @@ class Run:
             parser.error(f"{a.out_dir} already holds a run: continue it with --resume {a.out_dir}/ckpt.pt, "
                          f"or choose another --out_dir")
 
+        self.segmentation = a.dataset in SEGMENTATION
         self.device = a.device
         self.device_type = "cuda" if a.device.startswith("cuda") else "cpu"
         dtype = getattr(torch, a.dtype)
@@ -127,12 +135,21 @@ class Run:
     def backbone(self, name, role):
         return initial_backbone(name, role, self.args.init, self.args.seed)
 
+    def model(self, vit, num_classes):
+        """The task's head on a backbone: Classifier, or Segmenter for a segmentation dataset (App. C.1)."""
+        return (Segmenter if self.segmentation else Classifier)(vit, num_classes)
+
     def loaders(self, splits):
         a = self.args
         kw = dict(seed=a.seed, num_workers=a.num_workers, device=self.device)
-        return (make_loader(splits["train"], train_transform(a.img_size), a.batch_size, train=True, **kw),
-                make_loader(splits["val"], eval_transform(a.img_size), a.batch_size, train=False, **kw),
-                make_loader(splits["test"], eval_transform(a.img_size), a.batch_size, train=False, **kw))
+        if self.segmentation:
+            base = round(a.img_size * SEG_BASE_RATIO)
+            train_tf, eval_tf = SegTrainTransform(a.img_size, base), SegEvalTransform(base)
+        else:
+            train_tf, eval_tf = train_transform(a.img_size), eval_transform(a.img_size)
+        return (make_loader(splits["train"], train_tf, a.batch_size, train=True, **kw),
+                make_loader(splits["val"], eval_tf, a.batch_size, train=False, **kw),
+                make_loader(splits["test"], eval_tf, a.batch_size, train=False, **kw))
 
     def compile(self, model):
         return torch.compile(model) if self.args.compile else model
@@ -164,18 +181,31 @@ class Run:
 
     @torch.no_grad()
     def evaluate(self, models, loader):
-        """Top-1 accuracy (%) of each model in {name: model} on loader, in one pass over the data."""
+        """{name: {"acc": %, and "miou": % for segmentation}} of each model in {name: model} on loader, in one
+        pass over the data. Accuracy is top-1, or per pixel; segmentation runs a sliding window (App. C.2)
+        over the whole image and counts mIoU on the labels' own resolution."""
         for m in models.values():
             m.eval()
-        correct = {k: torch.zeros((), device=self.device, dtype=torch.long) for k in models}
+        n = next(iter(models.values())).num_classes if self.segmentation else 0
+        hits = {k: torch.zeros((), device=self.device, dtype=torch.long) for k in models}
+        confusion = {k: torch.zeros(n, n, device=self.device, dtype=torch.long) for k in models}
         total = 0
         for x, y in loader:
             x, y = self.to_device(x, y)
+            valid = y != IGNORE
+            total += valid.sum()
             with self.autocast:
                 for k, m in models.items():
-                    correct[k] += (m(x).argmax(-1) == y).sum()
-            total += len(y)
-        return {k: 100.0 * c.item() / max(total, 1) for k, c in correct.items()}
+                    if self.segmentation:
+                        logits = slide_inference(m, x, self.args.img_size, self.args.img_size // 2)
+                        pred = F.interpolate(logits, size=y.shape[-2:], mode="bilinear", align_corners=False).argmax(1)
+                        confusion[k] += torch.bincount(y[valid] * n + pred[valid], minlength=n * n).view(n, n)
+                    else:
+                        pred = m(x).argmax(-1)
+                    hits[k] += (pred == y)[valid].sum()
+        total = max(int(total), 1)
+        return {k: {"acc": 100.0 * hits[k].item() / total, **({"miou": miou(confusion[k])} if self.segmentation else {})}
+                for k in models}
 
     # --- logging and checkpoints ---------------------------------------------------------------------
 
@@ -246,15 +276,14 @@ class Run:
         self.checkpoint(stage, epoch + 1, optimizer)
 
     def finish(self, results, exports):
-        """results.json, and each {filename: classifier} exported with its adapters merged."""
-        from lora import merge_lora
-        from model import Classifier, save_classifier
-        for fname, clf in exports.items():
-            merged = Classifier(merge_lora(clf.vit), clf.head[-1].out_features)
-            merged.head.load_state_dict(clf.head.state_dict())
-            save_classifier(os.path.join(self.args.out_dir, fname), merged)
+        """results.json, and each {filename: model} exported with its adapters merged (model.load_model reads it)."""
+        for fname, model in exports.items():
+            merged = type(model)(merge_lora(model.vit), model.num_classes)
+            merged.head.load_state_dict(model.head.state_dict())
+            save_model(os.path.join(self.args.out_dir, fname), merged)
         results = {"method": self.method, "dataset": self.args.dataset, "teacher": self.args.teacher,
-                   "student": self.args.student, "seed": self.args.seed, **results,
+                   "student": self.args.student, "seed": self.args.seed,
+                   **{k: round(v, 3) if isinstance(v, float) else v for k, v in results.items()},
                    "train_seconds": round(self.history["train_seconds"], 1)}
         write_json(os.path.join(self.args.out_dir, "results.json"), results)
         self.log("results: " + json.dumps(results))
@@ -288,6 +317,20 @@ class Progress:
         loss = float(self.epoch_sum) / max(self.epoch_n, 1)
         self.epoch_sum, self.epoch_n = 0.0, 0
         return loss
+
+
+def miou(confusion):
+    """Mean intersection over union (%) from a confusion matrix (rows: label, columns: prediction), over the
+    classes that occur in the labels or the predictions."""
+    confusion = confusion.double()
+    tp = confusion.diag()
+    union = confusion.sum(0) + confusion.sum(1) - tp
+    return 100.0 * (tp[union > 0] / union[union > 0]).mean().item()
+
+
+def flat(metrics, prefix=""):
+    """{"teacher": {"acc": a, "miou": m}} -> {prefix + "teacher_acc": a, prefix + "teacher_miou": m}."""
+    return {f"{prefix}{name}_{k}": v for name, ms in metrics.items() for k, v in ms.items()}
 
 
 def initial_backbone(name, role, init, seed):

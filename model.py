@@ -300,7 +300,7 @@ class Classifier(nn.Module):
 
     def __init__(self, vit, num_classes):
         super().__init__()
-        self.vit = vit
+        self.vit, self.num_classes = vit, num_classes
         n_in = self.n_blocks * vit.embed_dim
         # n_hidden = n_in for ViT-S (and narrower), sqrt(n_in * n_out) for ViT-B/L (and wider)
         n_hidden = n_in if vit.embed_dim <= 384 else round(math.sqrt(n_in * num_classes))
@@ -311,21 +311,60 @@ class Classifier(nn.Module):
         return self.head(cls)
 
 
-def save_classifier(path, model, **extra):
-    """A deployable classifier: its backbone's official-layout state dict and config, and its head."""
+class Segmenter(nn.Module):
+    """A ViT and the linear segmentation head of App. C.1 (after Marrie et al. and DINOv2's linear
+    evaluation): BatchNorm and a 1x1 convolution on the final block's patch tokens, the logits upsampled
+    bilinearly to the input's size."""
+
+    def __init__(self, vit, num_classes):
+        super().__init__()
+        self.vit, self.num_classes = vit, num_classes
+        self.head = nn.Sequential(nn.BatchNorm2d(vit.embed_dim), nn.Conv2d(vit.embed_dim, num_classes, 1))
+
+    def forward(self, x):  # (B, 3, H, W) -> logits (B, num_classes, H, W)
+        B, _, H, W = x.shape
+        p = self.vit.config.patch_size
+        patches = self.vit.forward_features(x)[:, 1 + self.vit.config.num_register_tokens:]
+        logits = self.head(patches.transpose(1, 2).reshape(B, -1, H // p, W // p))
+        return F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False)
+
+
+def slide_inference(model, x, window, stride):
+    """Segmentation logits of a whole image from window x window crops taken every `stride` pixels (the
+    last one flush with the border), averaged where they overlap (App. C.2: 560, stride 280). An image
+    smaller than the window is padded and the padding cropped away."""
+    B, _, H, W = x.shape
+    ph, pw = max(window - H, 0), max(window - W, 0)
+    x = F.pad(x, (0, pw, 0, ph))
+    Hp, Wp = H + ph, W + pw
+    starts = lambda n: sorted(set(list(range(0, n - window + 1, stride)) + [n - window]))
+    total, count = None, torch.zeros(1, 1, Hp, Wp, device=x.device)
+    for top in starts(Hp):
+        for left in starts(Wp):
+            logits = model(x[:, :, top:top + window, left:left + window]).float()
+            if total is None:
+                total = torch.zeros(B, logits.shape[1], Hp, Wp, device=x.device)
+            total[:, :, top:top + window, left:left + window] += logits
+            count[:, :, top:top + window, left:left + window] += 1
+    return (total / count)[:, :, :H, :W]
+
+
+def save_model(path, model, **extra):
+    """A deployable Classifier or Segmenter: its backbone's official-layout state dict and config, and its head."""
     vit = model.vit
-    torch.save({"config": asdict(vit.config), "name": vit.name, "vit": vit.state_dict(),
-                "head": model.head.state_dict(), "num_classes": model.head[-1].out_features, **extra}, path)
+    torch.save({"kind": type(model).__name__, "config": asdict(vit.config), "name": vit.name, "vit": vit.state_dict(),
+                "head": model.head.state_dict(), "num_classes": model.num_classes, **extra}, path)
 
 
-def load_classifier(path):
-    """A Classifier from a file written by save_classifier, e.g. the student a training script exports."""
+def load_model(path):
+    """A Classifier or Segmenter from a file written by save_model, e.g. the student a training script exports."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        model = Classifier(ViT(ViTConfig(**ckpt["config"]), name=ckpt["name"]), ckpt["num_classes"])
+        kind = {"Classifier": Classifier, "Segmenter": Segmenter}[ckpt["kind"]]
+        model = kind(ViT(ViTConfig(**ckpt["config"]), name=ckpt["name"]), ckpt["num_classes"])
         model.vit.load_state_dict(ckpt["vit"])
         model.head.load_state_dict(ckpt["head"])
     except Exception as e:
-        raise CheckpointError(f"{path} is not a classifier written by save_classifier "
+        raise CheckpointError(f"{path} is not a model written by save_model "
                               f"({type(e).__name__}: {str(e).strip()[:300]})") from None
     return model

@@ -332,7 +332,7 @@ import data
 import experiment
 import kd
 from data import DataError, EpochSampler, SyntheticTextures, Transformed, eval_transform, load_splits, make_loader, train_transform
-from model import Classifier, load_classifier
+from model import Classifier, Segmenter, load_model, slide_inference
 
 
 def write_jpg(path, seed):
@@ -560,7 +560,7 @@ def test_slad_demo_learns_and_writes_its_outputs(tmp_path, monkeypatch):
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert all(k.startswith("head.") or "lora_" in k for m in ckpt["models"].values() for k in m)  # no frozen backbone
     # the exported student: adapters merged, official layout, loadable by model.py alone, same accuracy
-    student = load_classifier(os.path.join(out, "student.pt")).eval()
+    student = load_model(os.path.join(out, "student.pt")).eval()
     assert list(student.vit.state_dict()) == list(ViT.from_name("toy-s").state_dict())
     test = make_loader(SyntheticTextures("test"), eval_transform(56), 100, train=False)
     with torch.no_grad():
@@ -737,3 +737,127 @@ def test_random_init_is_rebuildable_from_seed_and_role():
     c = experiment.initial_backbone("toy-s", "teacher", "random", seed=3)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     assert not torch.equal(a.blocks[0].attn.qkv.weight, c.blocks[0].attn.qkv.weight)
+
+
+# -----------------------------------------------------------------------------
+# segmentation: Cityscapes and synthetic shapes, the linear head, sliding windows, mIoU
+
+from data import SEGMENTATION, Cityscapes, SegEvalTransform, SegTrainTransform, SyntheticShapes
+
+
+def test_miou_on_a_hand_made_confusion_matrix():
+    confusion = torch.tensor([[5, 1, 0], [2, 3, 0], [0, 0, 0]])  # rows: label, columns: prediction
+    # class 0: 5 / (5 + 1 + 2), class 1: 3 / (3 + 2 + 1), class 2 absent from labels and predictions
+    assert experiment.miou(confusion) == pytest.approx(100 * (5 / 8 + 3 / 6) / 2)
+    assert experiment.miou(torch.tensor([[4, 0], [0, 0]])) == pytest.approx(100.0)
+    assert experiment.miou(torch.tensor([[0, 3], [0, 0]])) == pytest.approx(0.0)  # predicted 1, label 0: both count
+
+
+def test_segmenter_head_and_sliding_window():
+    torch.manual_seed(0)
+    seg = Segmenter(ViT.from_name("toy-s"), 4).eval()
+    assert [type(m).__name__ for m in seg.head] == ["BatchNorm2d", "Conv2d"] and seg.head[1].kernel_size == (1, 1)
+    x = torch.randn(2, 3, 56, 84)
+    with torch.no_grad():
+        whole = seg(x)
+        assert whole.shape == (2, 4, 56, 84)
+        assert torch.allclose(slide_inference(seg, x[..., :56], 56, 28), seg(x[..., :56]), atol=1e-5)  # one window
+        slid = slide_inference(seg, x, 56, 28)  # windows at 0, 28 wide: the middle seen twice, averaged
+        assert slid.shape == whole.shape
+        left, right = seg(x[..., :56]), seg(x[..., 28:])
+        assert torch.allclose(slid[..., :28], left[..., :28], atol=1e-5)
+        assert torch.allclose(slid[..., 28:56], (left[..., 28:] + right[..., :28]) / 2, atol=1e-5)
+        small = slide_inference(seg, x[..., :42, :42], 56, 28)  # smaller than the window: padded, then cropped
+        assert small.shape == (2, 4, 42, 42)
+
+
+def test_segmentation_losses_ignore_255():
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    y = torch.randint(0, 3, (2, 4, 4))
+    y_ign = y.clone()
+    y_ign[:, :2] = kd.IGNORE
+    t_changed = t.clone()
+    t_changed[:, :, :2] += 5 * torch.randn(2, 3, 2, 4)  # only on ignored pixels
+    assert torch.allclose(kd.kl_term(s, t, 2.0, y_ign), kd.kl_term(s, t_changed, 2.0, y_ign))
+    assert not torch.allclose(kd.kl_term(s, t, 2.0, y), kd.kl_term(s, t_changed, 2.0, y))
+    p_t, p_s = F.softmax(t[..., 2:, :] / 2, 1), F.softmax(s[..., 2:, :] / 2, 1)  # per-pixel KL, mean over valid pixels
+    assert torch.allclose(kd.kl_term(s, t, 2.0, y_ign), 4 * (p_t * (p_t.log() - p_s.log())).sum(1).mean(), atol=1e-5)
+    assert torch.allclose(kd.task_loss(s, y_ign), F.cross_entropy(s[..., 2:, :], y[..., 2:, :]), atol=1e-6)
+
+
+def fake_cityscapes(root, per_split=(10, 2)):
+    base = os.path.join(root, "cityscapes")
+    for split, n in zip(("train", "val"), per_split):
+        for k in range(n):
+            city = "aachen" if k % 2 else "bochum"
+            stem = f"{city}_{k:06d}_000019"
+            label_ids = np.zeros((28, 56), dtype=np.uint8)  # 0: unlabeled -> 255
+            label_ids[:, 10:30] = 7  # road -> 0
+            label_ids[10:20, 30:50] = 26  # car -> 13
+            img = np.full((28, 56, 3), 20, dtype=np.uint8)
+            img[label_ids == 26] = (230, 20, 20)  # cars are red: the geometry of image and mask can be checked
+            for folder, name, arr in (("leftImg8bit", f"{stem}_leftImg8bit.png", img), ("gtFine", f"{stem}_gtFine_labelIds.png", label_ids)):
+                os.makedirs(os.path.join(base, folder, split, city), exist_ok=True)
+                Image.fromarray(arr).save(os.path.join(base, folder, split, city, name))
+
+
+def test_cityscapes_loader_on_a_fake_layout(tmp_path):
+    fake_cityscapes(str(tmp_path))
+    splits, num_classes = load_splits("cityscapes", str(tmp_path))
+    assert num_classes == 19 and "cityscapes" in SEGMENTATION
+    assert (len(splits["train"]), len(splits["val"]), len(splits["test"])) == (9, 1, 2)  # test = official val
+    img, mask = splits["test"][0]
+    m = np.array(mask)
+    assert img.size == mask.size == (56, 28) and set(np.unique(m)) == {0, 13, 255}
+    assert (m[:, 10:30][m[:, 10:30] != 13] == 0).all() and (m[:, :10] == 255).all()
+    ds = Transformed(splits["train"], SegTrainTransform(crop=28, base=32))
+    for seed in range(5):  # the same random resize, crop and flip for image and mask
+        x, y = ds[(0, seed)]
+        assert x.shape == (3, 28, 28) and y.shape == (28, 28) and y.dtype == torch.long
+        if (y == 13).any() and (y == 0).any():
+            assert x[0][y == 13].mean() > x[0][y == 0].mean() + 1.0
+    x, y = Transformed(splits["test"], SegEvalTransform(base=32))[(0, 0)]
+    assert x.shape == (3, 32, 64) and y.shape == (28, 56)  # image resized, mask at full resolution
+
+
+def test_missing_cityscapes_says_what_to_fetch(tmp_path):
+    with pytest.raises(DataError) as e:
+        load_splits("cityscapes", str(tmp_path))
+    msg = str(e.value)
+    assert "leftImg8bit_trainvaltest.zip" in msg and "gtFine_trainvaltest.zip" in msg and "cityscapes-dataset.com" in msg
+    assert str(tmp_path / "cityscapes") in msg
+
+
+def trivial_miou(dataset):
+    """mIoU of predicting background (class 0) everywhere."""
+    n = len(dataset.CLASSES)
+    confusion = torch.zeros(n, n, dtype=torch.long)
+    for i in range(len(dataset)):
+        y = torch.from_numpy(np.array(dataset[i][1], dtype=np.int64)).flatten()
+        confusion[:, 0] += torch.bincount(y, minlength=n)
+    return experiment.miou(confusion)
+
+
+def test_segmentation_demo_beats_all_background(tmp_path, monkeypatch):
+    out = str(tmp_path / "seg")
+    argv = ["--dataset", "synthetic-seg", "--teacher", "toy-b", "--student", "toy-s", "--init", "random",
+            "--epochs", "1", "--device", "cpu", "--out_dir", out]
+    run_main("train_slad", argv, monkeypatch)  # the README's segmentation demo, exactly
+    res = results_of(out)
+    floor = trivial_miou(SyntheticShapes("test"))
+    assert res["num_classes"] == 4 and res["student_miou"] > floor + 10 and res["teacher_miou"] > floor + 10
+    rows = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
+    assert {"val_teacher_miou", "val_student_miou", "val_student_acc"} <= set(rows[0])
+    assert type(load_model(os.path.join(out, "student.pt"))).__name__ == "Segmenter"
+
+
+def test_segmentation_twostep_runs(tmp_path, monkeypatch):
+    monkeypatch.setattr(SyntheticShapes, "SIZES", {"train": 32, "val": 8, "test": 8})
+    out = str(tmp_path / "seg-probe")
+    run_main("train_twostep", ["--dataset", "synthetic-seg", "--teacher", "toy-b", "--student", "toy-s", "--init", "random",
+                               "--epochs", "1", "--device", "cpu", "--out_dir", out, "--teacher_adapt", "probe"], monkeypatch)
+    res = results_of(out)
+    assert {"teacher_miou", "student_miou", "teacher_acc", "student_acc"} <= set(res)
+    keys = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["models"]["teacher"]
+    assert any(k.endswith("running_mean") for k in keys)  # BatchNorm statistics are checkpointed

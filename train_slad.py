@@ -2,7 +2,7 @@
 SLAD (§3.3): the teacher and the student adapted to the task jointly, in one stage. The teacher carries LoRA
 adapters on its qkv matrices; the student's adapters are the teacher's own Parameters, sliced to the
 student's width (Fig. 4), on the teacher blocks that --mapping pairs with the student's; both are trained by
-one loss, eq. 4, on the same augmented batch (App. C.2).
+one loss, eq. 4, on the same augmented batch (App. C.2). Classification or segmentation, by --dataset.
 
     python train_slad.py --dataset dtd          # DINOv2 ViT-B/14 -> ViT-S/14, 30 epochs
     python train_slad.py --dataset synthetic --teacher toy-b --student toy-s --init random --epochs 1 \\
@@ -13,10 +13,10 @@ import sys
 import time
 
 from data import DataError, load_splits
-from experiment import Run, parser
+from experiment import Run, flat, parser
 from kd import slad_loss
 from lora import MAPPINGS, add_lora, share_lora, trainable_parameters
-from model import CheckpointError, Classifier
+from model import CheckpointError
 
 
 def parse_args(argv=None):
@@ -38,8 +38,8 @@ def main():
     # data and models: a teacher with LoRA adapters, a student whose adapters are the teacher's (Fig. 4)
     splits, num_classes = load_splits(args.dataset, args.data_dir)
     train_loader, val_loader, test_loader = run.loaders(splits)
-    teacher = Classifier(run.backbone(args.teacher, "teacher"), num_classes)
-    student = Classifier(run.backbone(args.student, "student"), num_classes)
+    teacher = run.model(run.backbone(args.teacher, "teacher"), num_classes)  # Classifier or Segmenter
+    student = run.model(run.backbone(args.student, "student"), num_classes)
     add_lora(teacher.vit, rank=args.rank)
     g = share_lora(student.vit, teacher.vit, args.mapping)
     teacher.to(run.device), student.to(run.device)
@@ -77,11 +77,10 @@ def main():
         train_loss = progress.epoch_loss()
         val = run.evaluate({"teacher": teacher_fwd, "student": student_fwd}, val_loader)
         run.end_epoch("slad", epoch, time.perf_counter() - t0, optimizer=optimizer,
-                      metrics={"train_loss": train_loss, "val_teacher_acc": val["teacher"], "val_student_acc": val["student"]})
+                      metrics={"train_loss": train_loss, **flat(val, "val_")})
 
     test = run.evaluate({"teacher": teacher_fwd, "student": student_fwd}, test_loader)
-    run.finish({"teacher_acc": test["teacher"], "student_acc": test["student"], "num_classes": num_classes,
-                "mapping": args.mapping, "epochs": args.epochs},
+    run.finish({**flat(test), "num_classes": num_classes, "mapping": args.mapping, "epochs": args.epochs},
                exports={"student.pt": student, "teacher.pt": teacher})
 
 

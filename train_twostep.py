@@ -10,6 +10,8 @@ distill the frozen teacher into the student.
       alpha_s CE + alpha_KL T^2 KL(teacher || student), (alpha_s, alpha_KL) = (0.5, 0.5), T = 2, from the
       frozen teacher (eval mode, no grad)
 
+Classification, or segmentation (per-pixel losses, a linear head, mIoU), by --dataset.
+
     python train_twostep.py --dataset dtd --teacher_adapt probe     # 30 + 80 epochs, as Marrie et al.
     python train_twostep.py --dataset synthetic --teacher toy-b --student toy-s --init random --epochs 1 \\
         --device cpu --teacher_adapt lora --out_dir out/demo-lora   # the offline demo
@@ -19,17 +21,16 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 from data import DataError, load_splits
-from experiment import Run, parser
-from kd import distill_loss
+from experiment import Run, flat, parser
+from kd import distill_loss, task_loss
 from lora import add_lora, trainable_parameters
-from model import CheckpointError, Classifier
+from model import CheckpointError
 
 
 def adapt(model, how, rank):
-    """Choose what of a Classifier trains: the head always; the encoder's LoRA adapters, all of it, or nothing."""
+    """Choose what of a Classifier or Segmenter trains: the head always; the encoder's LoRA adapters, all of it, or nothing."""
     if how == "lora":
         add_lora(model.vit, rank=rank)  # freezes the encoder, adds trainable adapters
     else:
@@ -63,9 +64,9 @@ def train_stage(run, stage, model, loss_fn, optimizer, epochs, start_epoch, trai
             optimizer.zero_grad(set_to_none=True)
             progress.update(epoch, step, loss, lr, len(y))
         train_loss = progress.epoch_loss()
-        val = run.evaluate({stage: model}, val_loader)[stage]
+        val = run.evaluate({stage: model}, val_loader)
         run.end_epoch(stage, epoch, time.perf_counter() - t0, optimizer=optimizer,
-                      metrics={"train_loss": train_loss, f"val_{stage}_acc": val})
+                      metrics={"train_loss": train_loss, **flat(val, "val_")})
 
 
 def parse_args(argv=None):
@@ -90,8 +91,8 @@ def main():
 
     splits, num_classes = load_splits(args.dataset, args.data_dir)
     train_loader, val_loader, test_loader = run.loaders(splits)
-    teacher = Classifier(run.backbone(args.teacher, "teacher"), num_classes)
-    student = Classifier(run.backbone(args.student, "student"), num_classes)
+    teacher = run.model(run.backbone(args.teacher, "teacher"), num_classes)  # Classifier or Segmenter
+    student = run.model(run.backbone(args.student, "student"), num_classes)
     adapt(teacher, args.teacher_adapt, args.rank)
     adapt(student, args.student_adapt, args.rank)
     teacher.to(run.device), student.to(run.device)
@@ -108,10 +109,10 @@ def main():
         optimizer = make_optimizer(run, teacher)
         if stage == "teacher":
             run.restore(optimizer)
-        train_stage(run, "teacher", teacher, lambda x, y: F.cross_entropy(teacher_fwd(x).float(), y), optimizer,
+        train_stage(run, "teacher", teacher, lambda x, y: task_loss(teacher_fwd(x), y), optimizer,
                     args.teacher_epochs, done if stage == "teacher" else 0, train_loader, val_loader)
-        run.history["teacher_acc"] = run.evaluate({"teacher": teacher_fwd}, test_loader)["teacher"]
-        run.log(f"teacher test accuracy {run.history['teacher_acc']:.2f}")
+        run.history["teacher_test"] = flat(run.evaluate({"teacher": teacher_fwd}, test_loader))
+        run.log(f"teacher test: {run.history['teacher_test']}")
 
     # stage 2 (eq. 2): the frozen teacher distilled into the student
     teacher.eval().requires_grad_(False)
@@ -128,7 +129,7 @@ def main():
                 done if stage == "student" else 0, train_loader, val_loader)
 
     test = run.evaluate({"student": student_fwd}, test_loader)
-    run.finish({"teacher_acc": run.history["teacher_acc"], "student_acc": test["student"], "num_classes": num_classes,
+    run.finish({**run.history["teacher_test"], **flat(test), "num_classes": num_classes,
                 "teacher_adapt": args.teacher_adapt, "student_adapt": args.student_adapt,
                 "teacher_epochs": args.teacher_epochs, "student_epochs": args.student_epochs},
                exports={"student.pt": student, "teacher.pt": teacher})
