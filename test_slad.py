@@ -861,3 +861,157 @@ def test_segmentation_twostep_runs(tmp_path, monkeypatch):
     assert {"teacher_miou", "student_miou", "teacher_acc", "student_acc"} <= set(res)
     keys = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["models"]["teacher"]
     assert any(k.endswith("running_mean") for k in keys)  # BatchNorm statistics are checkpointed
+
+
+# -----------------------------------------------------------------------------
+# cka.py: linear CKA, its minibatch estimate, the layer-pair matrices and Figure 3
+
+import cka
+
+
+def gaussian(n, p, seed):
+    return torch.randn(n, p, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("n,p", [(300, 32), (12, 40)])  # n > p, and n < p (the Gram form)
+def test_cka_of_features_with_themselves_is_one(n, p):
+    X = gaussian(n, p, 0)
+    assert cka.linear_cka(X, X) == pytest.approx(1, abs=1e-12)
+    assert cka.linear_cka(X.float(), X.float()) == pytest.approx(1, abs=1e-12)  # float64 whatever comes in
+
+
+def test_cka_of_scalars_is_squared_correlation():
+    x, y = gaussian(500, 1, 0), gaussian(500, 1, 1) + 0.5 * gaussian(500, 1, 0)
+    r = torch.corrcoef(torch.cat([x, y], 1).T)[0, 1].item()
+    assert cka.linear_cka(x, y) == pytest.approx(r**2, abs=1e-10)
+
+
+@pytest.mark.parametrize("n,p", [(300, 32), (12, 40)])
+def test_cka_invariant_to_orthogonal_maps_and_scaling_not_to_other_linear_maps(n, p):
+    X = gaussian(n, p, 0)
+    Y = torch.tanh(X @ gaussian(p, 24, 1)) + 0.3 * gaussian(n, 24, 2)  # related features, q = 24 != p
+    ref = cka.linear_cka(X, Y)
+    assert 0.1 < ref < 0.99 and cka.linear_cka(Y, X) == pytest.approx(ref, abs=1e-12)
+    Q = torch.linalg.qr(gaussian(p, p, 3))[0]
+    assert cka.linear_cka(7.5 * X @ Q + 2.0, Y) == pytest.approx(ref, abs=1e-10)  # rotated, scaled, shifted
+    assert cka.linear_cka(X, 0.01 * Y) == pytest.approx(ref, abs=1e-10)
+    A = gaussian(p, p, 4) @ torch.diag(torch.logspace(0, -3, p, dtype=torch.float64))  # ill-conditioned
+    assert abs(cka.linear_cka(X @ A, Y) - ref) > 0.05
+
+
+def test_unbiased_hsic_is_song_et_al_for_every_pair():
+    feats = [gaussian(10, p, s) for s, p in enumerate((3, 7, 5))]
+    H = cka.unbiased_hsic(torch.stack([f @ f.T for f in feats]))
+    n = 10
+    for a in range(3):
+        for b in range(3):
+            K, L = feats[a] @ feats[a].T, feats[b] @ feats[b].T
+            K, L = K - torch.diag(K.diagonal()), L - torch.diag(L.diagonal())
+            one = torch.ones(n, dtype=torch.float64)
+            want = (torch.trace(K @ L) + (one @ K @ one) * (one @ L @ one) / ((n - 1) * (n - 2))
+                    - 2 / (n - 2) * one @ K @ L @ one) / (n * (n - 3))
+            assert H[a, b].item() == pytest.approx(want.item(), rel=1e-10)
+
+
+def test_minibatch_cka_is_close_to_full_batch_on_a_large_sample():
+    X = gaussian(2003, 64, 0)
+    Y = torch.relu(X @ gaussian(64, 48, 1)) + gaussian(2003, 48, 2)
+    C = cka.minibatch_cka(zip(X.split(100), Y.split(100)))  # the last batch, 3 images, is dropped
+    assert C.shape == (2, 2) and torch.allclose(C.diagonal(), torch.ones(2, dtype=torch.float64))
+    assert abs(C[0, 1].item() - cka.linear_cka(X, Y)) < 0.02
+    # why unbiased: independent features in high dimension have a CKA of 0, which the minibatch estimate finds
+    # and one batch's full-batch value does not (it is pushed up when n is not >> p)
+    Z = gaussian(2000, 300, 5)
+    assert abs(cka.minibatch_cka(zip(X[:2000].split(100), Z.split(100)))[0, 1].item()) < 0.05
+    assert cka.linear_cka(X[:100], Z[:100]) > 0.3
+
+
+def tiny_loader(n=48, batch_size=16):
+    return make_loader(torch.utils.data.Subset(SyntheticTextures("val"), range(n)), eval_transform(28), batch_size, train=False)
+
+
+def test_layer_cka_is_teacher_by_student_blocks_and_reads_off_mapped_pairs():
+    teacher = randomize_(ViT.from_name("toy-b"), seed=1)
+    student = ViT.from_name("toy-b", depth=3)  # the teacher's first three blocks: student block i is teacher block i
+    student.load_state_dict(teacher.state_dict(), strict=False)
+    other = randomize_(ViT.from_name("toy-s"), seed=2)
+    C, D = cka.layer_cka([(teacher, student), (teacher, other)], tiny_loader())
+    assert C.shape == D.shape == (6, 3)
+    assert torch.allclose(C.diagonal(), torch.ones(3), atol=1e-5) and C.max() <= 1 + 1e-5
+    assert cka.mapped_mean(C, layer_mapping(3, 6, "first")) == pytest.approx(1, abs=1e-5)
+    even = layer_mapping(3, 6, "even")  # [0, 2, 4]
+    assert cka.mapped_mean(C, even) == pytest.approx((C[0, 0] + C[2, 1] + C[4, 2]).item() / 3)
+    assert cka.mapped_mean(C, even) < 1 - 1e-3
+    assert not torch.allclose(C, D)
+
+
+def test_block_features_cls_or_mean_patch_token_without_registers():
+    vit = randomize_(ViT.from_name("toy-s", num_register_tokens=4)).eval()
+    x = next(iter(tiny_loader()))[0]
+    outs = vit.forward_blocks(x, range(3))
+    cls, patch = cka.block_features(vit, x, "cls"), cka.block_features(vit, x, "patch")
+    assert len(cls) == len(patch) == 3 and cls[1].shape == patch[1].shape == (16, 64)
+    assert torch.equal(cls[1], outs[1][:, 0]) and torch.allclose(patch[1], outs[1][:, 5:].mean(1))
+    C = cka.layer_cka([(vit, vit)], tiny_loader(), token="patch")[0]
+    assert torch.allclose(C.diagonal(), torch.ones(3), atol=1e-5)
+
+
+def fake_run(path, teacher_std, student_std, **config):
+    """A run folder as the training scripts leave it, without training: the initial encoders, perturbed."""
+    os.makedirs(path)
+    for role, name, std in (("teacher", "toy-b", teacher_std), ("student", "toy-s", student_std)):
+        vit = randomize_(experiment.initial_backbone(name, role, "random", 0), std=std)
+        model.save_model(os.path.join(path, f"{role}.pt"), Classifier(vit, 10))
+    experiment.write_json(os.path.join(path, "config.json"), dict(
+        dataset="synthetic", teacher="toy-b", student="toy-s", init="random", seed=0, img_size=56, **config))
+    return str(path)
+
+
+def test_cka_command_draws_figure_3(tmp_path, capsys):
+    runs = [fake_run(tmp_path / "finetune", 0.05, 0.02, teacher_adapt="finetune"),
+            fake_run(tmp_path / "lora", 0.02, 0.02, teacher_adapt="lora"),
+            fake_run(tmp_path / "probe", 0.0, 0.02, teacher_adapt="probe"),  # a probed teacher's encoder is unchanged
+            fake_run(tmp_path / "slad", 0.01, 0.01, mapping="last")]
+    out = tmp_path / "cka"
+    cka.main(["--runs", *runs, "--max_images", "64", "--batch_size", "32", "--device", "cpu", "--out_dir", str(out)])
+    printed = capsys.readouterr().out
+    res = json.load(open(out / "cka.json"))
+    assert res["g"] == [3, 4, 5] and res["mapping"] == "last" and res["n_images"] == 64  # the SLAD run's mapping
+    assert (res["teacher"], res["student"], res["init"], res["img_size"]) == ("toy-b", "toy-s", "random", 56)
+    base = res["pretrained"]["mapped_mean"]
+    assert f"(a) pretrained: {100 * base:.2f}%" in printed
+    for letter, name in zip("bcde", ("finetune", "lora", "probe", "slad")):
+        r = res["runs"][name]
+        assert r["change"] == pytest.approx(r["mapped_mean"] - base)
+        assert f"({letter}) {name} (" in printed and f"({100 * r['change']:+.2f})" in printed
+        assert torch.allclose(torch.tensor(r["delta"]), torch.tensor(r["cka"]) - torch.tensor(res["pretrained"]["cka"]))
+        assert torch.tensor(r["delta"]).shape == (6, 3) and r["change"] != 0
+    w, h = cka.panel_size(6, 3)
+    for f in ["cka_pretrained.png"] + [f"cka_delta_{n}.png" for n in ("finetune", "lora", "probe", "slad")]:
+        img = Image.open(out / f).convert("RGB")
+        assert img.size == (w, h), f
+        assert len(img.getcolors(maxcolors=1 << 20)) > 20, f  # a heatmap, a colour bar and text: not blank
+    assert Image.open(out / "cka.png").size == (5 * w + 4 * 12, h)
+    # against the pretrained student, the probe run's unchanged teacher changes nothing: (a) is the runs' start
+    cka.main(["--runs", runs[2], "--pretrained_student", "--max_images", "64", "--batch_size", "32", "--device", "cpu",
+              "--out_dir", str(out)])
+    probe = json.load(open(out / "cka.json"))["runs"]["probe"]
+    assert probe["change"] == pytest.approx(0, abs=1e-6) and torch.tensor(probe["delta"]).abs().max() < 1e-6
+
+
+def test_cka_bad_input_is_one_line(tmp_path):
+    good = fake_run(tmp_path / "good", 0.01, 0.01)
+    other = fake_run(tmp_path / "other", 0.01, 0.01)
+    config = json.load(open(os.path.join(other, "config.json")))
+    experiment.write_json(os.path.join(other, "config.json"), dict(config, student="toy-b"))
+    cases = [(["--runs", str(tmp_path / "nope")], "is not a finished run"),
+             (["--runs", good, "--teacher", "vitb14"], "has teacher 'toy-b', not 'vitb14'"),
+             (["--runs", good, other], "has student 'toy-b', not 'toy-s'"),
+             (["--runs", good, good], "the same folder name"),
+             (["--runs", good, "--batch_size", "2"], "batches of 4 or more"),
+             (["--runs", good, "--img_size", "50"], "not a multiple of the patch size 14")]
+    for argv, says in cases:
+        with pytest.raises(SystemExit) as e:
+            cka.main(argv + ["--out_dir", str(tmp_path / "cka")])
+        assert e.value.code != 0 and says in str(e.value.code) and "\n" not in str(e.value.code), argv
+    assert not os.path.exists(tmp_path / "cka")
