@@ -23,7 +23,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import Dataset, Subset
 
-from data import DATASETS, DataError, eval_transform, load_splits, make_loader
+from data import DATASETS, DataError, eval_transform, load_splits, make_loader, normalize
 from experiment import DATASET_DEFAULTS, Parser, initial_backbone, write_json
 from lora import MAPPINGS, layer_mapping
 from model import CONFIGS, CheckpointError, load_model
@@ -94,7 +94,7 @@ def layer_cka(pairs, loader, token="cls", device="cpu"):
 
     def features():
         for x, _ in loader:
-            x = x.to(device)
+            x = normalize(x.to(device))
             yield [f for m in models for f in block_features(m, x, token)]
 
     C = minibatch_cka(features())

@@ -1,7 +1,8 @@
 """
-What the two training scripts share that is not the method: the flags, the device and AMP set-up, the
-optimizer and its schedule, evaluation, the progress log, and the checkpoints that --resume continues
-exactly. The methods themselves -- the losses and the loops -- are in train_twostep.py and train_slad.py.
+What the two training scripts share that is not the method: the flags, the device and AMP set-up, torchrun's
+processes (DistributedDataParallel), the optimizer and its schedule, evaluation, the progress log, and the
+checkpoints that --resume continues exactly. The methods themselves -- the losses and the loops -- are in
+train_twostep.py and train_slad.py.
 """
 
 import argparse
@@ -14,10 +15,12 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import (DATASETS, IGNORE, SEGMENTATION, SegEvalTransform, SegTrainTransform, eval_transform, make_loader,
-                  train_transform)
+                  normalize, train_transform)
 from lora import merge_lora
 from model import CONFIGS, Classifier, Segmenter, ViT, save_model, slide_inference
 
@@ -31,7 +34,7 @@ DATASET_DEFAULTS = {"dtd": REAL, "aircraft": REAL, "cub": REAL, "synthetic": dic
 SEG_BASE_RATIO = 640 / 560  # segmentation resizes around a short side of 640 for a 560 crop (App. C.2)
 
 # flags that may change between a run and its --resume: where things are, not what is computed
-RESUMABLE_CHANGES = {"resume", "out_dir", "data_dir", "device", "num_workers", "compile", "log_every"}
+RESUMABLE_CHANGES = {"resume", "out_dir", "data_dir", "device", "num_workers", "compile", "log_every", "grad_checkpointing"}
 
 
 class Parser(argparse.ArgumentParser):
@@ -48,7 +51,8 @@ def parser(doc, method):
     p.add_argument("--student", default="vits14", choices=list(CONFIGS), help="the smaller ViT")
     p.add_argument("--init", default="dinov2", choices=["dinov2", "random"], help="official weights or random ones")
     p.add_argument("--epochs", type=int, default=None, help="30 by default (the paper's)")
-    p.add_argument("--batch_size", type=int, default=None, help="images per optimizer step (32; 16 for synthetic)")
+    p.add_argument("--batch_size", type=int, default=None,
+                   help="images per optimizer step, split over torchrun's processes (32; cityscapes 8; synthetic 16)")
     p.add_argument("--lr", type=float, default=None,
                    help="peak learning rate of the heads and LoRA adapters (1e-3; 3e-3 for synthetic)")
     p.add_argument("--weight_decay", type=float, default=0.05, help="AdamW decay on matrices (not biases, norms)")
@@ -61,6 +65,8 @@ def parser(doc, method):
                    help="autocast dtype; bfloat16 on GPUs that have it, else float16 with a GradScaler; float32 on the CPU")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile the teacher and the student")
+    p.add_argument("--grad_checkpointing", action="store_true",
+                   help="recompute each block in the backward pass: less memory (ViT-L/g at 518), ~1/3 more compute")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out_dir", default=None, help=f"default out/{method}-DATASET-TEACHER-STUDENT-sSEED")
     p.add_argument("--resume", default=None, metavar="CKPT", help="continue from a ckpt.pt this script wrote")
@@ -120,20 +126,34 @@ class Run:
         self.tracked = {}
         torch.manual_seed(a.seed)  # head init
 
+        # torchrun: one process a GPU (gloo on CPUs), each with its share of every global batch (as nanoGPT)
+        self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        self.is_main = self.rank == 0
+        if self.world > 1:
+            if a.batch_size % self.world:
+                parser.error(f"--batch_size {a.batch_size} does not split over {self.world} processes")
+            if self.device_type == "cuda":
+                self.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+                torch.cuda.set_device(self.device)
+            dist.init_process_group("nccl" if self.device_type == "cuda" else "gloo")
+
     # --- set-up -------------------------------------------------------------------------------------
 
     def start(self):
-        """Create the output folder and the log; called once data and weights are in hand."""
-        os.makedirs(self.args.out_dir, exist_ok=True)
-        self.log_file = open(os.path.join(self.args.out_dir, "log.txt"), "a")
-        if self.ckpt is None:
-            write_json(os.path.join(self.args.out_dir, "config.json"), self.config)
-        self.log(f"{self.method} | {' '.join(sys.argv[1:])}")
+        """Create the output folder and the log (the first process only); called once data and weights are in hand."""
+        if self.is_main:
+            os.makedirs(self.args.out_dir, exist_ok=True)
+            self.log_file = open(os.path.join(self.args.out_dir, "log.txt"), "a")
+            if self.ckpt is None:
+                write_json(os.path.join(self.args.out_dir, "config.json"), self.config)
+        self.log(f"{self.method} | {' '.join(sys.argv[1:])}" + (f" | {self.world} processes" if self.world > 1 else ""))
         if self.ckpt:
             self.log(f"resuming from {self.args.resume} ({self.ckpt['stage']} stage, epoch {self.ckpt['epoch']} done)")
 
     def backbone(self, name, role):
-        return initial_backbone(name, role, self.args.init, self.args.seed)
+        vit = initial_backbone(name, role, self.args.init, self.args.seed)
+        vit.grad_checkpointing = self.args.grad_checkpointing
+        return vit
 
     def model(self, vit, num_classes):
         """The task's head on a backbone: Classifier, or Segmenter for a segmentation dataset (App. C.1)."""
@@ -141,21 +161,30 @@ class Run:
 
     def loaders(self, splits):
         a = self.args
-        kw = dict(seed=a.seed, num_workers=a.num_workers, device=self.device)
+        kw = dict(seed=a.seed, num_workers=a.num_workers, device=self.device, rank=self.rank, world=self.world)
+        batch = a.batch_size // self.world
         if self.segmentation:
             base = round(a.img_size * SEG_BASE_RATIO)
             train_tf, eval_tf = SegTrainTransform(a.img_size, base), SegEvalTransform(base)
         else:
             train_tf, eval_tf = train_transform(a.img_size), eval_transform(a.img_size)
-        return (make_loader(splits["train"], train_tf, a.batch_size, train=True, **kw),
-                make_loader(splits["val"], eval_tf, a.batch_size, train=False, **kw),
-                make_loader(splits["test"], eval_tf, a.batch_size, train=False, **kw))
+        return (make_loader(splits["train"], train_tf, batch, train=True, **kw),
+                make_loader(splits["val"], eval_tf, batch, train=False, **kw),
+                make_loader(splits["test"], eval_tf, batch, train=False, **kw))
+
+    def wrap(self, model):
+        """The module a training step calls: DDP over torchrun's processes (it averages the gradients of each
+        parameter once, so teacher and student must come in one module when they share adapters), then compiled."""
+        if self.world > 1:
+            model = DDP(model, device_ids=[self.device] if self.device_type == "cuda" else None)
+        return self.compile(model)
 
     def compile(self, model):
         return torch.compile(model) if self.args.compile else model
 
     def to_device(self, x, y):
-        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        """A batch from a loader onto the device, the uint8 images normalised there."""
+        return normalize(x.to(self.device, non_blocking=True)), y.to(self.device, non_blocking=True)
 
     # --- optimization -------------------------------------------------------------------------------
 
@@ -189,8 +218,8 @@ class Run:
         n = next(iter(models.values())).num_classes if self.segmentation else 0
         hits = {k: torch.zeros((), device=self.device, dtype=torch.long) for k in models}
         confusion = {k: torch.zeros(n, n, device=self.device, dtype=torch.long) for k in models}
-        total = 0
-        for x, y in loader:
+        total = torch.zeros((), device=self.device, dtype=torch.long)
+        for x, y in loader:  # each process evaluates its share of the split
             x, y = self.to_device(x, y)
             valid = y != IGNORE
             total += valid.sum()
@@ -202,7 +231,10 @@ class Run:
                         confusion[k] += torch.bincount(y[valid] * n + pred[valid], minlength=n * n).view(n, n)
                     else:
                         pred = m(x).argmax(-1)
-                    hits[k] += (pred == y)[valid].sum()
+                    hits[k] += ((pred == y) & valid).sum()
+        if self.world > 1:
+            for t in [total, *hits.values(), *confusion.values()]:
+                dist.all_reduce(t)
         total = max(int(total), 1)
         return {k: {"acc": 100.0 * hits[k].item() / total, **({"miou": miou(confusion[k])} if self.segmentation else {})}
                 for k in models}
@@ -210,9 +242,10 @@ class Run:
     # --- logging and checkpoints ---------------------------------------------------------------------
 
     def log(self, msg):
-        print(msg, flush=True)
-        self.log_file.write(msg + "\n")
-        self.log_file.flush()
+        if self.is_main:
+            print(msg, flush=True)
+            self.log_file.write(msg + "\n")
+            self.log_file.flush()
 
     def progress(self, stage, epochs, steps_per_epoch):
         return Progress(self, stage, epochs, steps_per_epoch)
@@ -250,6 +283,8 @@ class Run:
 
     def checkpoint(self, stage, epoch, optimizer):
         """Write out_dir/ckpt.pt atomically: what --resume needs to continue after `epoch` epochs."""
+        if not self.is_main:
+            return
         models = {name: {k: v.detach() for k, v in (dict(m.named_parameters()) | dict(m.named_buffers())).items() if k in keys}
                   for name, (m, keys) in self.tracked.items()}
         np_state = np.random.get_state()
@@ -270,14 +305,15 @@ class Run:
         self.history["train_seconds"] += seconds
         row = {"stage": stage, "epoch": epoch + 1, **{k: round(v, 4) for k, v in metrics.items()},
                "epoch_seconds": round(seconds, 1)}
-        with open(os.path.join(self.args.out_dir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(row) + "\n")
+        if self.is_main:
+            with open(os.path.join(self.args.out_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(row) + "\n")
         self.log(f"{stage} epoch {epoch + 1} | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         self.checkpoint(stage, epoch + 1, optimizer)
 
     def finish(self, results, exports):
         """results.json, and each {filename: model} exported with its adapters merged (model.load_model reads it)."""
-        for fname, model in exports.items():
+        for fname, model in exports.items() if self.is_main else ():
             merged = type(model)(merge_lora(model.vit), model.num_classes)
             merged.head.load_state_dict(model.head.state_dict())
             save_model(os.path.join(self.args.out_dir, fname), merged)
@@ -285,8 +321,12 @@ class Run:
                    "student": self.args.student, "seed": self.args.seed,
                    **{k: round(v, 3) if isinstance(v, float) else v for k, v in results.items()},
                    "train_seconds": round(self.history["train_seconds"], 1)}
-        write_json(os.path.join(self.args.out_dir, "results.json"), results)
+        if self.is_main:
+            write_json(os.path.join(self.args.out_dir, "results.json"), results)
         self.log("results: " + json.dumps(results))
+        if self.world > 1:
+            dist.barrier()
+            dist.destroy_process_group()
         return results
 
 
@@ -309,14 +349,21 @@ class Progress:
             dt = time.perf_counter() - self.t0
             left = (self.epochs - epoch - 1) * self.steps + self.steps - step - 1
             self.run.log(f"{self.stage} epoch {epoch + 1}/{self.epochs} step {step + 1}/{self.steps} | "
-                         f"loss {float(self.loss_sum) / self.n:.4f} | lr {lr:.2e} | "
-                         f"{self.n * batch_size / dt:.1f} img/s | eta {hms(left * dt / self.n)}")
+                         f"loss {self.mean(self.loss_sum) / self.n:.4f} | lr {lr:.2e} | "
+                         f"{self.n * batch_size * self.run.world / dt:.1f} img/s | eta {hms(left * dt / self.n)}")
             self.loss_sum, self.n, self.t0 = 0.0, 0, time.perf_counter()
 
     def epoch_loss(self):
-        loss = float(self.epoch_sum) / max(self.epoch_n, 1)
+        loss = self.mean(self.epoch_sum) / max(self.epoch_n, 1)
         self.epoch_sum, self.epoch_n = 0.0, 0
         return loss
+
+    def mean(self, loss_sum):
+        """The loss summed on this process, averaged over torchrun's processes: the host sync of a log line."""
+        loss_sum = torch.as_tensor(loss_sum, dtype=torch.float32, device=self.run.device)
+        if self.run.world > 1:
+            dist.all_reduce(loss_sum)
+        return float(loss_sum) / self.run.world
 
 
 def miou(confusion):

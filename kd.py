@@ -27,9 +27,10 @@ def kl_term(student_logits, teacher_logits, T=2.0, labels=None):
     log_p_s = F.log_softmax(student_logits.float() / T, dim=1)
     log_p_t = F.log_softmax(teacher_logits.float() / T, dim=1)
     kl = F.kl_div(log_p_s, log_p_t, log_target=True, reduction="none").sum(1)  # (B,) or (B, H, W)
-    if labels is not None and kl.ndim > 1:
-        kl = kl[labels != IGNORE]
-    return T * T * kl.sum() / max(kl.numel(), 1)
+    if labels is None or kl.ndim == 1:
+        return T * T * kl.mean()
+    valid = labels != IGNORE  # a masked mean, not kl[valid]: boolean indexing would sync with the host
+    return T * T * (kl * valid).sum() / valid.sum().clamp(min=1)
 
 
 def distill_loss(student_logits, teacher_logits, labels, T=2.0, alpha_s=0.5, alpha_kl=0.5):

@@ -12,11 +12,24 @@ one loss, eq. 4, on the same augmented batch (App. C.2). Classification or segme
 import sys
 import time
 
+import torch.nn as nn
+
 from data import DataError, load_splits
 from experiment import Run, flat, parser
 from kd import slad_loss
 from lora import MAPPINGS, add_lora, share_lora, trainable_parameters
 from model import CheckpointError
+
+
+class TeacherStudent(nn.Module):
+    """Both models in one module: one forward for the step, and DDP sees each shared adapter once."""
+
+    def __init__(self, teacher, student):
+        super().__init__()
+        self.teacher, self.student = teacher, student
+
+    def forward(self, x):
+        return self.teacher(x), self.student(x)
 
 
 def parse_args(argv=None):
@@ -53,7 +66,7 @@ def main():
     _, start_epoch = run.resume_point()
     if run.ckpt:
         run.restore(optimizer)
-    teacher_fwd, student_fwd = run.compile(teacher), run.compile(student)
+    both = run.wrap(TeacherStudent(teacher, student))  # DDP (torchrun) and torch.compile, if asked
 
     steps = len(train_loader)
     progress = run.progress("slad", args.epochs, steps)
@@ -65,8 +78,7 @@ def main():
             lr = run.set_lr(optimizer, epoch * steps + step, args.epochs * steps)
             x, y = run.to_device(x, y)
             with run.autocast:
-                teacher_logits = teacher_fwd(x)  # the same augmented batch for both (App. C.2)
-                student_logits = student_fwd(x)
+                teacher_logits, student_logits = both(x)  # the same augmented batch for both (App. C.2)
                 loss = slad_loss(student_logits, teacher_logits, y, T=args.temperature,  # eq. 4, (1, 1, 1)
                                  kl_into_teacher=args.kl_into_teacher)
             run.scaler.scale(loss).backward()  # reaches the shared adapters from both models
@@ -75,11 +87,11 @@ def main():
             optimizer.zero_grad(set_to_none=True)
             progress.update(epoch, step, loss, lr, len(y))
         train_loss = progress.epoch_loss()
-        val = run.evaluate({"teacher": teacher_fwd, "student": student_fwd}, val_loader)
+        val = run.evaluate({"teacher": teacher, "student": student}, val_loader)
         run.end_epoch("slad", epoch, time.perf_counter() - t0, optimizer=optimizer,
                       metrics={"train_loss": train_loss, **flat(val, "val_")})
 
-    test = run.evaluate({"teacher": teacher_fwd, "student": student_fwd}, test_loader)
+    test = run.evaluate({"teacher": teacher, "student": student}, test_loader)
     run.finish({**flat(test), "num_classes": num_classes, "mapping": args.mapping, "epochs": args.epochs},
                exports={"student.pt": student, "teacher.pt": teacher})
 

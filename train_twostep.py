@@ -101,7 +101,6 @@ def main():
     for name, m in (("teacher", teacher), ("student", student)):
         run.log(f"{name} {getattr(args, name)} ({getattr(args, name + '_adapt')}): "
                 f"{sum(p.numel() for p in trainable_parameters(m)) / 1e6:.2f}M trainable parameters")
-    teacher_fwd, student_fwd = run.compile(teacher), run.compile(student)
     stage, done = run.resume_point()
 
     # stage 1 (eq. 1): the teacher alone, on the labels
@@ -109,26 +108,27 @@ def main():
         optimizer = make_optimizer(run, teacher)
         if stage == "teacher":
             run.restore(optimizer)
-        train_stage(run, "teacher", teacher, lambda x, y: task_loss(teacher_fwd(x), y), optimizer,
+        teacher_step = run.wrap(teacher)  # DDP (torchrun) and torch.compile, if asked
+        train_stage(run, "teacher", teacher, lambda x, y: task_loss(teacher_step(x), y), optimizer,
                     args.teacher_epochs, done if stage == "teacher" else 0, train_loader, val_loader)
-        run.history["teacher_test"] = flat(run.evaluate({"teacher": teacher_fwd}, test_loader))
+        run.history["teacher_test"] = flat(run.evaluate({"teacher": teacher}, test_loader))
         run.log(f"teacher test: {run.history['teacher_test']}")
 
     # stage 2 (eq. 2): the frozen teacher distilled into the student
     teacher.eval().requires_grad_(False)
+    optimizer = make_optimizer(run, student)
+    if stage == "student":
+        run.restore(optimizer)
+    teacher_fwd, student_step = run.compile(teacher), run.wrap(student)
 
     def distill(x, y):
         with torch.no_grad():
             teacher_logits = teacher_fwd(x)
-        return distill_loss(student_fwd(x), teacher_logits, y, T=args.temperature)  # (alpha_s, alpha_KL) = (0.5, 0.5)
-
-    optimizer = make_optimizer(run, student)
-    if stage == "student":
-        run.restore(optimizer)
+        return distill_loss(student_step(x), teacher_logits, y, T=args.temperature)  # (alpha_s, alpha_KL) = (0.5, 0.5)
     train_stage(run, "student", student, distill, optimizer, args.student_epochs,
                 done if stage == "student" else 0, train_loader, val_loader)
 
-    test = run.evaluate({"student": student_fwd}, test_loader)
+    test = run.evaluate({"student": student}, test_loader)
     run.finish({**run.history["teacher_test"], **flat(test), "num_classes": num_classes,
                 "teacher_adapt": args.teacher_adapt, "student_adapt": args.student_adapt,
                 "teacher_epochs": args.teacher_epochs, "student_epochs": args.student_epochs},
