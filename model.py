@@ -310,6 +310,15 @@ class Classifier(nn.Module):
         cls = torch.cat([t[:, 0] for t in self.vit.forward_blocks(x, range(-self.n_blocks, 0))], dim=-1)
         return self.head(cls)
 
+    def forward_with_blocks(self, x, blocks):
+        """(logits, the outputs of the chosen blocks), from one pass through the encoder: the head's blocks
+        and the chosen ones are computed once (TED's filters read blocks next to the head's)."""
+        depth = self.vit.config.depth
+        head_blocks, chosen = [b % depth for b in range(-self.n_blocks, 0)], [b % depth for b in blocks]
+        needed = sorted(set(head_blocks + chosen))
+        out = dict(zip(needed, self.vit.forward_blocks(x, needed)))
+        return self.head(torch.cat([out[b][:, 0] for b in head_blocks], dim=-1)), [out[b] for b in chosen]
+
 
 class Segmenter(nn.Module):
     """A ViT and the linear segmentation head of App. C.1 (after Marrie et al. and DINOv2's linear
@@ -322,11 +331,22 @@ class Segmenter(nn.Module):
         self.head = nn.Sequential(nn.BatchNorm2d(vit.embed_dim), nn.Conv2d(vit.embed_dim, num_classes, 1))
 
     def forward(self, x):  # (B, 3, H, W) -> logits (B, num_classes, H, W)
-        B, _, H, W = x.shape
-        p = self.vit.config.patch_size
-        patches = self.vit.forward_features(x)[:, 1 + self.vit.config.num_register_tokens:]
-        logits = self.head(patches.transpose(1, 2).reshape(B, -1, H // p, W // p))
+        return self.decode(self.vit.forward_features(x), x.shape[-2:])
+
+    def decode(self, tokens, size):
+        """Logits (B, num_classes, H, W) of an H x W image from its final tokens (B, 1 + R + N, D)."""
+        (H, W), p = size, self.vit.config.patch_size
+        patches = tokens[:, 1 + self.vit.config.num_register_tokens:]
+        logits = self.head(patches.transpose(1, 2).reshape(len(tokens), -1, H // p, W // p))
         return F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False)
+
+    def forward_with_blocks(self, x, blocks):
+        """(logits, the outputs of the chosen blocks), from one pass through the encoder."""
+        depth = self.vit.config.depth
+        chosen = [b % depth for b in blocks]
+        needed = sorted(set([depth - 1] + chosen))
+        out = dict(zip(needed, self.vit.forward_blocks(x, needed)))
+        return self.decode(out[depth - 1], x.shape[-2:]), [out[b] for b in chosen]
 
 
 def slide_inference(model, x, window, stride):
