@@ -61,6 +61,9 @@ def parser(doc, method):
                         "window too), 56 for synthetic, 112 for synthetic-seg")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank (paper: 16)")
     p.add_argument("--temperature", type=float, default=2.0, help="distillation temperature T (paper: 2)")
+    p.add_argument("--kd", default="kl", choices=["kl", "taid"],
+                   help="the distillation term: kl, the T^2 KL of eq. 2 / eq. 4 (paper); taid, TAID's KL towards an "
+                        "interpolated target whose t rises to 1 (kd.TAID), at the same T")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="autocast dtype; bfloat16 on GPUs that have it, else float16 with a GradScaler; float32 on the CPU")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

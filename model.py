@@ -306,9 +306,15 @@ class Classifier(nn.Module):
         n_hidden = n_in if vit.embed_dim <= 384 else round(math.sqrt(n_in * num_classes))
         self.head = nn.Sequential(nn.Linear(n_in, n_hidden), nn.GELU(), nn.Linear(n_hidden, num_classes))
 
-    def forward(self, x):  # (B, 3, H, W) -> logits (B, num_classes)
-        cls = torch.cat([t[:, 0] for t in self.vit.forward_blocks(x, range(-self.n_blocks, 0))], dim=-1)
-        return self.head(cls)
+    def forward(self, x, blocks=()):
+        """Logits (B, num_classes) of images (B, 3, H, W); with `blocks`, also those blocks' outputs (TED's
+        filters read them), from the same pass: every block is computed once."""
+        depth = self.vit.config.depth
+        head_blocks, chosen = [b % depth for b in range(-self.n_blocks, 0)], [b % depth for b in blocks]
+        needed = sorted(set(head_blocks + chosen))
+        out = dict(zip(needed, self.vit.forward_blocks(x, needed)))
+        logits = self.head(torch.cat([out[b][:, 0] for b in head_blocks], dim=-1))
+        return (logits, [out[b] for b in chosen]) if chosen else logits
 
 
 class Segmenter(nn.Module):
@@ -321,11 +327,21 @@ class Segmenter(nn.Module):
         self.vit, self.num_classes = vit, num_classes
         self.head = nn.Sequential(nn.BatchNorm2d(vit.embed_dim), nn.Conv2d(vit.embed_dim, num_classes, 1))
 
-    def forward(self, x):  # (B, 3, H, W) -> logits (B, num_classes, H, W)
-        B, _, H, W = x.shape
-        p = self.vit.config.patch_size
-        patches = self.vit.forward_features(x)[:, 1 + self.vit.config.num_register_tokens:]
-        logits = self.head(patches.transpose(1, 2).reshape(B, -1, H // p, W // p))
+    def forward(self, x, blocks=()):
+        """Logits (B, num_classes, H, W) of images (B, 3, H, W); with `blocks`, also those blocks' outputs,
+        from the same pass."""
+        depth = self.vit.config.depth
+        chosen = [b % depth for b in blocks]
+        needed = sorted(set([depth - 1] + chosen))
+        out = dict(zip(needed, self.vit.forward_blocks(x, needed)))
+        logits = self.decode(out[depth - 1], x.shape[-2:])
+        return (logits, [out[b] for b in chosen]) if chosen else logits
+
+    def decode(self, tokens, size):
+        """Logits (B, num_classes, H, W) of an H x W image from its final tokens (B, 1 + R + N, D)."""
+        (H, W), p = size, self.vit.config.patch_size
+        patches = tokens[:, 1 + self.vit.config.num_register_tokens:]
+        logits = self.head(patches.transpose(1, 2).reshape(len(tokens), -1, H // p, W // p))
         return F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False)
 
 

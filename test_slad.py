@@ -629,19 +629,23 @@ def same_weights(a, b):
     return all(torch.equal(sa["vit"][k], sb["vit"][k]) for k in sa["vit"]) and all(torch.equal(sa["head"][k], sb["head"][k]) for k in sa["head"])
 
 
-@pytest.mark.parametrize("script,extra", [("train_slad", ["--epochs", "2"]),
-                                          ("train_twostep", ["--teacher_epochs", "2", "--student_epochs", "1"])])
-def test_resume_continues_exactly(tmp_path, monkeypatch, small_synthetic, script, extra):
+@pytest.mark.parametrize("script,extra,stop", [
+    ("train_slad", ["--epochs", "2"], 1),
+    ("train_twostep", ["--teacher_epochs", "2", "--student_epochs", "1"], 1),
+    ("train_slad", ["--epochs", "2", "--kd", "taid"], 1),  # TAID's t, momentum and last objective resume too
+    ("train_twostep", ["--teacher_epochs", "1", "--student_epochs", "2", "--kd", "taid", "--feat", "ted"], 2),
+])
+def test_resume_continues_exactly(tmp_path, monkeypatch, small_synthetic, script, extra, stop):
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
     run_main(script, TOY + extra + ["--out_dir", straight], monkeypatch)
-    restore = interrupt_after(monkeypatch, 1)
+    restore = interrupt_after(monkeypatch, stop)
     with pytest.raises(Interrupt):
         run_main(script, TOY + extra + ["--out_dir", split], monkeypatch)
     restore()
     assert not os.path.exists(os.path.join(split, "results.json"))
     run_main(script, TOY + extra + ["--out_dir", split, "--resume", os.path.join(split, "ckpt.pt")], monkeypatch)
     a, b = results_of(straight), results_of(split)
-    assert (a["teacher_acc"], a["student_acc"]) == (b["teacher_acc"], b["student_acc"])
+    assert (a["teacher_acc"], a["student_acc"], a.get("taid_t")) == (b["teacher_acc"], b["student_acc"], b.get("taid_t"))
     assert same_weights(os.path.join(straight, "student.pt"), os.path.join(split, "student.pt"))
     assert same_weights(os.path.join(straight, "teacher.pt"), os.path.join(split, "teacher.pt"))
     rows = [json.loads(l) for l in open(os.path.join(split, "metrics.jsonl"))]
@@ -826,7 +830,7 @@ def test_cityscapes_loader_on_a_fake_layout(tmp_path):
         x, y = ds[(0, seed)]
         assert x.shape == (3, 28, 28) and y.shape == (28, 28) and y.dtype == torch.long
         if (y == 13).any() and (y == 0).any():
-            assert x[0][y == 13].mean() > x[0][y == 0].mean() + 1.0
+            assert x[0][y == 13].float().mean() > x[0][y == 0].float().mean() + 50  # uint8 red channel
     x, y = Transformed(splits["test"], SegEvalTransform(base=32))[(0, 0)]
     assert x.shape == (3, 32, 64) and y.shape == (28, 56)  # image resized, mask at full resolution
 
@@ -957,7 +961,7 @@ def test_layer_cka_is_teacher_by_student_blocks_and_reads_off_mapped_pairs():
 
 def test_block_features_cls_or_mean_patch_token_without_registers():
     vit = randomize_(ViT.from_name("toy-s", num_register_tokens=4)).eval()
-    x = next(iter(tiny_loader()))[0]
+    x = data.normalize(next(iter(tiny_loader()))[0])
     outs = vit.forward_blocks(x, range(3))
     cls, patch = cka.block_features(vit, x, "cls"), cka.block_features(vit, x, "patch")
     assert len(cls) == len(patch) == 3 and cls[1].shape == patch[1].shape == (16, 64)
@@ -1096,3 +1100,212 @@ def test_bench_prints_figures_on_cpu(capsys):
     assert "%" in capsys.readouterr().out.split("MFU")[-1]  # a known peak gives a percentage
     bench.main(["data", "--dataset", "synthetic", "--img_size", "56", "--batch_size", "8", "--iters", "2", "--warmup", "1"])
     assert "img/s" in capsys.readouterr().out
+
+
+# -----------------------------------------------------------------------------
+# kd.py: TAID and TED; report.py
+
+import report
+import train_twostep
+
+
+def test_taid_target_runs_from_the_student_to_the_teacher():
+    torch.manual_seed(0)
+    s, t = torch.randn(6, 5, requires_grad=True), torch.randn(6, 5)
+    assert torch.allclose(F.softmax(kd.taid_target(s, t, 0.0), 1), F.softmax(s, 1))  # t = 0: the student's own
+    assert torch.allclose(F.softmax(kd.taid_target(s, t, 1.0), 1), F.softmax(t, 1))  # t = 1: the teacher's
+    mid = kd.taid_target(s, t, 0.3)
+    assert torch.allclose(mid, 0.7 * s + 0.3 * t) and not mid.requires_grad  # no gradient through the student's part
+    taid = kd.TAID(total_steps=10)
+
+    def term(t_now, *args):  # the term at a given t (each call moves t on, as a training step does)
+        taid.t = torch.tensor(t_now)
+        return taid(*args)
+    assert torch.allclose(term(1.0, s, t, 2.0), kd.kl_term(s, t, 2.0))  # at t = 1: eq. 2's KL term exactly
+    loss = term(0.0, s, t, 2.0)
+    assert loss.abs() < 1e-6 and torch.autograd.grad(loss, s)[0].abs().max() < 1e-6  # at t = 0: nothing to learn
+    want = torch.autograd.grad(kd.kl_term(s, mid, 2.0), s)[0]  # the KL towards p_t, p_t a fixed target
+    assert torch.allclose(torch.autograd.grad(term(0.3, s, t, 2.0), s)[0], want, atol=1e-6)
+    # per pixel, pixels labelled IGNORE count for nothing, as in kl_term
+    s, t, y = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4), torch.randint(0, 3, (2, 4, 4))
+    y[:, :2] = kd.IGNORE
+    t_changed = t.clone()
+    t_changed[:, :, :2] += 5
+    assert torch.allclose(term(0.3, s, t, 2.0, y), term(0.3, s, t_changed, 2.0, y))
+    assert torch.allclose(term(0.3, s, t, 2.0, y), kd.kl_term(s, kd.taid_target(s, t, 0.3), 2.0, y))
+
+
+def test_taid_t_never_decreases_and_stays_in_bounds():
+    losses = [3.0, 2.5, 2.6, 4.0, 1.0, float("nan"), 1.2, 0.5, 5.0, float("inf"), 0.4] * 10
+    taid = kd.TAID(total_steps=len(losses))
+    ts = [float(taid.t)]
+    for J in losses:
+        taid.update(torch.tensor(J))
+        ts.append(float(taid.t))
+    assert ts[1] == ts[0] == pytest.approx(0.4)  # the first step only records the objective
+    assert all(b >= a for a, b in zip(ts, ts[1:])) and min(ts) == ts[0] and max(ts) <= 1.0
+    assert ts[-1] >= 0.4 + 0.6 * (len(losses) - 1) / len(losses) - 1e-6  # it has reached t_end by the end of the run
+    # the adaptive part: a falling objective moves t up faster than a rising one (linear floor out of the way)
+    falling, rising = kd.TAID(total_steps=10**9, alpha=0.05), kd.TAID(total_steps=10**9, alpha=0.05)
+    for k in range(50):
+        falling.update(torch.tensor(2.0 * 0.9**k))
+        rising.update(torch.tensor(2.0 * 1.1**k))
+    assert 0.4 < float(rising.t) < float(falling.t) < 1.0
+
+
+def test_taid_state_round_trips_a_checkpoint(tmp_path):
+    a = kd.TAID(total_steps=50)
+    for J in (3.0, 2.5, 2.7, 2.0):
+        a.update(torch.tensor(J))
+    torch.save(a.state_dict(), tmp_path / "taid.pt")
+    b = kd.TAID(total_steps=50)
+    b.load_state_dict(torch.load(tmp_path / "taid.pt", weights_only=True))
+    for J in (1.9, 2.2, 1.5):
+        a.update(torch.tensor(J))
+        b.update(torch.tensor(J))
+    assert set(a.state_dict()) == {"t", "momentum", "prev_loss", "step"}
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_forward_with_blocks_computes_each_block_once():  # TED reads blocks next to the head's
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 28, 42)
+    for head in (Classifier, Segmenter):
+        m = head(ViT.from_name("toy-b", num_register_tokens=4), 4).eval()
+        calls = []
+        for blk in m.vit.blocks:
+            blk.register_forward_hook(lambda *_: calls.append(1))
+        with torch.no_grad():
+            logits, blocks = m(x, [0, 2, 4])
+            assert len(calls) == 6  # one pass: the chosen blocks and the head's, none twice
+            assert torch.allclose(logits, m(x), atol=1e-6)
+            for got, want in zip(blocks, m.vit.forward_blocks(x, [0, 2, 4])):
+                assert torch.equal(got, want)
+
+
+def test_ted_filters_have_the_shapes_the_mapping_implies():
+    torch.manual_seed(0)
+    teacher, student = Classifier(ViT.from_name("toy-b"), 10), Classifier(ViT.from_name("toy-s"), 10)
+    assert train_twostep.add_ted_filters(teacher, student, "even", 10) == [0, 2, 4]
+    assert [tuple(f.weight.shape) for f in teacher.ted_filters.filters] == [(128, 128)] * 3  # d_f = the teacher's width
+    assert [tuple(f.weight.shape) for f in student.ted_filters.filters] == [(128, 64)] * 3
+    assert [tuple(h.weight.shape) for h in teacher.ted_filters.heads] == [(10, 128)] * 3
+    assert student.ted_filters.heads is None  # Stage II: the student's filters learn from the MSE alone
+    with torch.device("meta"):  # the real sizes, shapes only: ViT-L -> ViT-B, last mapping
+        teacher, student = Classifier(ViT.from_name("vitl14"), 100), Classifier(ViT.from_name("vitb14"), 100)
+        g = train_twostep.add_ted_filters(teacher, student, "last", 100)
+        x = torch.empty(2, 3, 28, 28)
+        _, teacher_blocks = teacher(x, g)
+        _, student_blocks = student(x, range(12))
+        filtered_t, filtered_s = teacher.ted_filters(teacher_blocks), student.ted_filters(student_blocks)
+    assert g == list(range(12, 24)) and len(filtered_t) == len(filtered_s) == 12
+    assert all(a.shape == b.shape == (2, 5, 1024) for a, b in zip(filtered_t, filtered_s))
+
+
+def test_ted_loss_zero_for_identical_features_and_stage_one_heads():
+    torch.manual_seed(0)
+    feats = [torch.randn(2, 5, 8) for _ in range(3)]
+    assert kd.ted_loss(feats, [f.clone() for f in feats]) == 0
+    s = [(f + 0.1 * torch.randn_like(f)).requires_grad_() for f in feats]
+    t = [f.clone().requires_grad_() for f in feats]
+    loss = kd.ted_loss(s, t)
+    assert loss > 0 and torch.allclose(loss, sum(((a - b) ** 2).mean() for a, b in zip(s, t)) / 3)
+    loss.backward()
+    assert all(b.grad is None for b in t) and all(a.grad.abs().sum() > 0 for a in s)  # the teacher is a target
+    # Stage I: each filter's head reads the filtered CLS token, or, for segmentation, each filtered patch token
+    filters = kd.TaskFilters(2, 8, 6, num_classes=3)
+    blocks = [torch.randn(2, 1 + 4 + 2 * 3, 8) for _ in range(2)]  # CLS, 4 registers, a 2 x 3 patch grid
+    z, y = filters(blocks), torch.tensor([0, 2])
+    want = sum(F.cross_entropy(h(zk[:, 0]), y) for h, zk in zip(filters.heads, z)) / 2
+    assert torch.allclose(filters.task_loss(z, y), want)
+    y_seg = torch.randint(0, 3, (2, 28, 42))
+    other = [b.clone() for b in blocks]
+    for b in other:
+        b[:, :5] += 1.0  # CLS and registers: no part of a per-pixel prediction
+    assert torch.allclose(filters.task_loss(filters(blocks), y_seg), filters.task_loss(filters(other), y_seg))
+
+
+def test_twostep_taid_ted_demo_learns(tmp_path, monkeypatch):
+    out = str(tmp_path / "taid-ted")
+    run_main("train_twostep", TOY + ["--epochs", "1", "--kd", "taid", "--feat", "ted", "--out_dir", out], monkeypatch)
+    res = results_of(out)
+    assert res["student_acc"] >= 2 * 100 / res["num_classes"]
+    assert (res["kd"], res["feat"], res["mapping"]) == ("taid", "ted", "even") and 0.99 < res["taid_t"] <= 1
+    rows = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
+    assert [r["stage"] for r in rows] == ["teacher", "student"] and "taid_t" in rows[1] and "taid_t" not in rows[0]
+    assert "g(i) = [0, 2, 4]" in open(os.path.join(out, "log.txt")).read()
+    models = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["models"]
+    assert models["teacher"]["ted_filters.heads.2.weight"].shape == (10, 128)  # stage 1's filters are checkpointed
+    assert models["student"]["ted_filters.filters.2.weight"].shape == (128, 64)
+    assert set(models["taid"]) == {"t", "momentum", "prev_loss", "step"}
+
+
+def test_slad_taid_runs_and_logs_t(tmp_path, monkeypatch, small_synthetic):
+    out = str(tmp_path / "slad-taid")
+    run_main("train_slad", TOY + ["--epochs", "2", "--kd", "taid", "--out_dir", out], monkeypatch)
+    ts = [json.loads(l)["taid_t"] for l in open(os.path.join(out, "metrics.jsonl"))]
+    res = results_of(out)
+    assert len(ts) == 2 and 0.4 < ts[0] <= ts[1] <= 1 and res["taid_t"] == round(ts[1], 3) and res["kd"] == "taid"
+
+
+def fake_results(path, **r):
+    os.makedirs(path)
+    experiment.write_json(os.path.join(path, "results.json"), r)
+
+
+def table_rows(text):
+    """{(student, teacher, method, source): {column: cell}} of report.py's Markdown table."""
+    lines = [l for l in text.splitlines() if l.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = {}
+    for l in lines[2:]:
+        cells = [c.strip() for c in l.strip("|").split("|")]
+        rows[tuple(cells[:4])] = dict(zip(header[4:], cells[4:]))
+    return rows, [tuple(c.strip() for c in l.strip("|").split("|")[:4]) for l in lines[2:]]
+
+
+def test_report_is_table_1_with_the_papers_numbers(tmp_path, capsys):
+    run = dict(method="twostep", teacher="vitb14", student="vits14", teacher_adapt="lora", student_adapt="lora",
+               kd="kl", feat="none", num_classes=47)
+    for seed, (cub, air, dtd) in enumerate([(90.0, 91.0, 84.0), (91.0, 92.0, 85.0), (92.0, 93.0, 86.0)]):
+        for dataset, acc in (("cub", cub), ("aircraft", air), ("dtd", dtd)):
+            fake_results(tmp_path / f"lora-{dataset}-s{seed}", dataset=dataset, seed=seed, student_acc=acc, **run)
+    fake_results(tmp_path / "deeper" / "still" / "taid-dtd-s0", **dict(run, kd="taid"), dataset="dtd", seed=0, student_acc=80.0)
+    fake_results(tmp_path / "taid-dtd-s1", **dict(run, kd="taid"), dataset="dtd", seed=1, student_acc=82.0)
+    fake_results(tmp_path / "ted-dtd-s0", **dict(run, feat="ted", mapping="even"), dataset="dtd", seed=0, student_acc=83.0)
+    fake_results(tmp_path / "probe-city-s0", **dict(run, teacher_adapt="probe"), dataset="cityscapes", seed=0,
+                 student_acc=95.0, student_miou=70.0)
+    fake_results(tmp_path / "slad-dtd-s0", method="slad", teacher="vitb14", student="vits14", mapping="even",
+                 kd="kl", feat="none", dataset="dtd", seed=0, student_acc=85.5)
+    fake_results(tmp_path / "toy", method="slad", teacher="toy-b", student="toy-s", mapping="last", kd="taid",
+                 dataset="synthetic", seed=0, student_acc=55.0)
+    out = tmp_path / "table.md"
+    text = report.main([str(tmp_path), "--out", str(out)])
+    assert capsys.readouterr().out == text == out.read_text()
+    rows, order = table_rows(text)
+    lora = rows[("ViT-S", "ViT-B", "LoRA", "ours")]
+    assert lora["CUB"] == "91.00 ± 1.00 (n=3)" and lora["DTD"] == "85.00 ± 1.00 (n=3)"  # mean ± sample std
+    assert lora["Avg."] == f"{(91 + 92 + 85) / 3:.2f}" and lora["Cityscapes"] == "–"
+    assert rows[("ViT-S", "ViT-B", "LoRA +TAID", "ours")]["DTD"] == "81.00 ± 1.41 (n=2)"  # found at any depth
+    assert rows[("ViT-S", "ViT-B", "LoRA +TED", "ours")]["DTD"] == "83.00 (n=1)"
+    assert rows[("ViT-S", "ViT-B", "Probing", "ours")]["Cityscapes"] == "70.00 (n=1)"  # mIoU for segmentation
+    assert rows[("ViT-S", "ViT-B", "SLAD", "ours")]["DTD"] == "85.50 (n=1)"
+    assert rows[("toy-s", "toy-b", "SLAD (last mapping) +TAID", "ours")]["synthetic"] == "55.00 (n=1)"
+    # the paper's rows, labelled, for the model pairs of the runs only
+    paper = rows[("ViT-S", "ViT-B", "LoRA", "paper (Table 1)")]
+    assert [paper[c] for c in ("CUB", "Aircraft", "DTD", "Avg.", "Cityscapes")] == ["90.01", "91.82", "84.71", "88.85", "72.75"]
+    assert rows[("ViT-S", "ViT-B", "SLAD", "paper (Table 1)")]["Cityscapes"] == "73.91"
+    assert rows[("ViT-S", "ViT-B", "Probing*", "paper (Table 1)")]["DTD"] == "81.93"
+    assert not any(k[1] == "ViT-L" for k in rows) and "not measured here" in text
+    assert order.index(("ViT-S", "ViT-B", "LoRA", "ours")) + 1 == order.index(("ViT-S", "ViT-B", "LoRA", "paper (Table 1)"))
+    assert order.index(("ViT-S", "ViT-B", "LoRA +TAID", "ours")) < order.index(("ViT-S", "ViT-B", "SLAD", "ours"))
+
+
+def test_report_bad_input_is_one_line(tmp_path):
+    (tmp_path / "empty").mkdir()
+    fake_results(tmp_path / "broken" / "run", method="slad")
+    for folder, says in ((tmp_path / "nope", "is not a folder"), (tmp_path / "empty", "no results.json below"),
+                         (tmp_path / "broken", "is not a results.json")):
+        with pytest.raises(SystemExit) as e:
+            report.main([str(folder)])
+        assert e.value.code != 0 and says in str(e.value.code) and "\n" not in str(e.value.code)

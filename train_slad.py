@@ -3,6 +3,7 @@ SLAD (§3.3): the teacher and the student adapted to the task jointly, in one st
 adapters on its qkv matrices; the student's adapters are the teacher's own Parameters, sliced to the
 student's width (Fig. 4), on the teacher blocks that --mapping pairs with the student's; both are trained by
 one loss, eq. 4, on the same augmented batch (App. C.2). Classification or segmentation, by --dataset.
+With --kd taid, TAID's KL towards an interpolated target, whose t rises to 1, replaces eq. 4's KL (kd.TAID).
 
     python train_slad.py --dataset dtd          # DINOv2 ViT-B/14 -> ViT-S/14, 30 epochs
     python train_slad.py --dataset synthetic --teacher toy-b --student toy-s --init random --epochs 1 \\
@@ -16,7 +17,7 @@ import torch.nn as nn
 
 from data import DataError, load_splits
 from experiment import Run, flat, parser
-from kd import slad_loss
+from kd import TAID, slad_loss
 from lora import MAPPINGS, add_lora, share_lora, trainable_parameters
 from model import CheckpointError
 
@@ -58,7 +59,8 @@ def main():
     teacher.to(run.device), student.to(run.device)
     params = trainable_parameters(teacher, student)  # the shared adapters once
     optimizer = run.optimizer([(params, args.lr)])
-    run.track(teacher=teacher, student=student)
+    taid = TAID(args.epochs * len(train_loader)).to(run.device) if args.kd == "taid" else None
+    run.track(teacher=teacher, student=student, **({"taid": taid} if taid is not None else {}))
     run.start()
     run.log(f"teacher {args.teacher}, student {args.student}, {num_classes} classes, "
             f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters; student block i uses the "
@@ -80,7 +82,7 @@ def main():
             with run.autocast:
                 teacher_logits, student_logits = both(x)  # the same augmented batch for both (App. C.2)
                 loss = slad_loss(student_logits, teacher_logits, y, T=args.temperature,  # eq. 4, (1, 1, 1)
-                                 kl_into_teacher=args.kl_into_teacher)
+                                 kl_into_teacher=args.kl_into_teacher, taid=taid)
             run.scaler.scale(loss).backward()  # reaches the shared adapters from both models
             run.scaler.step(optimizer)
             run.scaler.update()
@@ -89,10 +91,12 @@ def main():
         train_loss = progress.epoch_loss()
         val = run.evaluate({"teacher": teacher, "student": student}, val_loader)
         run.end_epoch("slad", epoch, time.perf_counter() - t0, optimizer=optimizer,
-                      metrics={"train_loss": train_loss, **flat(val, "val_")})
+                      metrics={"train_loss": train_loss, **flat(val, "val_"),
+                               **({"taid_t": float(taid.t)} if taid is not None else {})})
 
     test = run.evaluate({"teacher": teacher, "student": student}, test_loader)
-    run.finish({**flat(test), "num_classes": num_classes, "mapping": args.mapping, "epochs": args.epochs},
+    run.finish({**flat(test), "num_classes": num_classes, "mapping": args.mapping, "epochs": args.epochs,
+                "kd": args.kd, "feat": "none", **({"taid_t": float(taid.t)} if taid is not None else {})},
                exports={"student.pt": student, "teacher.pt": teacher})
 
 

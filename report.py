@@ -1,0 +1,160 @@
+"""
+The results table: every run below a folder, laid out as the paper's Table 1 -- one row per (student,
+teacher, method), one column per dataset, the student's test accuracy (mIoU for segmentation) as mean ± std
+over seeds -- with the paper's published numbers next to the rows they belong to, labelled as the paper's.
+
+    for s in 0 1 2; do
+        python train_twostep.py --dataset dtd --teacher_adapt lora --seed $s --out_dir out/lora-dtd-s$s
+        python train_twostep.py --dataset dtd --teacher_adapt lora --kd taid --seed $s --out_dir out/lora-taid-dtd-s$s
+        python train_slad.py --dataset dtd --seed $s --out_dir out/slad-dtd-s$s
+    done
+    python report.py out/                  # prints the Markdown table
+    python report.py out/ --out table.md   # and writes it to a file
+
+A run is a results.json (train_slad.py and train_twostep.py write one), found at any depth. Its method is
+read from it: "Probing", "Fine-tuning" or "LoRA" for train_twostep.py's --teacher_adapt, "SLAD" for
+train_slad.py, then what sets it apart: "+TED" (--feat ted), "+TAID" (--kd taid), a fine-tuned student, a
+mapping other than even.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+
+from experiment import Parser
+
+MODEL_NAMES = {"vits14": "ViT-S", "vitb14": "ViT-B", "vitl14": "ViT-L"}  # the paper's names; others as they are
+MODEL_ORDER = ["ViT-S", "ViT-B", "ViT-L", "vitg14"]
+TEACHER_ADAPT = {"probe": "Probing", "finetune": "Fine-tuning", "lora": "LoRA"}
+METHOD_ORDER = ["Probing", "Fine-tuning", "LoRA", "SLAD"]
+CLASSIFICATION = ["cub", "aircraft", "dtd"]  # averaged in "Avg.", as Table 1
+COLUMN_NAMES = {"cub": "CUB", "aircraft": "Aircraft", "dtd": "DTD", "avg": "Avg.", "cityscapes": "Cityscapes"}
+PAPER_COLUMNS = ["cub", "aircraft", "dtd", "avg", "cityscapes"]
+
+# The paper's numbers (DINOv2; student test accuracy %, Cityscapes mIoU %), Table 1 and Table 4's fine-tuned
+# teacher: (student, teacher, the method it belongs to here, the paper's label, source, values by PAPER_COLUMNS).
+PAPER = [
+    ("ViT-S", "ViT-B", "Probing", "Probing*", "Table 1", (89.80, 89.44, 81.93, 87.06, 69.32)),
+    ("ViT-S", "ViT-B", "LoRA", "LoRA", "Table 1", (90.01, 91.82, 84.71, 88.85, 72.75)),
+    ("ViT-S", "ViT-B", "SLAD", "SLAD", "Table 1", (90.54, 92.50, 84.56, 89.20, 73.91)),
+    ("ViT-S", "ViT-L", "Probing", "Probing (Marrie et al.)", "Table 1", (89.70, 89.20, 83.40, 87.43, 74.00)),
+    ("ViT-S", "ViT-L", "Probing", "Probing*", "Table 1", (89.61, 90.10, 81.61, 87.11, 72.42)),
+    ("ViT-S", "ViT-L", "Fine-tuning", "Fine-tuning (Marrie et al.)", "Table 4", (88.60, 88.90, 81.50, 86.33, None)),
+    ("ViT-S", "ViT-L", "LoRA", "LoRA", "Table 1", (90.04, 91.46, 84.18, 88.56, 73.43)),
+    ("ViT-S", "ViT-L", "SLAD", "SLAD", "Table 1", (90.44, 92.44, 84.24, 89.04, 73.97)),
+    ("ViT-B", "ViT-L", "Probing", "Probing*", "Table 1", (90.61, 91.02, 83.49, 88.37, 73.87)),
+    ("ViT-B", "ViT-L", "LoRA", "LoRA", "Table 1", (91.41, 93.25, 86.58, 90.41, 77.06)),
+    ("ViT-B", "ViT-L", "SLAD", "SLAD", "Table 1", (91.81, 94.18, 86.40, 90.80, 77.35)),
+]
+
+
+def find_runs(folder):
+    """Every results.json below folder, read; stops with one line if there is none or one is unreadable."""
+    if not os.path.isdir(folder) or not os.access(folder, os.R_OK | os.X_OK):
+        sys.exit(f"report.py: error: {folder} is not a folder this user can read")
+
+    def unreadable(e):
+        sys.exit(f"report.py: error: cannot read {e.filename}: {e.strerror}")
+    paths = sorted(os.path.join(d, "results.json") for d, _, files in os.walk(folder, onerror=unreadable)
+                   if "results.json" in files)
+    if not paths:
+        sys.exit(f"report.py: error: no results.json below {folder}: point it at the runs' --out_dir, or a folder above them")
+    runs = []
+    for path in paths:
+        try:
+            with open(path) as f:
+                r = json.load(f)
+            assert {"method", "dataset", "teacher", "student"} <= set(r) and ("student_acc" in r or "student_miou" in r)
+        except Exception as e:
+            sys.exit(f"report.py: error: {path} is not a results.json of train_slad.py or train_twostep.py ({type(e).__name__})")
+        runs.append(r)
+    return runs
+
+
+def method_of(r):
+    """(base method, label): Table 1's name of the run's method, and the label that adds what sets it apart."""
+    base = "SLAD" if r["method"] == "slad" else TEACHER_ADAPT.get(r.get("teacher_adapt"), r["method"])
+    label = base
+    if r.get("student_adapt", "lora") == "finetune":
+        label += " (student fine-tuned)"
+    if r.get("mapping", "even") != "even":
+        label += f" ({r['mapping']} mapping)"
+    if r.get("feat", "none") != "none":
+        label += " +" + r["feat"].upper()
+    if r.get("kd", "kl") != "kl":
+        label += " +" + r["kd"].upper()
+    return base, label
+
+
+def score(r):
+    """The student's test mIoU for segmentation, else its test accuracy (%)."""
+    return r["student_miou"] if "student_miou" in r else r["student_acc"]
+
+
+def cell(values):
+    if len(values) == 1:
+        return f"{values[0]:.2f} (n=1)"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f} (n={len(values)})"
+
+
+def table(runs):
+    """The Markdown table of the runs (and of the paper's rows for the model pairs they cover)."""
+    groups = {}  # (student, teacher, base, label) -> {dataset: [score of each seed]}
+    for r in runs:
+        key = (MODEL_NAMES.get(r["student"], r["student"]), MODEL_NAMES.get(r["teacher"], r["teacher"]), *method_of(r))
+        groups.setdefault(key, {}).setdefault(r["dataset"], []).append(score(r))
+    pairs = {k[:2] for k in groups}
+    paper = [p for p in PAPER if p[:2] in pairs]
+
+    datasets = {d for ds in groups.values() for d in ds}
+    avg = any(set(CLASSIFICATION) <= set(ds) for ds in groups.values())
+    columns = PAPER_COLUMNS if paper else [c for c in PAPER_COLUMNS if c in datasets or (c == "avg" and avg)]
+    columns = columns + sorted(datasets - set(columns))
+
+    rows = []  # (sort key, cells)
+    rank = lambda name, order: (order.index(name) if name in order else len(order), name)
+    for (student, teacher, base, label), ds in groups.items():
+        means = {d: statistics.mean(v) for d, v in ds.items()}
+        cells = {d: cell(v) for d, v in ds.items()}
+        if set(CLASSIFICATION) <= set(means):
+            cells["avg"] = f"{statistics.mean(means[d] for d in CLASSIFICATION):.2f}"
+        variant = 0 if label == base else 2
+        rows.append(((rank(teacher, MODEL_ORDER), rank(student, MODEL_ORDER), rank(base, METHOD_ORDER), variant, label),
+                     [student, teacher, label, "ours"] + [cells.get(c, "–") for c in columns]))
+    for student, teacher, base, name, source, values in paper:
+        cells = {c: f"{v:.2f}" for c, v in zip(PAPER_COLUMNS, values) if v is not None}
+        rows.append(((rank(teacher, MODEL_ORDER), rank(student, MODEL_ORDER), rank(base, METHOD_ORDER), 1, name),
+                     [student, teacher, name, f"paper ({source})"] + [cells.get(c, "–") for c in columns]))
+
+    header = ["student", "teacher", "method", "source"] + [COLUMN_NAMES.get(c, c) for c in columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(cells) + " |" for _, cells in sorted(rows)]
+    note = "Student test accuracy (%; mIoU for segmentation), mean ± sample std over seeds (n runs)."
+    if "avg" in columns:
+        note += " Avg.: the mean of CUB, Aircraft and DTD."
+    if paper:
+        note += (" Rows marked paper are the numbers published in the SLAD paper (DINOv2, its Table 1 and Table 4), "
+                 "not measured here; Probing* is its re-implementation of Marrie et al.")
+    return note + "\n\n" + "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("folder", help="a folder of runs: every results.json below it is read")
+    p.add_argument("--out", default=None, metavar="FILE", help="also write the Markdown to FILE")
+    args = p.parse_args(argv)
+    text = table(find_runs(args.folder))
+    print(text, end="")
+    if args.out:
+        try:
+            with open(args.out, "w") as f:
+                f.write(text)
+        except OSError as e:
+            sys.exit(f"report.py: error: cannot write {args.out}: {e.strerror}")
+    return text
+
+
+if __name__ == "__main__":
+    main()
