@@ -29,7 +29,8 @@ import time
 
 import torch
 
-from data import load_splits, make_loader, normalize, train_transform
+from data import CLASSIFICATION, SEGMENTATION, SegTrainTransform, load_splits, make_loader, normalize, train_transform
+from experiment import SEG_BASE_RATIO
 from kd import distill_loss, slad_loss, task_loss
 from lora import add_lora, share_lora, trainable_parameters
 from model import CONFIGS, Classifier, ViT
@@ -197,7 +198,9 @@ def cmd_schedule(args):
 
 def cmd_data(args):
     splits, _ = load_splits(args.dataset, args.data_dir)
-    loader = make_loader(splits["train"], train_transform(args.img_size), args.batch_size, train=True,
+    transform = (SegTrainTransform(args.img_size, round(args.img_size * SEG_BASE_RATIO)) if args.dataset in SEGMENTATION
+                 else train_transform(args.img_size))  # what the training scripts use
+    loader = make_loader(splits["train"], transform, args.batch_size, train=True,
                          num_workers=args.num_workers, device=args.device)
     n, t0 = 0, None
     for i, (x, y) in enumerate(loader):
@@ -207,7 +210,7 @@ def cmd_data(args):
         if i >= args.warmup + args.iters:
             break
     dt = time.perf_counter() - t0
-    print(f"input pipeline: {args.dataset} train, {args.img_size}px (decode, resize, crop, ColorJitter, flip, to uint8), "
+    print(f"input pipeline: {args.dataset} train, {args.img_size}px (decode, resize, crop, jitter, flip, to uint8), "
           f"{args.num_workers} workers, batch {args.batch_size}: {n / dt:.1f} img/s ({1000 * dt / n * max(args.num_workers, 1):.1f} ms an image a worker)")
 
 
@@ -286,6 +289,7 @@ def main(argv=None):
             s.add_argument("--peak_tflops", type=float, default=None, help="the device's peak, if not in PEAKS")
         if name in ("step", "data"):
             s.add_argument("--dataset", default=None if name == "step" else "synthetic",
+                           choices=CLASSIFICATION if name == "step" else CLASSIFICATION + SEGMENTATION,
                            help="real batches from this dataset (default for step: random tensors)")
             s.add_argument("--data_dir", default="./data")
             s.add_argument("--num_workers", type=int, default=8 if cuda else 0)

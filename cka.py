@@ -214,7 +214,7 @@ def parse_args(argv=None):
     p.add_argument("--init", choices=["dinov2", "random"], help="the pretrained encoders (default: the runs', else dinov2)")
     p.add_argument("--seed", type=int, help="rebuilds --init random's encoders (default: the runs', else 0)")
     p.add_argument("--img_size", type=int, help="default: the first run's, else the dataset's")
-    p.add_argument("--mapping", choices=MAPPINGS, help="the pairs (i, g(i)) to average (default: a SLAD run's, else even)")
+    p.add_argument("--mapping", choices=MAPPINGS, help="the pairs (i, g(i)) to average (default: a SLAD or TED run's, else even)")
     p.add_argument("--token", default="cls", choices=["cls", "patch"], help="CLS token or mean patch token")
     p.add_argument("--pretrained_student", action="store_true",
                    help="(b-d) compare each run's teacher with the pretrained student, not the run's own student")
@@ -243,13 +243,15 @@ class ImagesOnly(Dataset):
 
 
 def read_run(path, parser):
-    files = [os.path.join(path, f) for f in ("config.json", "teacher.pt", "student.pt")]
+    files = [os.path.join(path, f) for f in ("config.json", "results.json", "teacher.pt", "student.pt")]
     missing = [f for f in files if not os.path.exists(f)]
     if missing:
         parser.error(f"{path} is not a finished run of train_twostep.py or train_slad.py: no {', '.join(missing)}")
-    config = json.load(open(files[0]))
-    kind = "SLAD" if "mapping" in config else f"{config.get('teacher_adapt', '?')} teacher"
-    return dict(dir=path, name=os.path.basename(os.path.normpath(path)), kind=kind, config=config)
+    config, results = json.load(open(files[0])), json.load(open(files[1]))
+    slad = results.get("method") == "slad"
+    kind = "SLAD" if slad else f"{results.get('teacher_adapt', '?')} teacher"
+    return dict(dir=path, name=os.path.basename(os.path.normpath(path)), kind=kind, config=config,
+                mapping=config.get("mapping") if slad or config.get("feat") == "ted" else None)
 
 
 def resolve(args, runs, parser):
@@ -262,7 +264,7 @@ def resolve(args, runs, parser):
     args.img_size = args.img_size or DATASET_DEFAULTS[args.dataset]["img_size"]
     if args.img_size % 14:
         parser.error(f"--img_size {args.img_size} is not a multiple of the patch size 14")
-    args.mapping = args.mapping or next((r["config"]["mapping"] for r in runs if "mapping" in r["config"]), "even")
+    args.mapping = args.mapping or next((r["mapping"] for r in runs if r["mapping"]), "even")  # SLAD's or TED's
     names = [r["name"] for r in runs]
     if len(set(names)) < len(names):
         parser.error(f"runs with the same folder name ({', '.join(names)}): their figures would overwrite each other")

@@ -978,12 +978,15 @@ def fake_run(path, teacher_std, student_std, **config):
         model.save_model(os.path.join(path, f"{role}.pt"), Classifier(vit, 10))
     experiment.write_json(os.path.join(path, "config.json"), dict(
         dataset="synthetic", teacher="toy-b", student="toy-s", init="random", seed=0, img_size=56, **config))
+    slad = "teacher_adapt" not in config
+    experiment.write_json(os.path.join(path, "results.json"), dict(method="slad") if slad else dict(
+        method="twostep", teacher_adapt=config["teacher_adapt"]))
     return str(path)
 
 
 def test_cka_command_draws_figure_3(tmp_path, capsys):
-    runs = [fake_run(tmp_path / "finetune", 0.05, 0.02, teacher_adapt="finetune"),
-            fake_run(tmp_path / "lora", 0.02, 0.02, teacher_adapt="lora"),
+    runs = [fake_run(tmp_path / "finetune", 0.05, 0.02, teacher_adapt="finetune", mapping="even", feat="none"),
+            fake_run(tmp_path / "lora", 0.02, 0.02, teacher_adapt="lora", mapping="even", feat="none"),
             fake_run(tmp_path / "probe", 0.0, 0.02, teacher_adapt="probe"),  # a probed teacher's encoder is unchanged
             fake_run(tmp_path / "slad", 0.01, 0.01, mapping="last")]
     out = tmp_path / "cka"
@@ -994,10 +997,11 @@ def test_cka_command_draws_figure_3(tmp_path, capsys):
     assert (res["teacher"], res["student"], res["init"], res["img_size"]) == ("toy-b", "toy-s", "random", 56)
     base = res["pretrained"]["mapped_mean"]
     assert f"(a) pretrained: {100 * base:.2f}%" in printed
-    for letter, name in zip("bcde", ("finetune", "lora", "probe", "slad")):
+    for letter, name, kind in zip("bcde", ("finetune", "lora", "probe", "slad"),
+                                  ("finetune teacher", "lora teacher", "probe teacher", "SLAD")):
         r = res["runs"][name]
         assert r["change"] == pytest.approx(r["mapped_mean"] - base)
-        assert f"({letter}) {name} (" in printed and f"({100 * r['change']:+.2f})" in printed
+        assert f"({letter}) {name} ({kind}," in printed and f"({100 * r['change']:+.2f})" in printed
         assert torch.allclose(torch.tensor(r["delta"]), torch.tensor(r["cka"]) - torch.tensor(res["pretrained"]["cka"]))
         assert torch.tensor(r["delta"]).shape == (6, 3) and r["change"] != 0
     w, h = cka.panel_size(6, 3)
@@ -1098,8 +1102,9 @@ def test_bench_prints_figures_on_cpu(capsys):
     assert "ms/step" in out and "img/s" in out and "MFU" in out and "SLAD / two-step" in out and "cub" in out
     bench.main(["step", "--method", "slad", "--dataset", "synthetic", "--peak_tflops", "1", *toy])
     assert "%" in capsys.readouterr().out.split("MFU")[-1]  # a known peak gives a percentage
-    bench.main(["data", "--dataset", "synthetic", "--img_size", "56", "--batch_size", "8", "--iters", "2", "--warmup", "1"])
-    assert "img/s" in capsys.readouterr().out
+    for dataset, size in (("synthetic", "56"), ("synthetic-seg", "112")):
+        bench.main(["data", "--dataset", dataset, "--img_size", size, "--batch_size", "8", "--iters", "2", "--warmup", "1"])
+        assert "img/s" in capsys.readouterr().out
 
 
 # -----------------------------------------------------------------------------
