@@ -128,7 +128,25 @@ class CUB200(Dataset):
         return Image.open(path).convert("RGB"), label
 
 
-class SyntheticTextures(Dataset):
+class Procedural(Dataset):
+    """A dataset drawn on the fly, no download: item i of a split depends on (seed, split, i) alone."""
+
+    SIZES, SIZE, STREAM = {}, 64, ()  # images per split, side in pixels, an extra seed to keep sets apart
+
+    def __init__(self, split, seed=0, n=None):
+        self.split, self.seed, self.size = split, seed, self.SIZE
+        self.n = n or self.SIZES[split]
+        self.classes = list(range(len(self.CLASSES)))
+        self.grid = np.mgrid[0:self.size, 0:self.size].astype(np.float32)
+
+    def __len__(self):
+        return self.n
+
+    def rng(self, i):
+        return np.random.default_rng([self.seed, ("train", "val", "test").index(self.split), i, *self.STREAM])
+
+
+class SyntheticTextures(Procedural):
     """Procedural textures, one class each, with random colours, scale, phase and a little rotation and
     noise. Deterministic per (seed, split, index), generated on the fly. Every class is its own mirror
     image, so RandomHorizontalFlip keeps labels right."""
@@ -137,17 +155,8 @@ class SyntheticTextures(Dataset):
                "rings", "waves", "grid lines", "blobs", "rays")
     SIZES = {"train": 6000, "val": 500, "test": 1000}
 
-    def __init__(self, split, seed=0, size=64, n=None):
-        self.split, self.seed, self.size = split, seed, size
-        self.n = n or self.SIZES[split]
-        self.classes = list(range(len(self.CLASSES)))
-        self.grid = np.mgrid[0:size, 0:size].astype(np.float32)
-
-    def __len__(self):
-        return self.n
-
     def __getitem__(self, i):
-        rng = np.random.default_rng([self.seed, ("train", "val", "test").index(self.split), i])
+        rng = self.rng(i)
         label = i % len(self.CLASSES)
         return Image.fromarray(self.render(label, rng)), label
 
@@ -217,7 +226,7 @@ class Cityscapes(Dataset):
         return Image.open(img).convert("RGB"), Image.fromarray(self.lut[np.array(Image.open(target))])
 
 
-class SyntheticShapes(Dataset):
+class SyntheticShapes(Procedural):
     """Shapes over textures, for offline segmentation: a striped or noisy background (class 0) and one to
     three disks, squares and triangles (classes 1-3), each class in its own colour family, overlapping in
     random order. Deterministic per (seed, split, index)."""
@@ -226,17 +235,10 @@ class SyntheticShapes(Dataset):
     SIZES = {"train": 1200, "val": 100, "test": 200}
     HUES = {1: (220, 60, 40), 2: (50, 190, 60), 3: (60, 90, 220)}  # reddish, greenish, bluish
 
-    def __init__(self, split, seed=0, size=128, n=None):
-        self.split, self.seed, self.size = split, seed, size
-        self.n = n or self.SIZES[split]
-        self.classes = list(range(len(self.CLASSES)))
-        self.grid = np.mgrid[0:size, 0:size].astype(np.float32)
-
-    def __len__(self):
-        return self.n
+    SIZE, STREAM = 128, (1,)
 
     def __getitem__(self, i):
-        rng = np.random.default_rng([self.seed, ("train", "val", "test").index(self.split), i, 1])
+        rng = self.rng(i)
         s = self.size
         y, x = self.grid
         period, phase, angle = rng.uniform(6, 16), rng.uniform(0, 2 * np.pi), rng.uniform(0, np.pi)

@@ -85,6 +85,8 @@ class Run:
     def __init__(self, args, parser, method):
         self.args, self.method = args, method
         a = args
+        self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # torchrun's
+        self.is_main = self.rank == 0
         for k, v in DATASET_DEFAULTS[a.dataset].items():
             if getattr(a, k) is None:
                 setattr(a, k, v)
@@ -98,9 +100,8 @@ class Run:
             parser.error(f"--device {a.device}, but torch sees no CUDA device here (use --device cpu)")
         if a.dtype is None:
             a.dtype = "float32" if a.device == "cpu" else "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-        world = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's processes, set up below
         if a.num_workers is None:  # a 518-px image costs ~11 ms of a CPU core to decode, resize and jitter
-            a.num_workers = min(16, max(1, (os.cpu_count() or 1) // world)) if a.device.startswith("cuda") else 0
+            a.num_workers = min(16, max(1, (os.cpu_count() or 1) // self.world)) if a.device.startswith("cuda") else 0
         a.out_dir = a.out_dir or f"out/{method}-{a.dataset}-{a.teacher}-{a.student}-s{a.seed}"
         self.config = {k: v for k, v in vars(a).items()}
 
@@ -132,8 +133,6 @@ class Run:
         torch.manual_seed(a.seed)  # head init
 
         # torchrun: one process a GPU (gloo on CPUs), each with its share of every global batch (as nanoGPT)
-        self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-        self.is_main = self.rank == 0
         if self.world > 1:
             if a.batch_size % self.world:
                 parser.error(f"--batch_size {a.batch_size} does not split over {self.world} processes")

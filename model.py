@@ -3,7 +3,7 @@ A self-contained DINOv2 Vision Transformer, numerically the official one
 (github.com/facebookresearch/dinov2), plus the prediction heads of SLAD (App. C.1).
 
 Parameter names equal the official checkpoints' keys, so
-    vit.load_state_dict(torch.load("dinov2_vitb14_pretrain.pth"), strict=True)
+    vit.load_state_dict(torch.load("dinov2_vitb14_pretrain.pth", weights_only=True), strict=True)
 works as is. What we leave out of the official code: xformers, nested tensors, FSDP block
 chunking, drop-path and the DINO training heads.
 """
