@@ -29,8 +29,9 @@ import time
 
 import torch
 
-from data import CLASSIFICATION, SEGMENTATION, SegTrainTransform, load_splits, make_loader, normalize, train_transform
-from experiment import SEG_BASE_RATIO
+from data import (CLASSIFICATION, SEG_BASE_RATIO, SEGMENTATION, SegTrainTransform, load_splits, make_loader, normalize,
+                  train_transform)
+from experiment import peak_flops
 from kd import distill_loss, slad_loss, task_loss
 from lora import add_lora, share_lora, trainable_parameters
 from model import CONFIGS, Classifier, ViT
@@ -38,9 +39,6 @@ from train_slad import TeacherStudent
 from train_twostep import adapt
 
 METHODS = ("slad", "probe", "finetune", "lora", "distill")
-# dense bf16 peaks, FLOP/s, by a substring of torch.cuda.get_device_name()
-PEAKS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12,
-         "L4": 121e12, "A10": 125e12, "V100": 125e12, "4090": 165e12}
 # training images per epoch (train split; CUB and Cityscapes after holding out 10 % for validation)
 TRAIN_SIZES = {"dtd": 1880, "aircraft": 3334, "cub": 5395}
 TIMM_NAMES = {"vits14": "vit_small_patch14_dinov2", "vitb14": "vit_base_patch14_dinov2",
@@ -56,13 +54,8 @@ def device_name(device):
     return torch.cuda.get_device_name(device) if device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
 
 
-def peak_flops(args):
-    if args.peak_tflops:
-        return args.peak_tflops * 1e12
-    if args.device.startswith("cuda"):
-        name = torch.cuda.get_device_name(args.device)
-        return next((v for k, v in PEAKS.items() if k in name), None)
-    return None
+def device_peak(args):
+    return args.peak_tflops * 1e12 if args.peak_tflops else peak_flops(args.device)
 
 
 def build(method, args, num_classes=100):
@@ -126,7 +119,7 @@ def bench_step(method, args, batches=None):
         optimizer.zero_grad(set_to_none=True)
     sync(device)
     dt = (time.perf_counter() - t0) / args.iters
-    peak = peak_flops(args)
+    peak = device_peak(args)
     mem = (torch.cuda.max_memory_allocated(device) / 2**30 if device.startswith("cuda")
            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
     out = dict(method=method, ms=dt * 1000, img_s=args.batch_size / dt, tflops=flops_per_image * args.batch_size / dt / 1e12,
@@ -145,7 +138,7 @@ def print_step(r, device):
 
 
 def header(args, what):
-    peak = peak_flops(args)
+    peak = device_peak(args)
     print(f"{what}: teacher {args.teacher}, student {args.student}, {args.img_size}px, batch {args.batch_size}, "
           f"{args.dtype}{', compiled' if args.compile else ''}{', grad checkpointing' if args.grad_checkpointing else ''}, "
           f"on {device_name(args.device)}; MFU against {f'{peak / 1e12:.0f} TFLOP/s (bf16 dense)' if peak else 'no known peak (--peak_tflops)'}")
@@ -286,7 +279,7 @@ def main(argv=None):
             s.add_argument("--student", default="vits14", choices=list(CONFIGS))
             s.add_argument("--rank", type=int, default=16)
             s.add_argument("--grad_checkpointing", action="store_true")
-            s.add_argument("--peak_tflops", type=float, default=None, help="the device's peak, if not in PEAKS")
+            s.add_argument("--peak_tflops", type=float, default=None, help="the device's peak, if not in experiment.PEAK_FLOPS")
         if name in ("step", "data"):
             s.add_argument("--dataset", default=None if name == "step" else "synthetic",
                            choices=CLASSIFICATION if name == "step" else CLASSIFICATION + SEGMENTATION,

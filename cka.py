@@ -24,9 +24,9 @@ from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import Dataset, Subset
 
 from data import DATASETS, DataError, eval_transform, load_splits, make_loader, normalize
-from experiment import DATASET_DEFAULTS, Parser, initial_backbone, write_json
+from experiment import DATASET_DEFAULTS, Parser, write_json
 from lora import MAPPINGS, layer_mapping
-from model import CONFIGS, CheckpointError, load_model
+from model import CONFIGS, CheckpointError, initial_backbone, load_model
 
 # -----------------------------------------------------------------------------
 # CKA

@@ -402,3 +402,21 @@ def make_loader(dataset, transform, batch_size, train, seed=0, num_workers=0, de
     return DataLoader(Transformed(dataset, transform), batch_size=batch_size, sampler=sampler, drop_last=train,
                       num_workers=num_workers, pin_memory=device.startswith("cuda"),
                       persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None)
+
+
+SEG_BASE_RATIO = 640 / 560  # segmentation resizes around a short side of 640 for a 560 crop (App. C.2)
+
+
+def make_loaders(name, splits, img_size, batch_size, seed=0, num_workers=0, device="cpu", rank=0, world=1):
+    """(train, val, test) loaders of dataset `name`'s splits with App. C.2's transforms for its task,
+    batch_size images a step over all `world` processes."""
+    kw = dict(seed=seed, num_workers=num_workers, device=device, rank=rank, world=world)
+    if name in SEGMENTATION:
+        base = round(img_size * SEG_BASE_RATIO)
+        train_tf, eval_tf = SegTrainTransform(img_size, base), SegEvalTransform(base)
+    else:
+        train_tf, eval_tf = train_transform(img_size), eval_transform(img_size)
+    batch = batch_size // world
+    return (make_loader(splits["train"], train_tf, batch, train=True, **kw),
+            make_loader(splits["val"], eval_tf, batch, train=False, **kw),
+            make_loader(splits["test"], eval_tf, batch, train=False, **kw))

@@ -18,20 +18,15 @@ MAPPINGS = ("even", "first", "last")
 
 
 class LoRALinear(nn.Module):
-    """y = W0 x + (alpha / r) * B A x (eq. 3), W0 frozen, A (r, in) Kaiming-uniform, B (out, r) zeros.
+    """y = W0 x + scale B A x (eq. 3, scale = alpha / r), W0 frozen, A (r, in) Kaiming-uniform, B (out, r) zeros.
 
     A and B may belong to a wider layer (the teacher's): this layer then uses the slice that fits it,
     A[:, :d_in] and the first rows of B (Fig. 4). They are the same Parameter objects as the teacher's,
     so both models train them. `chunks` is the number of outputs fused in one matrix (3 for q|k|v)."""
 
-    def __init__(self, base: nn.Linear, lora_A: nn.Parameter, lora_B: nn.Parameter, alpha: float, chunks=1):
+    def __init__(self, base: nn.Linear, lora_A: nn.Parameter, lora_B: nn.Parameter, scale: float, chunks=1):
         super().__init__()
-        rank = lora_A.shape[0]
-        if base.in_features > lora_A.shape[1] or base.out_features > lora_B.shape[0] or lora_B.shape[1] != rank:
-            raise ValueError(f"adapters of shape A {tuple(lora_A.shape)}, B {tuple(lora_B.shape)} cannot be "
-                             f"sliced to a {base.in_features} -> {base.out_features} layer")
-        self.base, self.lora_A, self.lora_B = base, lora_A, lora_B
-        self.scale, self.chunks = alpha / rank, chunks
+        self.base, self.lora_A, self.lora_B, self.scale, self.chunks = base, lora_A, lora_B, scale, chunks
 
     def sliced(self):
         """(A, B) cut to this layer: the whole of them for the teacher, a top-left part for the student."""
@@ -41,7 +36,7 @@ class LoRALinear(nn.Module):
         B = self.lora_B.unflatten(0, (self.chunks, -1))[:, : self.base.out_features // self.chunks].flatten(0, 1)
         return A, B
 
-    def delta_weight(self):  # Delta W = (alpha / r) B A, (out, in)
+    def delta_weight(self):  # Delta W = scale B A, (out, in)
         A, B = self.sliced()
         return self.scale * B @ A
 
@@ -49,9 +44,6 @@ class LoRALinear(nn.Module):
         A, B = self.sliced()
         # the low-rank path costs 2r(in+out) per token and needs no gradient of the full (out, in) matrix
         return self.base(x) + self.scale * F.linear(F.linear(x, A), B)
-
-    def extra_repr(self):
-        return f"rank={self.lora_A.shape[0]}, scale={self.scale:g}, chunks={self.chunks}, adapters={tuple(self.lora_A.shape)}->{tuple(self.lora_B.shape)}"
 
 
 def _chunks(target):
@@ -81,7 +73,7 @@ def add_lora(vit, rank=16, alpha=None, targets=("attn.qkv",)):
                 A = nn.Parameter(torch.empty(rank, base.in_features, device=w.device, dtype=w.dtype))
                 nn.init.kaiming_uniform_(A, a=math.sqrt(5))  # as nn.Linear's init, as Hu et al.'s code
                 B = nn.Parameter(torch.zeros(base.out_features, rank, device=w.device, dtype=w.dtype))  # Delta W = 0
-                return LoRALinear(base, A, B, alpha or rank, _chunks(target))
+                return LoRALinear(base, A, B, (alpha or rank) / rank, _chunks(target))
             _swap(block, target, make)
     return vit
 
@@ -116,7 +108,7 @@ def share_lora(student, teacher, mapping="even"):
         if not adapters:
             raise ValueError(f"teacher block {j} has no LoRA adapters: call add_lora(teacher) first")
         for target, t in adapters.items():
-            _swap(student.blocks[i], target, lambda base: LoRALinear(base, t.lora_A, t.lora_B, t.scale * t.lora_A.shape[0], t.chunks))
+            _swap(student.blocks[i], target, lambda base: LoRALinear(base, t.lora_A, t.lora_B, t.scale, t.chunks))
     return g
 
 

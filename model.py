@@ -365,6 +365,15 @@ def slide_inference(model, x, window, stride):
     return (total / count)[:, :, :H, :W]
 
 
+def initial_backbone(name, role, init, seed):
+    """A run's encoder before adaptation: the official weights, or a random init that depends on (seed, role)
+    alone -- 'teacher' or 'student' -- so that cka.py, or anyone, can rebuild it."""
+    if init == "dinov2":
+        return ViT.from_pretrained(name)
+    torch.manual_seed(2 * seed + (role == "student"))
+    return ViT.from_name(name)
+
+
 def save_model(path, model, **extra):
     """A deployable Classifier or Segmenter: its backbone's official-layout state dict and config, and its head."""
     vit = model.vit

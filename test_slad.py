@@ -595,23 +595,29 @@ def test_twostep_epoch_defaults():
                        (["--epochs", "3", "--student_epochs", "5"], (3, 5))):
         args, _ = train_twostep.parse_args(argv)
         assert (args.teacher_epochs, args.student_epochs) == want, argv
+    # the student as the method reproduced: fully trained after a probed or fine-tuned teacher (Marrie et al.),
+    # LoRA after a LoRA teacher (§3.2); the flag still chooses
+    for argv, want in ((["--teacher_adapt", "probe"], "finetune"), (["--teacher_adapt", "finetune"], "finetune"),
+                       (["--teacher_adapt", "lora"], "lora"), (["--teacher_adapt", "probe", "--student_adapt", "lora"], "lora")):
+        assert train_twostep.parse_args(argv)[0].student_adapt == want, argv
 
 
 class Interrupt(Exception):
     pass
 
 
-def interrupt_after(monkeypatch, n_epochs):
+def interrupt_after(monkeypatch, script, n_epochs):
     """Make a run stop (as if killed) right after its n-th checkpoint is written."""
-    real, calls = experiment.Run.end_epoch, []
+    module = importlib.import_module(script)
+    real, calls = module.save_checkpoint, []
 
-    def end_epoch(self, *args, **kwargs):
-        real(self, *args, **kwargs)
+    def save_checkpoint(*args, **kwargs):
+        real(*args, **kwargs)
         calls.append(1)
         if len(calls) == n_epochs:
             raise Interrupt
-    monkeypatch.setattr(experiment.Run, "end_epoch", end_epoch)
-    return lambda: monkeypatch.setattr(experiment.Run, "end_epoch", real)
+    monkeypatch.setattr(module, "save_checkpoint", save_checkpoint)
+    return lambda: monkeypatch.setattr(module, "save_checkpoint", real)
 
 
 def same_weights(a, b):
@@ -628,12 +634,18 @@ def same_weights(a, b):
 def test_resume_continues_exactly(tmp_path, monkeypatch, small_synthetic, script, extra, stop):
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
     run_main(script, TOY + extra + ["--out_dir", straight], monkeypatch)
-    restore = interrupt_after(monkeypatch, stop)
+    restore = interrupt_after(monkeypatch, script, stop)
     with pytest.raises(Interrupt):
         run_main(script, TOY + extra + ["--out_dir", split], monkeypatch)
     restore()
     assert not os.path.exists(os.path.join(split, "results.json"))
-    run_main(script, TOY + extra + ["--out_dir", split, "--resume", os.path.join(split, "ckpt.pt")], monkeypatch)
+    # as if killed while writing the next checkpoint: its metrics row is there, and a partial ckpt.pt.tmp
+    metrics = os.path.join(split, "metrics.jsonl")
+    last = json.loads(open(metrics).read().splitlines()[-1])
+    open(metrics, "a").write(json.dumps(dict(last, epoch=last["epoch"] + 1)) + "\n")
+    open(os.path.join(split, "ckpt.pt.tmp"), "wb").write(b"partial")
+    run_main(script, TOY + extra + ["--resume", os.path.join(split, "ckpt.pt")], monkeypatch)  # in its own folder
+    assert not os.path.exists(os.path.join(split, "ckpt.pt.tmp"))
     a, b = results_of(straight), results_of(split)
     assert (a["teacher_acc"], a["student_acc"], a.get("taid_t")) == (b["teacher_acc"], b["student_acc"], b.get("taid_t"))
     assert same_weights(os.path.join(straight, "student.pt"), os.path.join(split, "student.pt"))
@@ -664,10 +676,12 @@ def test_compile_traces_without_graph_breaks():
 
 
 def test_lr_schedule_warms_up_then_decays():
-    opt = torch.optim.AdamW([dict(params=[torch.nn.Parameter(torch.zeros(2))], lr=1.0, base_lr=1.0)])
-    lrs = [experiment.Run.set_lr(opt, it, 100) for it in range(100)]
+    import train_slad
+    import train_twostep
+    lrs = [train_slad.get_lr(it, 100) for it in range(100)]
     assert lrs[0] < lrs[4] == 1.0 and lrs[4] >= max(lrs) and lrs[-1] < 0.01
     assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
+    assert lrs == [train_twostep.get_lr(it, 100) for it in range(100)]  # both scripts, one schedule
 
 
 # bad input: one line, a non-zero exit, nothing overwritten
@@ -684,6 +698,18 @@ def cli(args, cwd=HERE, env=None):
     (["--img_size", "50"], "not a multiple of the patch size 14"),
     (["--teacher", "toy-s", "--student", "toy-b"], "wider or deeper than its teacher"),
     (["--teacher", "vitb14", "--student", "vitl14"], "wider or deeper than its teacher"),
+    (["--img_size", "0"], "--img_size: must be a positive integer, not 0"),
+    (["--img_size", "-14"], "--img_size: must be a positive integer, not -14"),
+    (["--batch_size", "0"], "--batch_size: must be a positive integer"),
+    (["--epochs", "0"], "--epochs: must be a positive integer"),
+    (["--epochs", "-1"], "--epochs: must be a positive integer"),
+    (["--log_every", "0"], "--log_every: must be a positive integer"),
+    (["--rank", "0"], "--rank: must be a positive integer"),
+    (["--num_workers", "-1"], "--num_workers: must be 0 or more"),
+    (["--temperature", "0"], "--temperature: must be a positive number"),
+    (["--lr", "-1"], "--lr: must be a positive number"),
+    (["--lr", "nan"], "--lr: must be a positive number"),
+    (["--weight_decay", "-0.1"], "--weight_decay: must be 0 or more"),
 ])
 def test_bad_input_is_one_line(monkeypatch, capsys, script, bad, says):
     argv = TOY + ["--out_dir", "unused"]
@@ -700,6 +726,70 @@ def test_bad_input_is_one_line(monkeypatch, capsys, script, bad, says):
     assert not os.path.exists("unused")
 
 
+@pytest.mark.parametrize("bad,says", [
+    (["--teacher_epochs", "0"], "--teacher_epochs: must be a positive integer"),
+    (["--student_epochs", "-1"], "--student_epochs: must be a positive integer"),
+    (["--backbone_lr", "-1"], "--backbone_lr: must be a positive number"),
+    (["--ted_beta", "-1"], "--ted_beta: must be 0 or more"),
+])
+def test_bad_twostep_input_is_one_line(monkeypatch, bad, says):
+    with pytest.raises(SystemExit) as e:
+        run_main("train_twostep", TOY + ["--out_dir", "unused"] + bad, monkeypatch)
+    assert e.value.code != 0 and says in str(e.value.code) and "\n" not in str(e.value.code)
+    assert not os.path.exists("unused")
+
+
+def test_batch_larger_than_the_training_set_is_refused(tmp_path, monkeypatch, small_synthetic):
+    out = str(tmp_path / "run")
+    for script in ("train_slad", "train_twostep"):
+        with pytest.raises(SystemExit) as e:
+            run_main(script, TOY + ["--batch_size", "97", "--out_dir", out], monkeypatch)
+        assert "more than the 96 training images: no step to take" in str(e.value.code)
+        assert not os.path.exists(out)
+
+
+@pytest.mark.parametrize("script,loss,extra,where", [
+    ("train_slad", "slad_loss", ["--epochs", "2"], "slad epoch 2 step 3"),
+    ("train_slad", "slad_loss", ["--epochs", "2", "--dtype", "bfloat16"], "slad epoch 2 step 3"),
+    ("train_twostep", "task_loss", ["--teacher_epochs", "2", "--student_epochs", "1"], "teacher epoch 2 step 3"),
+])
+def test_a_loss_that_turns_non_finite_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, small_synthetic,
+                                                                                  script, loss, extra, where):
+    module = importlib.import_module(script)
+    real, calls = getattr(module, loss), []
+
+    def poisoned(*args, **kwargs):  # the 9th step's loss is NaN: epoch 2, step 3 of 6
+        calls.append(1)
+        return real(*args, **kwargs) * (float("nan") if len(calls) == 9 else 1.0)
+    monkeypatch.setattr(module, loss, poisoned)
+    out = str(tmp_path / "run")
+    with pytest.raises(SystemExit) as e:
+        run_main(script, TOY + extra + ["--out_dir", out], monkeypatch)
+    msg = str(e.value.code)
+    assert f"the loss is not finite at {where}" in msg and "\n" not in msg
+    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["epoch"] == 1  # the last good one
+    assert not os.path.exists(os.path.join(out, "results.json"))
+    assert len(open(os.path.join(out, "metrics.jsonl")).readlines()) == 1
+
+
+def test_resume_continues_in_its_own_folder_and_leaves_other_runs_alone(tmp_path, monkeypatch, small_synthetic):
+    a, b = str(tmp_path / "A"), str(tmp_path / "B")
+    run_main("train_slad", TOY + ["--epochs", "1", "--out_dir", a], monkeypatch)
+    restore = interrupt_after(monkeypatch, "train_slad", 1)
+    with pytest.raises(Interrupt):
+        run_main("train_slad", TOY + ["--epochs", "2", "--out_dir", b], monkeypatch)
+    restore()
+    before = {f: open(os.path.join(a, f), "rb").read() for f in os.listdir(a)}
+    with pytest.raises(SystemExit) as e:  # RUN_B's checkpoint into RUN_A: refused, RUN_A untouched
+        run_main("train_slad", TOY + ["--epochs", "2", "--resume", os.path.join(b, "ckpt.pt"), "--out_dir", a], monkeypatch)
+    assert f"continues the run in {b}" in str(e.value.code)
+    assert before == {f: open(os.path.join(a, f), "rb").read() for f in os.listdir(a)}
+    monkeypatch.chdir(tmp_path)  # where a default out/ folder would appear
+    run_main("train_slad", TOY + ["--epochs", "2", "--resume", os.path.join(b, "ckpt.pt")], monkeypatch)
+    assert not os.path.exists(tmp_path / "out") and results_of(b)["epochs"] == 2
+    assert [json.loads(l)["epoch"] for l in open(os.path.join(b, "metrics.jsonl"))] == [1, 2]
+
+
 def test_resume_from_another_config_and_overwrites_are_refused(tmp_path, monkeypatch, small_synthetic):
     out = str(tmp_path / "run")
     run_main("train_slad", TOY + ["--epochs", "1", "--out_dir", out], monkeypatch)
@@ -714,14 +804,20 @@ def test_resume_from_another_config_and_overwrites_are_refused(tmp_path, monkeyp
             run_main("train_slad", argv, monkeypatch)
         assert says in str(e.value.code) and "\n" not in str(e.value.code)
     with pytest.raises(SystemExit) as e:  # a checkpoint of the other script
-        run_main("train_twostep", TOY + ["--epochs", "1", "--out_dir", str(tmp_path / "x"), "--resume", os.path.join(out, "ckpt.pt")], monkeypatch)
-    assert "another config" in str(e.value.code)
+        run_main("train_twostep", TOY + ["--epochs", "1", "--resume", os.path.join(out, "ckpt.pt")], monkeypatch)
+    assert "written by train_slad.py, not this script (train_twostep.py)" in str(e.value.code)
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(open(os.path.join(out, "ckpt.pt"), "rb").read()[:1000])
     with pytest.raises(SystemExit) as e:
         run_main("train_slad", TOY + ["--epochs", "1", "--out_dir", out, "--resume", str(truncated)], monkeypatch)
     assert "not a checkpoint" in str(e.value.code)
     assert before == {f: open(os.path.join(out, f), "rb").read() for f in os.listdir(out)}  # nothing overwritten
+    killed = tmp_path / "killed"  # a run killed in its first epoch: a config.json and no checkpoint
+    killed.mkdir()
+    (killed / "config.json").write_text("{}")
+    with pytest.raises(SystemExit) as e:
+        run_main("train_slad", TOY + ["--epochs", "1", "--out_dir", str(killed)], monkeypatch)
+    assert "has no checkpoint" in str(e.value.code) and os.listdir(killed) == ["config.json"]
 
 
 def test_no_network_stops_with_a_paragraph_and_no_traceback(tmp_path):
@@ -735,10 +831,10 @@ def test_no_network_stops_with_a_paragraph_and_no_traceback(tmp_path):
 
 
 def test_random_init_is_rebuildable_from_seed_and_role():
-    a = experiment.initial_backbone("toy-s", "student", "random", seed=3)
+    a = model.initial_backbone("toy-s", "student", "random", seed=3)
     torch.manual_seed(123)  # whatever happened in between
-    b = experiment.initial_backbone("toy-s", "student", "random", seed=3)
-    c = experiment.initial_backbone("toy-s", "teacher", "random", seed=3)
+    b = model.initial_backbone("toy-s", "student", "random", seed=3)
+    c = model.initial_backbone("toy-s", "teacher", "random", seed=3)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     assert not torch.equal(a.blocks[0].attn.qkv.weight, c.blocks[0].attn.qkv.weight)
 
@@ -964,7 +1060,7 @@ def fake_run(path, teacher_std, student_std, **config):
     """A run folder as the training scripts leave it, without training: the initial encoders, perturbed."""
     os.makedirs(path)
     for role, name, std in (("teacher", "toy-b", teacher_std), ("student", "toy-s", student_std)):
-        vit = randomize_(experiment.initial_backbone(name, role, "random", 0), std=std)
+        vit = randomize_(model.initial_backbone(name, role, "random", 0), std=std)
         model.save_model(os.path.join(path, f"{role}.pt"), Classifier(vit, 10))
     experiment.write_json(os.path.join(path, "config.json"), dict(
         dataset="synthetic", teacher="toy-b", student="toy-s", init="random", seed=0, img_size=56, **config))

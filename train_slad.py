@@ -10,16 +10,24 @@ With --kd taid, TAID's KL towards an interpolated target, whose t rises to 1, re
         --device cpu --out_dir out/demo-slad    # the offline demo: a minute on a laptop CPU
 """
 
+import json
+import math
+import os
 import sys
 import time
 
+import torch
+import torch.distributed as dist
 import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import DataError, load_splits
-from experiment import Run, flat, parser
+from data import SEGMENTATION, DataError, load_splits, make_loaders, normalize
+from experiment import (adamw, check_out_dir, ddp_init, ddp_mean, evaluate, export, flat, hms, load_checkpoint,
+                        load_trained_tensors, parser, peak_flops, print0, resolve_flags, rng_state, save_checkpoint,
+                        set_rng_state, stop_if_not_finite, trained_keys, trained_tensors, write_json)
 from kd import TAID, slad_loss
 from lora import MAPPINGS, add_lora, share_lora, trainable_parameters
-from model import CheckpointError
+from model import CheckpointError, Classifier, Segmenter, initial_backbone
 
 
 class TeacherStudent(nn.Module):
@@ -33,6 +41,15 @@ class TeacherStudent(nn.Module):
         return self.teacher(x), self.student(x)
 
 
+def get_lr(it, total):
+    """The learning rate of step `it` of `total`, as a fraction of the peak: a linear warm-up over the first
+    5 % of the steps, then a cosine to zero."""
+    warmup = max(1, round(0.05 * total))
+    if it < warmup:
+        return (it + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (it - warmup) / max(1, total - warmup)))
+
+
 def parse_args(argv=None):
     p = parser(__doc__, "slad")
     p.add_argument("--mapping", default="even", choices=MAPPINGS,
@@ -42,62 +59,148 @@ def parse_args(argv=None):
                         "teacher's logits are the KL's fixed target, as in eq. 2)")
     args = p.parse_args(argv)
     args.epochs = args.epochs or 30
-    return args, p
+    return resolve_flags(args, p, "slad"), p
 
 
 def main():
     args, p = parse_args()
-    run = Run(args, p, "slad")
+    config = dict(vars(args))
+    ckpt = load_checkpoint(args, config, "slad", p) if args.resume else None
+    check_out_dir(args, p)
 
-    # data and models: a teacher with LoRA adapters, a student whose adapters are the teacher's (Fig. 4)
+    # device, raw torch AMP (autocast for the forward passes, a GradScaler only for float16), torchrun
+    rank, world, device = ddp_init(args.device)
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    dtype = getattr(torch, args.dtype)
+    autocast = torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32)
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    # data: each process loads its share of every global batch
     splits, num_classes = load_splits(args.dataset, args.data_dir)
-    train_loader, val_loader, test_loader = run.loaders(splits)
-    teacher = run.model(run.backbone(args.teacher, "teacher"), num_classes)  # Classifier or Segmenter
-    student = run.model(run.backbone(args.student, "student"), num_classes)
-    add_lora(teacher.vit, rank=args.rank)
-    g = share_lora(student.vit, teacher.vit, args.mapping)
-    teacher.to(run.device), student.to(run.device)
-    params = trainable_parameters(teacher, student)  # the shared adapters once
-    optimizer = run.optimizer([(params, args.lr)])
-    taid = TAID(args.epochs * len(train_loader)).to(run.device) if args.kd == "taid" else None
-    run.track(teacher=teacher, student=student, **({"taid": taid} if taid is not None else {}))
-    run.start()
-    run.log(f"teacher {args.teacher}, student {args.student}, {num_classes} classes, "
-            f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters; student block i uses the "
-            f"adapters of teacher block g(i) = {g}")
-    _, start_epoch = run.resume_point()
-    if run.ckpt:
-        run.restore(optimizer)
-    both = run.wrap(TeacherStudent(teacher, student))  # DDP (torchrun) and torch.compile, if asked
-
+    train_loader, val_loader, test_loader = make_loaders(args.dataset, splits, args.img_size, args.batch_size, args.seed,
+                                                         args.num_workers, device, rank, world)
     steps = len(train_loader)
-    progress = run.progress("slad", args.epochs, steps)
+    if steps == 0:
+        p.error(f"--batch_size {args.batch_size} is more than the {len(splits['train'])} training images: no step to take")
+
+    # models: a teacher with LoRA adapters on qkv, a student whose adapters are the teacher's (Fig. 4)
+    torch.manual_seed(args.seed)  # the heads' init
+    Model = Segmenter if args.dataset in SEGMENTATION else Classifier  # the heads of App. C.1
+    teacher = Model(initial_backbone(args.teacher, "teacher", args.init, args.seed), num_classes)
+    student = Model(initial_backbone(args.student, "student", args.init, args.seed), num_classes)
+    teacher.vit.grad_checkpointing = student.vit.grad_checkpointing = args.grad_checkpointing
+    add_lora(teacher.vit, rank=args.rank)  # eq. 3 on every block's qkv; the backbone frozen
+    g = share_lora(student.vit, teacher.vit, args.mapping)  # student block i uses teacher block g(i)'s, sliced
+    teacher.to(device), student.to(device)
+    params = trainable_parameters(teacher, student)  # each shared adapter once
+    optimizer = adamw([(params, args.lr)], args.weight_decay, device)
+    taid = TAID(args.epochs * steps).to(device) if args.kd == "taid" else None
+    trained = {"teacher": teacher, "student": student, **({"taid": taid} if taid is not None else {})}
+    keys = {name: trained_keys(m) for name, m in trained.items()}  # what a checkpoint holds: no frozen backbone
+
+    # the output folder, and --resume
+    if rank == 0:
+        os.makedirs(args.out_dir, exist_ok=True)
+        if ckpt is None:
+            write_json(os.path.join(args.out_dir, "config.json"), config)
+    print0(f"slad | {' '.join(sys.argv[1:])}" + (f" | {world} processes" if world > 1 else ""), args.out_dir)
+    print0(f"teacher {args.teacher}, student {args.student}, {num_classes} classes, "
+           f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters; student block i uses the "
+           f"adapters of teacher block g(i) = {g}", args.out_dir)
+    history, start_epoch = {"train_seconds": 0.0}, 0
+    if ckpt:
+        for name, m in trained.items():
+            load_trained_tensors(m, ckpt["models"][name], keys[name], args.resume)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"], device)
+        history, start_epoch = ckpt["history"], ckpt["epoch"]
+        print0(f"resuming from {args.resume} (epoch {start_epoch} done)", args.out_dir)
+    both = TeacherStudent(teacher, student)
+    if world > 1:  # one module, so DDP averages each shared adapter's gradient once
+        both = DDP(both, device_ids=[device] if device_type == "cuda" else None)
+    if args.compile:
+        both = torch.compile(both)
+
+    # training: eq. 4 on every batch, both models at once
+    total = args.epochs * steps
+    flops_per_img = 2 * teacher.vit.flops(args.img_size) + 2 * student.vit.flops(args.img_size)  # forward + backward
+    peak = peak_flops(device)
+    if peak is None:
+        print0(f"mfu: no dense bf16 peak is known for {device}, so the log shows none", args.out_dir)
+    window = args.img_size if args.dataset in SEGMENTATION else None  # segmentation evaluates by sliding window
     for epoch in range(start_epoch, args.epochs):
-        t0 = time.perf_counter()
+        t_epoch = t0 = time.perf_counter()
         teacher.train(), student.train()
         train_loader.sampler.set_epoch(epoch)
+        loss_sum, n, epoch_loss = torch.zeros((), device=device), 0, 0.0
+        first_bad = torch.full((), 2**62, device=device)  # the first step whose loss is not finite
         for step, (x, y) in enumerate(train_loader):
-            lr = run.set_lr(optimizer, epoch * steps + step, args.epochs * steps)
-            x, y = run.to_device(x, y)
-            with run.autocast:
+            it = epoch * steps + step
+            lrm = get_lr(it, total)
+            for group in optimizer.param_groups:
+                group["lr"] = group["peak_lr"] * lrm
+            x, y = normalize(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
+            with autocast:
                 teacher_logits, student_logits = both(x)  # the same augmented batch for both (App. C.2)
                 loss = slad_loss(student_logits, teacher_logits, y, T=args.temperature,  # eq. 4, (1, 1, 1)
                                  kl_into_teacher=args.kl_into_teacher, taid=taid)
-            run.scaler.scale(loss).backward()  # reaches the shared adapters from both models
-            run.scaler.step(optimizer)
-            run.scaler.update()
+            scaler.scale(loss).backward()  # reaches the shared adapters from both models
+            scaler.step(optimizer)
+            scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            progress.update(epoch, step, loss, lr, len(y))
-        train_loss = progress.epoch_loss()
-        val = run.evaluate({"teacher": teacher, "student": student}, val_loader)
-        run.end_epoch("slad", epoch, time.perf_counter() - t0, optimizer=optimizer,
-                      metrics={"train_loss": train_loss, **flat(val, "val_"),
-                               **({"taid_t": float(taid.t)} if taid is not None else {})})
 
-    test = run.evaluate({"teacher": teacher, "student": student}, test_loader)
-    run.finish({**flat(test), "num_classes": num_classes, "mapping": args.mapping, "epochs": args.epochs,
-                "kd": args.kd, "feat": "none", **({"taid_t": float(taid.t)} if taid is not None else {})},
-               exports={"student.pt": student, "teacher.pt": teacher})
+            # the loss stays on the device; it is read (a host sync) only for a log line
+            loss_sum += loss.detach()
+            n += 1
+            first_bad = torch.where(torch.isfinite(loss.detach()), first_bad, first_bad.clamp(max=it))
+            if (step + 1) % args.log_every == 0 or step + 1 == steps:
+                if not scaler.is_enabled():  # fp16's GradScaler skips an overflowed step: that is normal
+                    stop_if_not_finite(first_bad, steps, "slad", args.out_dir)
+                mean_loss = ddp_mean(loss_sum, device) / n
+                dt = (time.perf_counter() - t0) / n
+                img_s = args.batch_size / dt
+                mfu = f"{100 * flops_per_img * img_s / (peak * world):.1f}%" if peak else "n/a"
+                print0(f"slad epoch {epoch + 1}/{args.epochs} step {step + 1}/{steps} | loss {mean_loss:.4f} | "
+                       f"lr {args.lr * lrm:.2e} | {1000 * dt:.0f} ms/step | {img_s:.1f} img/s | mfu {mfu} | "
+                       f"eta {hms((total - it - 1) * dt)}", args.out_dir)
+                epoch_loss += mean_loss * n
+                loss_sum, n, t0 = torch.zeros((), device=device), 0, time.perf_counter()
+
+        # per epoch: validation, metrics.jsonl, the log line, the checkpoint
+        val = evaluate({"teacher": teacher, "student": student}, val_loader, device, autocast, window)
+        seconds = time.perf_counter() - t_epoch
+        history["train_seconds"] += seconds
+        metrics = {"train_loss": epoch_loss / steps, **flat(val, "val_"), **({"taid_t": float(taid.t)} if taid is not None else {})}
+        print0(f"slad epoch {epoch + 1} | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()), args.out_dir)
+        if rank == 0:
+            with open(os.path.join(args.out_dir, "metrics.jsonl"), "a") as f:
+                row = {"stage": "slad", "epoch": epoch + 1, **{k: round(v, 4) for k, v in metrics.items()},
+                       "epoch_seconds": round(seconds, 1)}
+                f.write(json.dumps(row) + "\n")
+        save_checkpoint(os.path.join(args.out_dir, "ckpt.pt"), {
+            "method": "slad", "config": config, "stage": "slad", "epoch": epoch + 1,
+            "models": {name: trained_tensors(m, keys[name]) for name, m in trained.items()},
+            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "history": history,
+            "rng": rng_state(device)})
+
+    # test, the exported models (adapters merged), results.json
+    test = evaluate({"teacher": teacher, "student": student}, test_loader, device, autocast, window)
+    results = {"method": "slad", "dataset": args.dataset, "teacher": args.teacher, "student": args.student,
+               "seed": args.seed, **{k: round(v, 3) for k, v in flat(test).items()}, "num_classes": num_classes,
+               "mapping": args.mapping, "epochs": args.epochs, "kd": args.kd, "feat": "none",
+               **({"taid_t": round(float(taid.t), 3)} if taid is not None else {}), "train_seconds": round(history["train_seconds"], 1)}
+    if rank == 0:
+        export(os.path.join(args.out_dir, "student.pt"), student)
+        export(os.path.join(args.out_dir, "teacher.pt"), teacher)
+        write_json(os.path.join(args.out_dir, "results.json"), results)
+    print0("results: " + json.dumps(results), args.out_dir)
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -22,16 +22,24 @@ Classification, or segmentation (per-pixel losses, a linear head, mIoU), by --da
         --device cpu --teacher_adapt lora --out_dir out/demo-lora   # the offline demo
 """
 
+import json
+import math
+import os
 import sys
 import time
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import DataError, load_splits
-from experiment import Run, flat, parser
+from data import SEGMENTATION, DataError, load_splits, make_loaders, normalize
+from experiment import (NON_NEGATIVE, POSITIVE, POSITIVE_INT, adamw, check_out_dir, ddp_init, ddp_mean, evaluate, export,
+                        flat, hms, load_checkpoint, load_trained_tensors, parser, peak_flops, print0, resolve_flags,
+                        rng_state, save_checkpoint, set_rng_state, stop_if_not_finite, trained_keys, trained_tensors,
+                        write_json)
 from kd import TAID, TaskFilters, distill_loss, task_loss, ted_loss
 from lora import MAPPINGS, add_lora, layer_mapping, trainable_parameters
-from model import CheckpointError
+from model import CheckpointError, Classifier, Segmenter, initial_backbone
 
 
 def adapt(model, how, rank):
@@ -54,90 +62,181 @@ def add_ted_filters(teacher, student, mapping, num_classes):
     return g
 
 
-def make_optimizer(run, model):
-    """Heads and adapters at --lr; a fully fine-tuned encoder at --backbone_lr."""
-    is_backbone = lambda n: n.startswith("vit.") and "lora_" not in n
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    return run.optimizer([([p for n, p in named if not is_backbone(n)], run.args.lr),
-                          ([p for n, p in named if is_backbone(n)], run.args.backbone_lr)])
+def get_lr(it, total):
+    """The learning rate of step `it` of `total`, as a fraction of the peak: a linear warm-up over the first
+    5 % of the steps, then a cosine to zero."""
+    warmup = max(1, round(0.05 * total))
+    if it < warmup:
+        return (it + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (it - warmup) / max(1, total - warmup)))
 
 
-def train_stage(run, stage, model, loss_fn, optimizer, epochs, start_epoch, train_loader, val_loader, taid=None):
-    """The loop of one stage: AdamW + cosine, raw AMP, a val accuracy and a checkpoint every epoch (and
-    TAID's t, read once an epoch)."""
-    steps = len(train_loader)
-    progress = run.progress(stage, epochs, steps)
-    for epoch in range(start_epoch, epochs):
-        t0 = time.perf_counter()
-        model.train()
-        train_loader.sampler.set_epoch(epoch)
-        for step, (x, y) in enumerate(train_loader):
-            lr = run.set_lr(optimizer, epoch * steps + step, epochs * steps)
-            x, y = run.to_device(x, y)
-            with run.autocast:
-                loss = loss_fn(x, y)
-            run.scaler.scale(loss).backward()
-            run.scaler.step(optimizer)
-            run.scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            progress.update(epoch, step, loss, lr, len(y))
-        train_loss = progress.epoch_loss()
-        val = run.evaluate({stage: model}, val_loader)
-        run.end_epoch(stage, epoch, time.perf_counter() - t0, optimizer=optimizer,
-                      metrics={"train_loss": train_loss, **flat(val, "val_"),
-                               **({"taid_t": float(taid.t)} if taid is not None else {})})
+def flops_per_image(model, how, img_size):
+    """Matmul FLOPs of a training step per image (bench.py): the forward pass F, F more to backpropagate
+    through an encoder with anything trainable, F more for a fully trained encoder's weight gradients."""
+    return model.vit.flops(img_size) * {"probe": 1, "lora": 2, "finetune": 3}[how]
 
 
 def parse_args(argv=None):
     p = parser(__doc__, "twostep")
     p.add_argument("--teacher_adapt", default="lora", choices=["probe", "finetune", "lora"],
                    help="how stage 1 adapts the teacher")
-    p.add_argument("--student_adapt", default="lora", choices=["lora", "finetune"],
-                   help="how stage 2 adapts the student")
-    p.add_argument("--teacher_epochs", type=int, default=None, help="stage 1 epochs (default --epochs, or 30)")
-    p.add_argument("--student_epochs", type=int, default=None,
+    p.add_argument("--student_adapt", default=None, choices=["lora", "finetune"],
+                   help="how stage 2 adapts the student (default: as the method reproduced: finetune after a probe or "
+                        "finetune teacher, as Marrie et al.; lora after a lora teacher, as §3.2)")
+    p.add_argument("--teacher_epochs", type=POSITIVE_INT, default=None, help="stage 1 epochs (default --epochs, or 30)")
+    p.add_argument("--student_epochs", type=POSITIVE_INT, default=None,
                    help="stage 2 epochs (default --epochs, or 30; 80 after a probed teacher, as the paper)")
-    p.add_argument("--backbone_lr", type=float, default=2e-5, help="peak learning rate of a fully fine-tuned encoder")
+    p.add_argument("--backbone_lr", type=POSITIVE, default=2e-5, help="peak learning rate of a fully fine-tuned encoder")
     p.add_argument("--feat", default="none", choices=["none", "ted"],
                    help="a layer-wise term on top of eq. 2: ted, TED's task-aware filters (kd.TaskFilters)")
     p.add_argument("--mapping", default="even", choices=MAPPINGS,
                    help="with --feat ted: the teacher block g(i) that student block i is distilled from (as SLAD's)")
-    p.add_argument("--ted_beta", type=float, default=1.0, help="with --feat ted: the weight of TED's layer-wise MSE")
+    p.add_argument("--ted_beta", type=NON_NEGATIVE, default=1.0, help="with --feat ted: the weight of TED's layer-wise MSE")
     args = p.parse_args(argv)
     args.teacher_epochs = args.teacher_epochs or args.epochs or 30
     args.student_epochs = args.student_epochs or args.epochs or (80 if args.teacher_adapt == "probe" else 30)
-    return args, p
+    args.student_adapt = args.student_adapt or ("lora" if args.teacher_adapt == "lora" else "finetune")
+    return resolve_flags(args, p, "twostep"), p
 
 
 def main():
     args, p = parse_args()
-    run = Run(args, p, "twostep")
+    config = dict(vars(args))
+    ckpt = load_checkpoint(args, config, "twostep", p) if args.resume else None
+    check_out_dir(args, p)
 
+    # device, raw torch AMP (autocast for the forward passes, a GradScaler only for float16), torchrun
+    rank, world, device = ddp_init(args.device)
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    dtype = getattr(torch, args.dtype)
+    autocast = torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32)
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    # data: each process loads its share of every global batch
     splits, num_classes = load_splits(args.dataset, args.data_dir)
-    train_loader, val_loader, test_loader = run.loaders(splits)
-    teacher = run.model(run.backbone(args.teacher, "teacher"), num_classes)  # Classifier or Segmenter
-    student = run.model(run.backbone(args.student, "student"), num_classes)
+    train_loader, val_loader, test_loader = make_loaders(args.dataset, splits, args.img_size, args.batch_size, args.seed,
+                                                         args.num_workers, device, rank, world)
+    steps = len(train_loader)
+    if steps == 0:
+        p.error(f"--batch_size {args.batch_size} is more than the {len(splits['train'])} training images: no step to take")
+
+    # models: each adapted as its flag says; TED's filters and TAID's state train and checkpoint with them
+    torch.manual_seed(args.seed)  # the heads' init
+    Model = Segmenter if args.dataset in SEGMENTATION else Classifier  # the heads of App. C.1
+    teacher = Model(initial_backbone(args.teacher, "teacher", args.init, args.seed), num_classes)
+    student = Model(initial_backbone(args.student, "student", args.init, args.seed), num_classes)
+    teacher.vit.grad_checkpointing = student.vit.grad_checkpointing = args.grad_checkpointing
     adapt(teacher, args.teacher_adapt, args.rank)
     adapt(student, args.student_adapt, args.rank)
     g = add_ted_filters(teacher, student, args.mapping, num_classes) if args.feat == "ted" else None
-    taid = TAID(args.student_epochs * len(train_loader)).to(run.device) if args.kd == "taid" else None
-    teacher.to(run.device), student.to(run.device)
-    run.track(teacher=teacher, student=student, **({"taid": taid} if taid is not None else {}))
-    run.start()
+    taid = TAID(args.student_epochs * steps).to(device) if args.kd == "taid" else None
+    teacher.to(device), student.to(device)
+    trained = {"teacher": teacher, "student": student, **({"taid": taid} if taid is not None else {})}
+    keys = {name: trained_keys(m) for name, m in trained.items()}  # what a checkpoint holds: no frozen backbone
+
+    # the output folder, and --resume
+    if rank == 0:
+        os.makedirs(args.out_dir, exist_ok=True)
+        if ckpt is None:
+            write_json(os.path.join(args.out_dir, "config.json"), config)
+    print0(f"twostep | {' '.join(sys.argv[1:])}" + (f" | {world} processes" if world > 1 else ""), args.out_dir)
     for name, m in (("teacher", teacher), ("student", student)):
-        run.log(f"{name} {getattr(args, name)} ({getattr(args, name + '_adapt')}): "
-                f"{sum(p.numel() for p in trainable_parameters(m)) / 1e6:.2f}M trainable parameters")
-    if args.feat == "ted":
-        run.log(f"TED: student block i is distilled from teacher block g(i) = {g}, through filters "
-                f"{teacher.ted_filters.filters[0].out_features} wide")
-    stage, done = run.resume_point()
+        print0(f"{name} {getattr(args, name)} ({getattr(args, name + '_adapt')}): "
+               f"{sum(p.numel() for p in trainable_parameters(m)) / 1e6:.2f}M trainable parameters", args.out_dir)
+    if g is not None:
+        print0(f"TED: student block i is distilled from teacher block g(i) = {g}, through filters "
+               f"{teacher.ted_filters.filters[0].out_features} wide", args.out_dir)
+    history, stage, done = {"train_seconds": 0.0}, None, 0
+    if ckpt:
+        history, stage, done = ckpt["history"], ckpt["stage"], ckpt["epoch"]
+        print0(f"resuming from {args.resume} ({stage} stage, epoch {done} done)", args.out_dir)
+    peak = peak_flops(device)
+    if peak is None:
+        print0(f"mfu: no dense bf16 peak is known for {device}, so the log shows none", args.out_dir)
+    window = args.img_size if args.dataset in SEGMENTATION else None  # segmentation evaluates by sliding window
+
+    def make_optimizer(model):
+        """Heads, adapters and filters at --lr; a fully fine-tuned encoder at --backbone_lr."""
+        is_backbone = lambda n: n.startswith("vit.") and "lora_" not in n
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        return adamw([([p for n, p in named if not is_backbone(n)], args.lr),
+                      ([p for n, p in named if is_backbone(n)], args.backbone_lr)], args.weight_decay, device)
+
+    def resume(optimizer):
+        for name, m in trained.items():
+            load_trained_tensors(m, ckpt["models"][name], keys[name], args.resume)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"], device)
+
+    def train_stage(name, model, loss_fn, optimizer, epochs, start_epoch, flops_per_img):
+        """One stage: AdamW with get_lr's schedule, raw AMP, a val accuracy, a metrics row and a checkpoint an epoch."""
+        total = epochs * steps
+        for epoch in range(start_epoch, epochs):
+            t_epoch = t0 = time.perf_counter()
+            model.train()
+            train_loader.sampler.set_epoch(epoch)
+            loss_sum, n, epoch_loss = torch.zeros((), device=device), 0, 0.0
+            first_bad = torch.full((), 2**62, device=device)  # the first step whose loss is not finite
+            for step, (x, y) in enumerate(train_loader):
+                it = epoch * steps + step
+                lrm = get_lr(it, total)
+                for group in optimizer.param_groups:
+                    group["lr"] = group["peak_lr"] * lrm
+                x, y = normalize(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
+                with autocast:
+                    loss = loss_fn(x, y)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+
+                # the loss stays on the device; it is read (a host sync) only for a log line
+                loss_sum += loss.detach()
+                n += 1
+                first_bad = torch.where(torch.isfinite(loss.detach()), first_bad, first_bad.clamp(max=it))
+                if (step + 1) % args.log_every == 0 or step + 1 == steps:
+                    if not scaler.is_enabled():  # fp16's GradScaler skips an overflowed step: that is normal
+                        stop_if_not_finite(first_bad, steps, name, args.out_dir)
+                    mean_loss = ddp_mean(loss_sum, device) / n
+                    dt = (time.perf_counter() - t0) / n
+                    img_s = args.batch_size / dt
+                    mfu = f"{100 * flops_per_img * img_s / (peak * world):.1f}%" if peak else "n/a"
+                    print0(f"{name} epoch {epoch + 1}/{epochs} step {step + 1}/{steps} | loss {mean_loss:.4f} | "
+                           f"lr {args.lr * lrm:.2e} | {1000 * dt:.0f} ms/step | {img_s:.1f} img/s | mfu {mfu} | "
+                           f"eta {hms((total - it - 1) * dt)}", args.out_dir)
+                    epoch_loss += mean_loss * n
+                    loss_sum, n, t0 = torch.zeros((), device=device), 0, time.perf_counter()
+
+            # per epoch: validation, metrics.jsonl, the log line, the checkpoint
+            val = evaluate({name: model}, val_loader, device, autocast, window)
+            seconds = time.perf_counter() - t_epoch
+            history["train_seconds"] += seconds
+            metrics = {"train_loss": epoch_loss / steps, **flat(val, "val_"),
+                       **({"taid_t": float(taid.t)} if taid is not None and name == "student" else {})}
+            print0(f"{name} epoch {epoch + 1} | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()), args.out_dir)
+            if rank == 0:
+                with open(os.path.join(args.out_dir, "metrics.jsonl"), "a") as f:
+                    row = {"stage": name, "epoch": epoch + 1, **{k: round(v, 4) for k, v in metrics.items()},
+                           "epoch_seconds": round(seconds, 1)}
+                    f.write(json.dumps(row) + "\n")
+            save_checkpoint(os.path.join(args.out_dir, "ckpt.pt"), {
+                "method": "twostep", "config": config, "stage": name, "epoch": epoch + 1,
+                "models": {k: trained_tensors(m, keys[k]) for k, m in trained.items()},
+                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "history": history,
+                "rng": rng_state(device)})
 
     # stage 1 (eq. 1): the teacher alone, on the labels
     if stage in (None, "teacher"):
-        optimizer = make_optimizer(run, teacher)
+        optimizer = make_optimizer(teacher)
         if stage == "teacher":
-            run.restore(optimizer)
-        teacher_step = run.wrap(teacher)  # DDP (torchrun) and torch.compile, if asked
+            resume(optimizer)
+        teacher_step = DDP(teacher, device_ids=[device] if device_type == "cuda" else None) if world > 1 else teacher
+        teacher_step = torch.compile(teacher_step) if args.compile else teacher_step
 
         def teach(x, y):
             if args.feat == "none":
@@ -147,17 +246,19 @@ def main():
             filters = teacher.ted_filters
             return task_loss(logits, y) + filters.task_loss(filters([b.detach() for b in blocks]), y)
 
-        train_stage(run, "teacher", teacher, teach, optimizer,
-                    args.teacher_epochs, done if stage == "teacher" else 0, train_loader, val_loader)
-        run.history["teacher_test"] = flat(run.evaluate({"teacher": teacher}, test_loader))
-        run.log(f"teacher test: {run.history['teacher_test']}")
+        train_stage("teacher", teacher, teach, optimizer, args.teacher_epochs, done if stage == "teacher" else 0,
+                    flops_per_image(teacher, args.teacher_adapt, args.img_size))
+        history["teacher_test"] = flat(evaluate({"teacher": teacher}, test_loader, device, autocast, window))
+        print0(f"teacher test: {history['teacher_test']}", args.out_dir)
 
     # stage 2 (eq. 2): the frozen teacher distilled into the student
     teacher.eval().requires_grad_(False)
-    optimizer = make_optimizer(run, student)  # with --feat ted, the student's filters too
+    optimizer = make_optimizer(student)  # with --feat ted, the student's filters too
     if stage == "student":
-        run.restore(optimizer)
-    teacher_fwd, student_step = run.compile(teacher), run.wrap(student)
+        resume(optimizer)
+    teacher_fwd = torch.compile(teacher) if args.compile else teacher
+    student_step = DDP(student, device_ids=[device] if device_type == "cuda" else None) if world > 1 else student
+    student_step = torch.compile(student_step) if args.compile else student_step
 
     def distill(x, y):  # (alpha_s, alpha_KL) = (0.5, 0.5); --kd taid: TAID's term in place of the KL
         if args.feat == "none":
@@ -172,16 +273,26 @@ def main():
         return (distill_loss(student_logits, teacher_logits, y, T=args.temperature, taid=taid)
                 + args.ted_beta * ted_loss(student.ted_filters(student_blocks), teacher_filtered))
 
-    train_stage(run, "student", student, distill, optimizer, args.student_epochs,
-                done if stage == "student" else 0, train_loader, val_loader, taid)
+    train_stage("student", student, distill, optimizer, args.student_epochs, done if stage == "student" else 0,
+                teacher.vit.flops(args.img_size) + flops_per_image(student, args.student_adapt, args.img_size))
 
-    test = run.evaluate({"student": student}, test_loader)
-    run.finish({**run.history["teacher_test"], **flat(test), "num_classes": num_classes,
-                "teacher_adapt": args.teacher_adapt, "student_adapt": args.student_adapt,
-                "teacher_epochs": args.teacher_epochs, "student_epochs": args.student_epochs,
-                "kd": args.kd, "feat": args.feat, **({"taid_t": float(taid.t)} if taid is not None else {}),
-                **({"mapping": args.mapping} if args.feat == "ted" else {})},
-               exports={"student.pt": student, "teacher.pt": teacher})
+    # test, the exported models (adapters merged), results.json
+    test = evaluate({"student": student}, test_loader, device, autocast, window)
+    results = {"method": "twostep", "dataset": args.dataset, "teacher": args.teacher, "student": args.student,
+               "seed": args.seed, **{k: round(v, 3) for k, v in {**history["teacher_test"], **flat(test)}.items()},
+               "num_classes": num_classes, "teacher_adapt": args.teacher_adapt, "student_adapt": args.student_adapt,
+               "teacher_epochs": args.teacher_epochs, "student_epochs": args.student_epochs, "kd": args.kd,
+               "feat": args.feat, **({"taid_t": round(float(taid.t), 3)} if taid is not None else {}),
+               **({"mapping": args.mapping} if args.feat == "ted" else {}),
+               "train_seconds": round(history["train_seconds"], 1)}
+    if rank == 0:
+        export(os.path.join(args.out_dir, "student.pt"), student)
+        export(os.path.join(args.out_dir, "teacher.pt"), teacher)
+        write_json(os.path.join(args.out_dir, "results.json"), results)
+    print0("results: " + json.dumps(results), args.out_dir)
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
