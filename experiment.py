@@ -298,7 +298,8 @@ def load_checkpoint(args, config, method, p):
     diff = [f"{k}={v!r} (now {config.get(k)!r})" for k, v in ckpt["config"].items()
             if k not in RESUMABLE_CHANGES and config.get(k) != v]
     if diff:
-        p.error(f"--resume {path} was written by another config: {', '.join(diff)}")
+        p.error(f"--resume {path} was written by another config: {', '.join(diff)}; give the run's own flags "
+                f"(its config.json) with --resume")
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.abspath(args.out_dir) != folder:  # a resume continues in its checkpoint's folder, nowhere else
         p.error(f"--resume {path} continues the run in {folder}, not in --out_dir {args.out_dir}: drop --out_dir "
