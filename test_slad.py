@@ -340,8 +340,8 @@ def write_jpg(path, seed):
     Image.fromarray(np.random.default_rng(seed).integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(path)
 
 
-def fake_dtd(root, classes=("banded", "dotted", "striped"), per_split=2):
-    base = os.path.join(root, "dtd", "dtd")
+def fake_dtd(root, classes=("banded", "dotted", "striped"), per_split=2, folder=("dtd", "dtd")):
+    base = os.path.join(root, *folder)  # torchvision's layout by default
     for split in ("train", "val", "test"):
         lines = []
         for c in classes:
@@ -429,6 +429,75 @@ def test_incomplete_copy_is_a_clear_error(tmp_path):
     os.remove(tmp_path / "dtd" / "dtd" / "labels" / "val1.txt")
     with pytest.raises(DataError, match="not a complete copy of dtd"):
         load_splits("dtd", str(tmp_path))
+
+
+@pytest.mark.parametrize("name,url", [
+    ("dtd", "https://www.robots.ox.ac.uk/~vgg/data/dtd/download/dtd-r1.0.1.tar.gz"),
+    ("aircraft", "https://www.robots.ox.ac.uk/~vgg/data/fgvc-aircraft/archives/fgvc-aircraft-2013b.tar.gz"),
+    ("cub", "https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz"),  # Caltech's record, not 65de6-vh518
+    ("cityscapes", "https://www.cityscapes-dataset.com/downloads/"),
+])
+def test_dataset_urls_are_the_checked_ones(name, url):
+    assert (data.CITYSCAPES_URL if name == "cityscapes" else data.HELP[name][0]) == url
+    import torchvision.datasets as tvd
+    if name in ("dtd", "aircraft"):  # the ones torchvision downloads: our message must name the same file
+        assert getattr({"dtd": tvd.DTD, "aircraft": tvd.FGVCAircraft}[name], "_URL", url) == url
+
+
+@pytest.mark.parametrize("folder", [("dtd", "dtd"), ("dtd",)])  # torchvision's, and the archive unpacked by hand
+def test_dtd_loads_from_either_layout(tmp_path, folder):
+    fake_dtd(str(tmp_path), folder=folder)
+    splits, num_classes = load_splits("dtd", str(tmp_path))
+    assert num_classes == 3 and tuple(len(splits[s]) for s in ("train", "val", "test")) == (6, 6, 6)
+    assert splits["test"][0][0].mode == "RGB"
+
+
+@pytest.mark.parametrize("name,make", [("dtd", lambda r: fake_dtd(r, folder=("dtd",))), ("aircraft", fake_aircraft),
+                                       ("cub", fake_cub)])
+def test_offline_instruction_when_followed_gives_a_layout_that_loads(tmp_path, monkeypatch, name, make):
+    import re
+    import tarfile
+    import urllib.request
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    root = tmp_path / "data"
+    with pytest.raises(DataError) as e:
+        load_splits(name, str(root))
+    archive, into = re.search(r"tar xzf (\S+) -C ([^\s)]+)", str(e.value)).groups()
+    url, top, _ = data.HELP[name]
+    assert archive == os.path.basename(url) and into == str(root)
+    make(str(tmp_path / "stage"))  # the archive as published: one top folder
+    with tarfile.open(tmp_path / archive, "w:gz") as tar:
+        tar.add(tmp_path / "stage" / top, arcname=top)
+    with tarfile.open(tmp_path / archive) as tar:  # what the instruction does
+        tar.extractall(into)
+    splits, _ = load_splits(name, str(root))
+    assert len(splits["test"]) > 0 and splits["test"][0][0].mode == "RGB"
+
+
+def damage(path, how):
+    if how == "missing":
+        os.remove(path)
+    else:  # an interrupted download or copy: half the bytes, or bytes that are no image at all
+        content = open(path, "rb").read()
+        open(path, "wb").write(content[:len(content) // 2] if how == "truncated" else b"<html>not found</html>")
+
+
+@pytest.mark.parametrize("name,make", [("dtd", fake_dtd), ("aircraft", fake_aircraft), ("cub", fake_cub)])
+@pytest.mark.parametrize("how,num_workers", [("truncated", 0), ("truncated", 1), ("garbage", 0), ("missing", 0)])
+def test_a_bad_image_file_is_one_line_that_names_it(tmp_path, name, make, how, num_workers):
+    make(str(tmp_path))
+    test = load_splits(name, str(tmp_path))[0]["test"]
+    bad = test.samples[1][0]
+    damage(bad, how)
+    loader = make_loader(test, eval_transform(28), batch_size=2, train=False, num_workers=num_workers)
+    with pytest.raises(DataError) as e:  # from a worker, torch re-raises it with the worker's traceback
+        for _ in loader:
+            pass
+    msg = str(e.value)
+    assert bad in msg and "\n" not in msg and "download it again" in msg and "Traceback" not in msg
 
 
 def test_transforms_follow_appendix_c2():
@@ -831,6 +900,41 @@ def test_missing_cityscapes_says_what_to_fetch(tmp_path):
     msg = str(e.value)
     assert "leftImg8bit_trainvaltest.zip" in msg and "gtFine_trainvaltest.zip" in msg and "cityscapes-dataset.com" in msg
     assert str(tmp_path / "cityscapes") in msg
+
+
+@pytest.mark.parametrize("bad", [None, "leftImg8bit_trainvaltest.zip", "gtFine_trainvaltest.zip"])
+def test_cityscapes_zips_unpack_and_an_incomplete_one_is_named(tmp_path, bad):
+    import zipfile
+    fake_cityscapes(str(tmp_path / "stage"))
+    (tmp_path / "cityscapes").mkdir()
+    for folder in ("leftImg8bit", "gtFine"):  # the zips as downloaded, not unpacked yet
+        path = tmp_path / "cityscapes" / f"{folder}_trainvaltest.zip"
+        with zipfile.ZipFile(path, "w") as z:
+            for f in (tmp_path / "stage" / "cityscapes" / folder).rglob("*.png"):
+                z.write(f, f.relative_to(tmp_path / "stage" / "cityscapes"))
+        if path.name == bad:  # an interrupted download
+            path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+    if bad is None:
+        assert len(load_splits("cityscapes", str(tmp_path))[0]["test"]) == 2
+        return
+    with pytest.raises(DataError) as e:
+        load_splits("cityscapes", str(tmp_path))
+    msg = str(e.value)
+    assert str(tmp_path / "cityscapes" / bad) in msg and "incomplete" in msg and "\n" not in msg
+    assert sum(z in msg for z in data.CITYSCAPES_ZIPS) == 1  # the incomplete one alone
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_cityscapes_bad_label_file_is_one_line_that_names_it(tmp_path, num_workers):
+    fake_cityscapes(str(tmp_path))
+    test = load_splits("cityscapes", str(tmp_path))[0]["test"]
+    bad = test.samples[1][1]  # a mask
+    damage(bad, "truncated")
+    loader = make_loader(test, SegEvalTransform(base=32), batch_size=1, train=False, num_workers=num_workers)
+    with pytest.raises(DataError) as e:
+        for _ in loader:
+            pass
+    assert bad in str(e.value) and "\n" not in str(e.value)
 
 
 def trivial_miou(dataset):
