@@ -107,6 +107,7 @@ def test_bad_image_size_is_a_clear_error():
 
 
 def test_checkpoint_urls_are_the_hub_ones():
+    assert model.DINOV2_URL == "https://dl.fbaipublicfiles.com/dinov2"  # dinov2/hub/utils.py's _DINOV2_BASE_URL
     assert model.checkpoint_url("vitb14") == "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/dinov2_vitb14_pretrain.pth"
     assert model.checkpoint_url("vitg14_reg") == "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitg14/dinov2_vitg14_reg4_pretrain.pth"
 
@@ -168,6 +169,57 @@ def test_from_pretrained_downloads_into_hub_cache_and_fails_clearly_offline(vits
     assert torch.equal(loaded.pos_embed, vit.pos_embed)
     ViT.from_pretrained("vits14")  # second time from the cache: no download
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("cached", [True, False])  # torch.hub's cache, or a path given
+@pytest.mark.parametrize("content", ["empty", "truncated", "pickled objects"])
+def test_unreadable_weights_file_is_one_error_line(vits14_file, tmp_path, monkeypatch, cached, content):
+    import argparse
+    path, _ = vits14_file
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("a file is there: no download"))
+    bad = tmp_path / "checkpoints" / "dinov2_vits14_pretrain.pth"
+    bad.parent.mkdir()
+    if content == "pickled objects":  # loads only if the caller trusts the file: it must not be told to
+        torch.save({"args": argparse.Namespace(lr=1e-3)}, bad)
+    else:  # what an interrupted download leaves
+        bad.write_bytes(b"" if content == "empty" else path.read_bytes()[:1000])
+    before = bad.read_bytes()
+    with pytest.raises(CheckpointError) as e:
+        ViT.from_pretrained("vits14", path=None if cached else str(bad))
+    msg = str(e.value)
+    assert str(bad) in msg and "\n" not in msg and e.value.__cause__ is None
+    assert e.value.__context__ is None or e.value.__suppress_context__  # one traceback, not two chained ones
+    assert not any(s in msg for s in ("weights_only", "safe_globals", "trust"))
+    assert ("delete it and run again" in msg) if cached else (model.checkpoint_url("vits14") in msg)
+    assert ("empty" in msg) == (content == "empty")
+    assert bad.read_bytes() == before  # nothing deleted or rewritten: the user is told to
+
+
+@pytest.mark.parametrize("edit,load_as,says", [
+    (None, "vitb14", "cls_token is (1, 1, 384), not (1, 1, 768); it looks like vits14 (384 wide"),
+    ("add registers", "vits14", "1 unexpected key(s), the first register_tokens; it looks like vits14_reg (384 wide"),
+    (None, "vits14_reg", "1 key(s) missing, the first register_tokens; it looks like vits14 (384 wide"),
+    ("drop blocks 6-11", "vits14", "key(s) missing, the first blocks.6.norm1.weight; it fits none of the DINOv2 configs"),
+])
+def test_wrong_architecture_says_what_differs_and_what_it_looks_like(vits14_file, tmp_path, edit, load_as, says):
+    path, vit = vits14_file
+    state_dict = vit.state_dict()
+    if edit == "add registers":
+        state_dict["register_tokens"] = torch.zeros(1, 4, 384)
+    elif edit:
+        state_dict = {k: v for k, v in state_dict.items() if not any(k.startswith(f"blocks.{i}.") for i in range(6, 12))}
+    torch.save(state_dict, tmp_path / "w.pth")
+    with pytest.raises(CheckpointError) as e:
+        ViT.from_pretrained(load_as, path=str(tmp_path / "w.pth"))
+    assert says in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_config_of_a_state_dict_is_its_config(name):
+    with torch.device("meta"):  # shapes only: ViT-g's 1.1 B parameters take no memory
+        state_dict = ViT.from_name(name).state_dict()
+    assert model.config_of(state_dict) == name
 
 
 def test_toy_has_no_pretrained_weights():
