@@ -1182,6 +1182,54 @@ def test_cka_bad_input_is_one_line(tmp_path):
 
 
 
+@pytest.mark.parametrize("file,content", [
+    ("results.json", '{"method": "sl'),  # cut off while written
+    ("config.json", '{"dataset": "synthetic", '),
+    ("config.json", b"\xff\xfe\x00"),  # not text
+    ("results.json", "[1, 2]"),  # JSON, not an object
+    ("config.json", '{"dataset": "imagenet", "teacher": "toy-b", "student": "toy-s"}'),  # hand-edited
+])
+def test_cka_on_a_broken_run_file_is_one_line(tmp_path, file, content):
+    run = fake_run(tmp_path / "run", 0.01, 0.01)
+    path = os.path.join(run, file)
+    open(path, "wb").write(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(SystemExit) as e:
+        cka.main(["--runs", run, "--device", "cpu", "--out_dir", str(tmp_path / "cka")])
+    msg = str(e.value.code)
+    assert e.value.code != 0 and "\n" not in msg and (path in msg or "imagenet" in msg)
+    assert not os.path.exists(tmp_path / "cka")
+
+
+@pytest.mark.parametrize("change,flags,says", [
+    (dict(dataset="synthetic-seg", img_size=112), [], "has dataset 'synthetic-seg', not 'synthetic'"),
+    ({}, ["--dataset", "synthetic-seg"], "has dataset 'synthetic', not 'synthetic-seg'"),
+    (dict(img_size=112), [], "has img_size 112, not 56"),
+    ({}, ["--img_size", "112"], "has img_size 56, not 112"),
+])
+def test_cka_refuses_runs_trained_on_other_images(tmp_path, change, flags, says):
+    first = fake_run(tmp_path / "first", 0.01, 0.01)
+    other = fake_run(tmp_path / "other", 0.01, 0.01)
+    config = json.load(open(os.path.join(other, "config.json")))
+    json.dump(dict(config, **change), open(os.path.join(other, "config.json"), "w"))
+    with pytest.raises(SystemExit) as e:
+        cka.main(["--runs", first, other, *flags, "--device", "cpu", "--out_dir", str(tmp_path / "cka")])
+    assert says in str(e.value.code) and "trained on" in str(e.value.code) and "\n" not in str(e.value.code)
+    assert not os.path.exists(tmp_path / "cka")
+
+
+def test_cka_removes_its_own_earlier_pngs_only(tmp_path):
+    run = fake_run(tmp_path / "now", 0.01, 0.01)
+    out = tmp_path / "cka"
+    out.mkdir()
+    for f in ("cka.png", "cka_delta_before.png", "cka_pretrained.png", "mine.png", "cka_notes.txt", "notes.txt"):
+        (out / f).write_bytes(b"an earlier call's, or the user's")
+    cka.main(["--runs", run, "--max_images", "16", "--batch_size", "8", "--device", "cpu", "--out_dir", str(out)])
+    assert sorted(os.listdir(out)) == ["cka.json", "cka.png", "cka_delta_now.png", "cka_notes.txt", "cka_pretrained.png",
+                                       "mine.png", "notes.txt"]
+    assert (out / "mine.png").read_bytes() == (out / "notes.txt").read_bytes() == b"an earlier call's, or the user's"
+    assert Image.open(out / "cka.png").size[0] > 100  # this call's
+
+
 # -----------------------------------------------------------------------------
 # speed and scale: FLOP counts for MFU, activation checkpointing, torchrun, bench.py
 
