@@ -1512,3 +1512,38 @@ def test_report_bad_input_is_one_line(tmp_path):
         with pytest.raises(SystemExit) as e:
             report.main([str(folder)])
         assert e.value.code != 0 and says in str(e.value.code) and "\n" not in str(e.value.code)
+
+
+@pytest.mark.parametrize("seeds,cell,left_out", [
+    ([0, 0, 0, 0], "83.00 (n=1)", 3),  # four re-runs of seed 0: one seed, the newest run
+    ([0, 1, 0, 1], "82.50 ± 0.71 (n=2)", 2),
+    ([0, 1, 2, 3], "81.50 ± 1.29 (n=4)", 0),
+])
+def test_report_counts_one_result_per_seed_the_newest(tmp_path, seeds, cell, left_out):
+    for k, seed in enumerate(seeds):  # folder names sort against the age: the age decides
+        path = tmp_path / f"run-{9 - k}"
+        fake_results(path, method="slad", teacher="toy-b", student="toy-s", dataset="synthetic", seed=seed,
+                     student_acc=80.0 + k)
+        os.utime(path / "results.json", (1_700_000_000 + k, 1_700_000_000 + k))
+    text = report.main([str(tmp_path)])
+    assert table_rows(text)[0][("toy-s", "toy-b", "SLAD", "ours")]["synthetic"] == cell
+    assert (f"{left_out} re-run(s) of a seed already counted left out" in text) == (left_out > 0)
+
+
+def test_report_follows_symlinked_run_folders_once_and_survives_cycles(tmp_path):
+    run = dict(method="slad", teacher="toy-b", student="toy-s", dataset="synthetic")
+    fake_results(tmp_path / "elsewhere" / "s0", **run, seed=0, student_acc=50.0)
+    fake_results(tmp_path / "out" / "s1", **run, seed=1, student_acc=60.0)
+    os.symlink(tmp_path / "elsewhere" / "s0", tmp_path / "out" / "s0")  # a run kept on another disk
+    os.symlink(tmp_path / "out", tmp_path / "out" / "s1" / "loop")  # a cycle
+    os.symlink(tmp_path / "out" / "s1", tmp_path / "out" / "s1-again")  # the same run twice
+    text = report.main([str(tmp_path / "out")])
+    assert table_rows(text)[0][("toy-s", "toy-b", "SLAD", "ours")]["synthetic"] == "55.00 ± 7.07 (n=2)"
+    assert "re-run" not in text
+
+
+def test_report_reads_json_without_importing_torch(tmp_path):
+    code = ("import sys, report\ntry:\n    report.main([sys.argv[1]])\nexcept SystemExit as e:\n    print(e.code)\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'numpy', 'experiment'}))")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "nope")], cwd=HERE, capture_output=True, text=True)
+    assert r.stdout.splitlines() == [f"report.py: error: {tmp_path / 'nope'} is not a folder this user can read", "[]"]
