@@ -196,6 +196,17 @@ def test_unreadable_weights_file_is_one_error_line(vits14_file, tmp_path, monkey
     assert bad.read_bytes() == before  # nothing deleted or rewritten: the user is told to
 
 
+def test_empty_weights_file_stops_a_script_with_one_line(tmp_path):
+    cached = tmp_path / "hub" / "checkpoints" / "dinov2_vitb14_pretrain.pth"  # torch.hub's cache under $TORCH_HOME
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"")
+    env = dict(os.environ, TORCH_HOME=str(tmp_path), https_proxy="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9")
+    r = cli(["cka.py", "--dataset", "synthetic", "--device", "cpu", "--out_dir", str(tmp_path / "cka")], env=env)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0
+    assert str(cached) in r.stderr and "empty" in r.stderr and "delete it and run again" in r.stderr
+    assert cached.exists() and not os.path.exists(tmp_path / "cka")
+
+
 @pytest.mark.parametrize("edit,load_as,says", [
     (None, "vitb14", "cls_token is (1, 1, 384), not (1, 1, 768); it looks like vits14 (384 wide"),
     ("add registers", "vits14", "1 unexpected key(s), the first register_tokens; it looks like vits14_reg (384 wide"),
@@ -550,6 +561,19 @@ def test_a_bad_image_file_is_one_line_that_names_it(tmp_path, name, make, how, n
             pass
     msg = str(e.value)
     assert bad in msg and "\n" not in msg and "download it again" in msg and "Traceback" not in msg
+
+
+@pytest.mark.parametrize("script", ["train_slad.py", "cka.py"])
+def test_a_bad_image_stops_a_script_with_one_line(tmp_path, script):
+    fake_cub(str(tmp_path / "data"))
+    bad = load_splits("cub", str(tmp_path / "data"))[0]["test"].samples[2][0]
+    damage(bad, "truncated")
+    toy = ["--dataset", "cub", "--data_dir", str(tmp_path / "data"), "--teacher", "toy-b", "--student", "toy-s",
+           "--init", "random", "--img_size", "28", "--batch_size", "4", "--num_workers", "1", "--device", "cpu"]
+    extra = ["--split", "test"] if script == "cka.py" else ["--epochs", "1"]
+    r = cli([script, *toy, *extra, "--out_dir", str(tmp_path / "out")])
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.stderr.strip().count("\n") == 0 and bad in r.stderr and "download it again" in r.stderr
 
 
 def test_transforms_follow_appendix_c2():
