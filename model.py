@@ -51,7 +51,7 @@ CONFIGS.update({f"{k}_reg": replace(c, num_register_tokens=4, interpolate_offset
 CONFIGS["toy-s"] = ViTConfig(embed_dim=64, depth=3, num_heads=2, img_size=224)
 CONFIGS["toy-b"] = ViTConfig(embed_dim=128, depth=6, num_heads=4, img_size=224)
 
-# _DINOV2_BASE_URL of facebookresearch/dinov2's dinov2/hub/utils.py; the file names as its hub/backbones.py builds them
+# _DINOV2_BASE_URL in facebookresearch/dinov2's dinov2/hub/utils.py; checkpoint_url follows its hub/backbones.py
 DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2"
 
 
