@@ -242,12 +242,24 @@ class ImagesOnly(Dataset):
         return self.dataset[i][0], 0
 
 
+def read_json(path, parser):
+    """The JSON object in path; one line and an exit if it holds none (a broken or hand-edited file)."""
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except (ValueError, OSError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError
+        parser.error(f"cannot read {path} ({type(e).__name__}: {e})")
+    if not isinstance(obj, dict):
+        parser.error(f"{path} holds a JSON {type(obj).__name__}, not the object the training scripts write")
+    return obj
+
+
 def read_run(path, parser):
     files = [os.path.join(path, f) for f in ("config.json", "results.json", "teacher.pt", "student.pt")]
     missing = [f for f in files if not os.path.exists(f)]
     if missing:
         parser.error(f"{path} is not a finished run of train_twostep.py or train_slad.py: no {', '.join(missing)}")
-    config, results = json.load(open(files[0])), json.load(open(files[1]))
+    config, results = read_json(files[0], parser), read_json(files[1], parser)
     slad = results.get("method") == "slad"
     kind = "SLAD" if slad else f"{results.get('teacher_adapt', '?')} teacher"
     return dict(dir=path, name=os.path.basename(os.path.normpath(path)), kind=kind, config=config,
@@ -255,12 +267,16 @@ def read_run(path, parser):
 
 
 def resolve(args, runs, parser):
-    """Fill unset flags from the first run's config, then check that every run started from the same encoders."""
+    """Fill unset flags from the first run's config, then check that every run started from the same encoders
+    and was trained on the images it is measured on."""
     first = runs[0]["config"] if runs else {}
     defaults = dict(dataset="dtd", teacher="vitb14", student="vits14", init="dinov2", seed=0, img_size=None)
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, first.get(k, v))
+    for k, known in (("dataset", DATASETS), ("teacher", CONFIGS), ("student", CONFIGS)):  # a hand-edited config.json
+        if getattr(args, k) not in known:
+            parser.error(f"{runs[0]['dir']} has {k} {getattr(args, k)!r}, not one of {', '.join(known)}")
     args.img_size = args.img_size or DATASET_DEFAULTS[args.dataset]["img_size"]
     if args.img_size % 14:
         parser.error(f"--img_size {args.img_size} is not a multiple of the patch size 14")
@@ -270,10 +286,12 @@ def resolve(args, runs, parser):
         parser.error(f"runs with the same folder name ({', '.join(names)}): their figures would overwrite each other")
     same = ("teacher", "student", "init") + (("seed",) if args.init == "random" else ())
     for r in runs:
-        for k in same:
+        for k in same + ("dataset", "img_size"):
             if r["config"].get(k) != getattr(args, k):
+                why = ("its pretrained panel would not be its starting point" if k in same else
+                       "it would be measured on other images than it was trained on")
                 parser.error(f"{r['dir']} has {k} {r['config'].get(k)!r}, not {getattr(args, k)!r} (the flags' or "
-                             f"the first run's): its pretrained panel would not be its starting point")
+                             f"the first run's): {why}")
     try:
         return layer_mapping(CONFIGS[args.student].depth, CONFIGS[args.teacher].depth, args.mapping)
     except ValueError as e:
@@ -316,6 +334,9 @@ def main(argv=None):
     panels = [draw_panel(mats[0], title, 0.0, 1.0, VIRIDIS, g)]
     results = dict(vars(args), g=g, n_images=len(ds), pretrained=dict(cka=mats[0].tolist(), mapped_mean=base), runs={})
     os.makedirs(args.out_dir, exist_ok=True)
+    for f in os.listdir(args.out_dir):  # an earlier call's panels, of runs not measured now, would pass for this call's
+        if f == "cka.png" or (f.startswith("cka_") and f.endswith(".png")):
+            os.remove(os.path.join(args.out_dir, f))
     panels[0].save(os.path.join(args.out_dir, "cka_pretrained.png"))
     for k, (r, C) in enumerate(zip(runs, mats[1:])):
         m = mapped_mean(C, g)

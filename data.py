@@ -10,6 +10,7 @@ the same whatever the number of workers or processes, and after a resume.
 """
 
 import os
+import zipfile
 
 import numpy as np
 import torch
@@ -27,7 +28,23 @@ RESIZE_RATIO = 640 / 512  # the paper resizes to 640, then center-crops 512 (App
 
 
 class DataError(RuntimeError):
-    """Data that is missing and could not be downloaded; the message says what to fetch and where to put it."""
+    """Data that is missing, incomplete or unreadable; the message, one line, names the file and what to do."""
+
+    def __init__(self, message):
+        if message.startswith("Caught DataError"):  # re-raised from a DataLoader worker: keep the worker's own line
+            message = message.rstrip().splitlines()[-1].split("DataError: ", 1)[-1]
+        super().__init__(message)
+
+
+def open_image(path, mode="RGB"):
+    """An image file, decoded now (mode None: as stored), so that a bad file stops here, named."""
+    try:
+        with Image.open(path) as img:
+            return img.convert(mode) if mode else img.copy()
+    except OSError as e:  # PIL's "image file is truncated" and UnidentifiedImageError are OSErrors
+        raise DataError(f"cannot read {path} ({type(e).__name__}: {e}): the file is missing, truncated or corrupt; "
+                        f"unpack it again from the dataset's archive, or delete the dataset's folder and download "
+                        f"it again") from None
 
 
 # -----------------------------------------------------------------------------
@@ -104,28 +121,55 @@ class SegEvalTransform:
 # the datasets
 
 
-class CUB200(Dataset):
-    """CUB-200-2011 read from the official CUB_200_2011/ folder (torchvision has no class for it)."""
+class ImageFiles(Dataset):
+    """(PIL image, label) of a list of (path, label): DTD, FGVC-Aircraft and CUB, read from their own files."""
 
-    URL = "https://data.caltech.edu/records/65de6-vh518/files/CUB_200_2011.tgz"
-    MD5 = "97eceeb196236b17998738112f37df78"
-
-    def __init__(self, root, split):
-        base = os.path.join(root, "CUB_200_2011")
-        read = lambda f: [line.split() for line in open(os.path.join(base, f)) if line.strip()]
-        paths = {i: p for i, p in read("images.txt")}
-        is_train = {i: t == "1" for i, t in read("train_test_split.txt")}
-        labels = {i: int(c) - 1 for i, c in read("image_class_labels.txt")}  # 1-based in the files
-        keep = [i for i in paths if is_train[i] == (split == "train")]
-        self.samples = [(os.path.join(base, "images", paths[i]), labels[i]) for i in keep]
-        self.classes = sorted(set(labels.values()))
+    def __init__(self, samples, classes):
+        self.samples, self.classes = samples, classes
 
     def __len__(self):
         return len(self.samples)
 
     def __getitem__(self, i):
         path, label = self.samples[i]
-        return Image.open(path).convert("RGB"), label
+        return open_image(path), label
+
+
+def dtd_folder(root):
+    """The folder of DTD's images/ and labels/: ROOT/dtd/dtd as torchvision downloads it, else ROOT/dtd, what
+    the archive (its top folder is dtd/) gives when unpacked into ROOT by hand."""
+    folder = os.path.join(root, "dtd", "dtd")
+    return folder if os.path.isdir(folder) else os.path.join(root, "dtd")
+
+
+def read_dtd(root, split):
+    """DTD, partition 1, as torchvision's DTD reads it: classes are the sorted folder names."""
+    folder = dtd_folder(root)
+    lines = [line.strip() for line in open(os.path.join(folder, "labels", f"{split}1.txt")) if line.strip()]
+    classes = sorted({line.split("/")[0] for line in lines})
+    index = {c: k for k, c in enumerate(classes)}
+    return ImageFiles([(os.path.join(folder, "images", line), index[line.split("/")[0]]) for line in lines], classes)
+
+
+def read_aircraft(root, split):
+    """FGVC-Aircraft's variants, as torchvision's FGVCAircraft reads them: classes in variants.txt's order."""
+    folder = os.path.join(root, "fgvc-aircraft-2013b", "data")
+    read = lambda f: [line.strip() for line in open(os.path.join(folder, f)) if line.strip()]
+    classes = read("variants.txt")
+    index = {c: k for k, c in enumerate(classes)}
+    lines = [line.split(" ", 1) for line in read(f"images_variant_{split}.txt")]  # "<image id> <variant name>"
+    return ImageFiles([(os.path.join(folder, "images", f"{i}.jpg"), index[variant]) for i, variant in lines], classes)
+
+
+def read_cub(root, split):
+    """CUB-200-2011 from the official CUB_200_2011/ folder (torchvision has no class for it)."""
+    base = os.path.join(root, "CUB_200_2011")
+    read = lambda f: [line.split() for line in open(os.path.join(base, f)) if line.strip()]
+    paths = {i: p for i, p in read("images.txt")}
+    is_train = {i: t == "1" for i, t in read("train_test_split.txt")}
+    labels = {i: int(c) - 1 for i, c in read("image_class_labels.txt")}  # 1-based in the files
+    keep = [i for i in paths if is_train[i] == (split == "train")]
+    return ImageFiles([(os.path.join(base, "images", paths[i]), labels[i]) for i in keep], sorted(set(labels.values())))
 
 
 class Procedural(Dataset):
@@ -223,7 +267,7 @@ class Cityscapes(Dataset):
 
     def __getitem__(self, i):
         img, target = self.samples[i]
-        return Image.open(img).convert("RGB"), Image.fromarray(self.lut[np.array(Image.open(target))])
+        return open_image(img), Image.fromarray(self.lut[np.array(open_image(target, mode=None))])
 
 
 class SyntheticShapes(Procedural):
@@ -261,23 +305,21 @@ class SyntheticShapes(Procedural):
         return Image.fromarray(img), Image.fromarray(mask)
 
 
-def _open(name, root, split):
-    import torchvision.datasets as tvd
-    if name == "dtd":
-        return tvd.DTD(root, split=split, partition=1)
-    if name == "aircraft":
-        return tvd.FGVCAircraft(root, split=split, annotation_level="variant")
-    if name == "cub":
-        return CUB200(root, split)
-    raise ValueError(f"unknown dataset {name!r}; one of {', '.join(DATASETS)}")
-
-
-HELP = {  # what is missing, where to get it, where it goes
-    "dtd": ("https://www.robots.ox.ac.uk/~vgg/data/dtd/download/dtd-r1.0.1.tar.gz", "dtd/dtd", "images/ and labels/"),
+READERS = {"dtd": read_dtd, "aircraft": read_aircraft, "cub": read_cub}
+HELP = {  # where to get it (each URL checked against the source named), the folder it unpacks to, what that holds
+    # torchvision.datasets.DTD._URL (torchvision 0.29); the archive's top folder is dtd/
+    "dtd": ("https://www.robots.ox.ac.uk/~vgg/data/dtd/download/dtd-r1.0.1.tar.gz", "dtd", "images/ and labels/"),
+    # torchvision.datasets.FGVCAircraft._URL (torchvision 0.29)
     "aircraft": ("https://www.robots.ox.ac.uk/~vgg/data/fgvc-aircraft/archives/fgvc-aircraft-2013b.tar.gz",
                  "fgvc-aircraft-2013b", "data/"),
-    "cub": (CUB200.URL, "CUB_200_2011", "images/, images.txt, train_test_split.txt and image_class_labels.txt"),
+    # Caltech's record of CUB-200-2011 (data.caltech.edu/records/65de6-vp158), the URL public CUB loaders use
+    "cub": ("https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz", "CUB_200_2011",
+            "images/, images.txt, train_test_split.txt and image_class_labels.txt"),
 }
+CUB_MD5 = "97eceeb196236b17998738112f37df78"
+# the page the zips are on, after a free registration (linked so by mmsegmentation's dataset_prepare.md)
+CITYSCAPES_URL = "https://www.cityscapes-dataset.com/downloads/"
+CITYSCAPES_ZIPS = ("leftImg8bit_trainvaltest.zip", "gtFine_trainvaltest.zip")
 
 
 def download(name, root):
@@ -291,13 +333,13 @@ def download(name, root):
         elif name == "aircraft":
             tvd.FGVCAircraft(root, split="train", annotation_level="variant", download=True)
         else:
-            download_and_extract_archive(url, root, filename="CUB_200_2011.tgz", md5=CUB200.MD5)
+            download_and_extract_archive(url, root, filename="CUB_200_2011.tgz", md5=CUB_MD5)
     except Exception as e:
         raise DataError(
             f"The {name} dataset is not in {os.path.join(root, folder)} and could not be downloaded "
-            f"({type(e).__name__}: {str(e).strip()[:200]}). Download {url} yourself and unpack it into {root}, "
-            f"so that {os.path.join(root, folder)} holds {content}; then run again (or point --data_dir at "
-            f"the folder that holds it)."
+            f"({type(e).__name__}: {str(e).strip()[:200]}). Download {url} yourself and unpack it into {root} "
+            f"(tar xzf {os.path.basename(url)} -C {root}), so that {os.path.join(root, folder)} holds {content}; "
+            f"then run again (or point --data_dir at the folder that holds it)."
         ) from None
 
 
@@ -320,29 +362,37 @@ def load_splits(name, root="./data"):
         try:
             train, val = holdout(Cityscapes(root, "train"))
             return {"train": train, "val": val, "test": Cityscapes(root, "val")}, len(Cityscapes.CLASSES)
+        except zipfile.BadZipFile:  # torchvision unpacks the zips on the first run
+            zips = [os.path.join(root, "cityscapes", z) for z in CITYSCAPES_ZIPS]
+            bad = [z for z in zips if not zipfile.is_zipfile(z)] or zips  # a truncated zip has no central directory
+            raise DataError(f"incomplete zip file: {' and '.join(bad)} (an interrupted download?); delete it, download "
+                            f"it again from {CITYSCAPES_URL} and run again") from None
         except (OSError, RuntimeError) as e:
             raise DataError(
                 f"Cityscapes is not in {os.path.join(root, 'cityscapes')} ({type(e).__name__}: {str(e).strip()[:120]}). "
                 f"It needs a (free) registration, so it cannot be downloaded for you: log in at "
-                f"https://www.cityscapes-dataset.com/downloads/, download leftImg8bit_trainvaltest.zip (11 GB) and "
-                f"gtFine_trainvaltest.zip (241 MB), and put them (or what they unpack to) in "
-                f"{os.path.join(root, 'cityscapes')}, so that it holds leftImg8bit/{{train,val}}/ and "
-                f"gtFine/{{train,val}}/ (the zips are unpacked on the first run)."
+                f"{CITYSCAPES_URL}, download {CITYSCAPES_ZIPS[0]} (11 GB) and {CITYSCAPES_ZIPS[1]} (241 MB), and "
+                f"put them (or what they unpack to) in {os.path.join(root, 'cityscapes')}, so that it holds "
+                f"leftImg8bit/{{train,val}}/ and gtFine/{{train,val}}/ (the zips are unpacked on the first run)."
             ) from None
     if name not in HELP:
         raise ValueError(f"unknown dataset {name!r}; one of {', '.join(DATASETS)}")
-    if not os.path.isdir(os.path.join(root, HELP[name][1])):
+    url, folder, content = HELP[name]
+    # DTD's download makes ROOT/dtd before it fetches anything: DTD is there when its images/ are
+    if not os.path.isdir(os.path.join(dtd_folder(root), "images") if name == "dtd" else os.path.join(root, folder)):
         download(name, root)
+    read = READERS[name]
     try:
         if name == "cub":  # no val split: hold out 10% of train
-            train, val = holdout(_open(name, root, "train"))
-            splits = {"train": train, "val": val, "test": _open(name, root, "test")}
+            train, val = holdout(read(root, "train"))
+            splits = {"train": train, "val": val, "test": read(root, "test")}
         else:
-            splits = {s: _open(name, root, s) for s in ("train", "val", "test")}
-    except (OSError, RuntimeError, KeyError, ValueError) as e:
-        url, folder, content = HELP[name]
-        raise DataError(f"{os.path.join(root, folder)} is not a complete copy of {name} ({type(e).__name__}: "
-                        f"{str(e).strip()[:200]}): it should hold {content}, as unpacked from {url}") from None
+            splits = {s: read(root, s) for s in ("train", "val", "test")}
+    except (OSError, KeyError, ValueError) as e:
+        folder = dtd_folder(root) if name == "dtd" else os.path.join(root, folder)
+        raise DataError(f"{folder} is not a complete copy of {name} ({type(e).__name__}: {str(e).strip()[:200]}): it "
+                        f"should hold {content}, as unpacked from {url}; delete it and run again to download it "
+                        f"again") from None
     return splits, len(splits["test"].classes)
 
 

@@ -51,6 +51,7 @@ CONFIGS.update({f"{k}_reg": replace(c, num_register_tokens=4, interpolate_offset
 CONFIGS["toy-s"] = ViTConfig(embed_dim=64, depth=3, num_heads=2, img_size=224)
 CONFIGS["toy-b"] = ViTConfig(embed_dim=128, depth=6, num_heads=4, img_size=224)
 
+# _DINOV2_BASE_URL in facebookresearch/dinov2's dinov2/hub/utils.py; checkpoint_url follows its hub/backbones.py
 DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2"
 
 
@@ -69,6 +70,42 @@ def describe(name):
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be had or read; the message says what was expected and where."""
+
+
+def load_error(e):
+    """torch.load's reason, in one line, without its advice to trust the file: weights_only=False or
+    add_safe_globals would run or allow what a weights file should never hold."""
+    lines = [line.strip().removeprefix("WeightsUnpickler error: ").split(" was not an allowed global")[0]
+             for line in str(e).splitlines()]
+    advice = ("weights_only", "Weights only", "trust", "safe_globals", "documentation")
+    return next((line for line in lines if line and not any(a in line for a in advice)), "")[:200]
+
+
+def config_of(state_dict):
+    """The CONFIGS name a DINOv2 state dict fits, from its width, depth, registers and FFN; None if none does."""
+    try:
+        blocks = [int(k.split(".")[1]) for k in state_dict if k.startswith("blocks.")]
+        found = (state_dict["cls_token"].shape[-1], 1 + max(blocks),
+                 state_dict["register_tokens"].shape[1] if "register_tokens" in state_dict else 0,
+                 "swiglu" if any(".mlp.w12." in k for k in state_dict) else "mlp")
+    except (KeyError, ValueError, IndexError, AttributeError, TypeError):
+        return None
+    return next((n for n, c in CONFIGS.items() if (c.embed_dim, c.depth, c.num_register_tokens, c.ffn) == found), None)
+
+
+def first_difference(expected, found):
+    """The first missing key, unexpected key or shape mismatch of state dict `found`, in words; None if none."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    shapes = [k for k in expected if k in found and getattr(found[k], "shape", None) != expected[k].shape]
+    if missing:
+        return f"{len(missing)} key(s) missing, the first {missing[0]}"
+    if unexpected:
+        return f"{len(unexpected)} unexpected key(s), the first {unexpected[0]}"
+    if shapes:
+        k = shapes[0]
+        return f"{k} is {tuple(getattr(found[k], 'shape', ()))}, not {tuple(expected[k].shape)}"
+    return None
 
 
 # -----------------------------------------------------------------------------
@@ -199,7 +236,8 @@ class ViT(nn.Module):
         if name.startswith("toy"):
             raise CheckpointError(f"{name} is a toy config: it has no official weights (use random init)")
         url = checkpoint_url(name)
-        if path is None:
+        cached = path is None
+        if cached:
             path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
             if not os.path.exists(path):
                 os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -210,17 +248,27 @@ class ViT(nn.Module):
                         f"could not download the DINOv2 weights of {describe(name)} from {url} ({e}). "
                         f"Without network, fetch that file elsewhere and put it at {path}"
                     ) from None
+        again = "delete it and run again to download it again" if cached else f"use the file from {url}"
+        if not os.path.isfile(path):
+            raise CheckpointError(f"no file {path}: expected the DINOv2 weights of {describe(name)} from {url}")
+        if os.path.getsize(path) == 0:  # what an interrupted download or copy leaves
+            raise CheckpointError(f"{path} is empty (0 bytes; an interrupted download?): {again}")
         try:
             state_dict = torch.load(path, map_location="cpu", weights_only=True)
-            model.load_state_dict(state_dict, strict=True)
-        except FileNotFoundError:
-            raise CheckpointError(f"no file {path}: expected the DINOv2 weights of {describe(name)} from {url}") from None
-        except Exception as e:  # truncated zip, unpickling error, another model's keys or shapes
-            reason = str(e).strip().splitlines()[0][:300]
-            raise CheckpointError(
-                f"{path} is not a valid checkpoint of {describe(name)} ({type(e).__name__}: {reason}). "
-                f"Expected {os.path.basename(url)} from {url}; if it is truncated, delete it and download it again"
-            ) from None
+        except Exception as e:  # a truncated zip, another format, pickled Python objects
+            raise CheckpointError(f"{path} is not a valid checkpoint of {describe(name)}: it cannot be read as "
+                                  f"tensors ({type(e).__name__}: {load_error(e)}), truncated or not a weights file; "
+                                  f"{again}") from None
+        if not isinstance(state_dict, dict):
+            raise CheckpointError(f"{path} is not a valid checkpoint of {describe(name)}: it holds a "
+                                  f"{type(state_dict).__name__}, not a state dict; {again}")
+        difference = first_difference(model.state_dict(), state_dict)
+        if difference:
+            like = config_of(state_dict)
+            like = f"it looks like {describe(like)}" if like else "it fits none of the DINOv2 configs"
+            raise CheckpointError(f"{path} is not a valid checkpoint of {describe(name)}: {difference}; {like}; "
+                                  f"{again}")
+        model.load_state_dict(state_dict, strict=True)
         return model
 
     def interpolate_pos_embed(self, h, w):

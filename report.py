@@ -11,7 +11,8 @@ over seeds -- with the paper's published numbers next to the rows they belong to
     python report.py out/                  # prints the Markdown table
     python report.py out/ --out table.md   # and writes it to a file
 
-A run is a results.json (train_slad.py and train_twostep.py write one), found at any depth. Its method is
+A run is a results.json (train_slad.py and train_twostep.py write one), found at any depth, symlinked folders
+followed; of re-runs of one seed, the newest counts (the table says how many were left out). Its method is
 read from it: "Probing", "Fine-tuning" or "LoRA" for train_twostep.py's --teacher_adapt, "SLAD" for
 train_slad.py, then what sets it apart: "+TED" (--feat ted), "+TAID" (--kd taid), a fine-tuned student, a
 mapping other than even.
@@ -22,8 +23,6 @@ import json
 import os
 import statistics
 import sys
-
-from experiment import Parser
 
 MODEL_NAMES = {"vits14": "ViT-S", "vitb14": "ViT-B", "vitl14": "ViT-L"}  # the paper's names; others as they are
 MODEL_ORDER = ["ViT-S", "ViT-B", "ViT-L", "vitg14"]
@@ -50,15 +49,28 @@ PAPER = [
 ]
 
 
+class Parser(argparse.ArgumentParser):  # experiment.Parser's twin: importing torch would take seconds to read JSON
+    def error(self, message):  # one line, non-zero exit, instead of argparse's usage block
+        sys.exit(f"{self.prog}: error: {message}")
+
+
 def find_runs(folder):
-    """Every results.json below folder, read; stops with one line if there is none or one is unreadable."""
+    """Every results.json below folder (symlinks followed, each folder once), read, oldest first; stops with one
+    line if there is none or one is unreadable."""
     if not os.path.isdir(folder) or not os.access(folder, os.R_OK | os.X_OK):
         sys.exit(f"report.py: error: {folder} is not a folder this user can read")
 
     def unreadable(e):
         sys.exit(f"report.py: error: cannot read {e.filename}: {e.strerror}")
-    paths = sorted(os.path.join(d, "results.json") for d, _, files in os.walk(folder, onerror=unreadable)
-                   if "results.json" in files)
+    paths, seen = [], set()
+    for d, dirs, files in os.walk(folder, onerror=unreadable, followlinks=True):
+        if os.path.realpath(d) in seen:  # a symlink cycle, or a run reached twice
+            dirs[:] = []
+            continue
+        seen.add(os.path.realpath(d))
+        if "results.json" in files:
+            paths.append(os.path.join(d, "results.json"))
+    paths.sort(key=lambda p: (os.path.getmtime(p), p))  # oldest first: a seed's newest run is read last
     if not paths:
         sys.exit(f"report.py: error: no results.json below {folder}: point it at the runs' --out_dir, or a folder above them")
     runs = []
@@ -66,7 +78,8 @@ def find_runs(folder):
         try:
             with open(path) as f:
                 r = json.load(f)
-            assert {"method", "dataset", "teacher", "student"} <= set(r) and ("student_acc" in r or "student_miou" in r)
+            assert {"method", "dataset", "teacher", "student", "seed"} <= set(r)
+            assert "student_acc" in r or "student_miou" in r
         except Exception as e:
             sys.exit(f"report.py: error: {path} is not a results.json of train_slad.py or train_twostep.py ({type(e).__name__})")
         runs.append(r)
@@ -101,10 +114,12 @@ def cell(values):
 
 def table(runs):
     """The Markdown table of the runs (and of the paper's rows for the model pairs they cover)."""
-    groups = {}  # (student, teacher, base, label) -> {dataset: [score of each seed]}
-    for r in runs:
+    groups = {}  # (student, teacher, base, label) -> {dataset: {seed: score}}
+    for r in runs:  # oldest first: a re-run of a seed replaces the earlier one
         key = (MODEL_NAMES.get(r["student"], r["student"]), MODEL_NAMES.get(r["teacher"], r["teacher"]), *method_of(r))
-        groups.setdefault(key, {}).setdefault(r["dataset"], []).append(score(r))
+        groups.setdefault(key, {}).setdefault(r["dataset"], {})[r["seed"]] = score(r)
+    reruns = len(runs) - sum(len(seeds) for ds in groups.values() for seeds in ds.values())
+    groups = {k: {d: list(seeds.values()) for d, seeds in ds.items()} for k, ds in groups.items()}
     pairs = {k[:2] for k in groups}
     paper = [p for p in PAPER if p[:2] in pairs]
 
@@ -131,7 +146,10 @@ def table(runs):
     header = ["student", "teacher", "method", "source"] + [COLUMN_NAMES.get(c, c) for c in columns]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     lines += ["| " + " | ".join(cells) + " |" for _, cells in sorted(rows)]
-    note = "Student test accuracy (%; mIoU for segmentation), mean ± sample std over seeds (n runs)."
+    note = "Student test accuracy (%; mIoU for segmentation), mean ± sample std over seeds (n seeds)."
+    if reruns:
+        note += (f" {reruns} re-run(s) of a seed already counted left out: of the runs of one seed, the newest "
+                 f"results.json counts.")
     if "avg" in columns:
         note += " Avg.: the mean of CUB, Aircraft and DTD."
     if paper:

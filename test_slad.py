@@ -107,6 +107,7 @@ def test_bad_image_size_is_a_clear_error():
 
 
 def test_checkpoint_urls_are_the_hub_ones():
+    assert model.DINOV2_URL == "https://dl.fbaipublicfiles.com/dinov2"  # dinov2/hub/utils.py's _DINOV2_BASE_URL
     assert model.checkpoint_url("vitb14") == "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/dinov2_vitb14_pretrain.pth"
     assert model.checkpoint_url("vitg14_reg") == "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitg14/dinov2_vitg14_reg4_pretrain.pth"
 
@@ -168,6 +169,68 @@ def test_from_pretrained_downloads_into_hub_cache_and_fails_clearly_offline(vits
     assert torch.equal(loaded.pos_embed, vit.pos_embed)
     ViT.from_pretrained("vits14")  # second time from the cache: no download
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("cached", [True, False])  # torch.hub's cache, or a path given
+@pytest.mark.parametrize("content", ["empty", "truncated", "pickled objects"])
+def test_unreadable_weights_file_is_one_error_line(vits14_file, tmp_path, monkeypatch, cached, content):
+    import argparse
+    path, _ = vits14_file
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("a file is there: no download"))
+    bad = tmp_path / "checkpoints" / "dinov2_vits14_pretrain.pth"
+    bad.parent.mkdir()
+    if content == "pickled objects":  # loads only if the caller trusts the file: it must not be told to
+        torch.save({"args": argparse.Namespace(lr=1e-3)}, bad)
+    else:  # what an interrupted download leaves
+        bad.write_bytes(b"" if content == "empty" else path.read_bytes()[:1000])
+    before = bad.read_bytes()
+    with pytest.raises(CheckpointError) as e:
+        ViT.from_pretrained("vits14", path=None if cached else str(bad))
+    msg = str(e.value)
+    assert str(bad) in msg and "\n" not in msg and e.value.__cause__ is None
+    assert e.value.__context__ is None or e.value.__suppress_context__  # one traceback, not two chained ones
+    assert not any(s in msg for s in ("weights_only", "safe_globals", "trust"))
+    assert ("delete it and run again" in msg) if cached else (model.checkpoint_url("vits14") in msg)
+    assert ("empty" in msg) == (content == "empty")
+    assert bad.read_bytes() == before  # nothing deleted or rewritten: the user is told to
+
+
+def test_empty_weights_file_stops_a_script_with_one_line(tmp_path):
+    cached = tmp_path / "hub" / "checkpoints" / "dinov2_vitb14_pretrain.pth"  # torch.hub's cache under $TORCH_HOME
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"")
+    env = dict(os.environ, TORCH_HOME=str(tmp_path), https_proxy="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9")
+    r = cli(["cka.py", "--dataset", "synthetic", "--device", "cpu", "--out_dir", str(tmp_path / "cka")], env=env)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0
+    assert str(cached) in r.stderr and "empty" in r.stderr and "delete it and run again" in r.stderr
+    assert cached.exists() and not os.path.exists(tmp_path / "cka")
+
+
+@pytest.mark.parametrize("edit,load_as,says", [
+    (None, "vitb14", "cls_token is (1, 1, 384), not (1, 1, 768); it looks like vits14 (384 wide"),
+    ("add registers", "vits14", "1 unexpected key(s), the first register_tokens; it looks like vits14_reg (384 wide"),
+    (None, "vits14_reg", "1 key(s) missing, the first register_tokens; it looks like vits14 (384 wide"),
+    ("drop blocks 6-11", "vits14", "key(s) missing, the first blocks.6.norm1.weight; it fits none of the DINOv2 configs"),
+])
+def test_wrong_architecture_says_what_differs_and_what_it_looks_like(vits14_file, tmp_path, edit, load_as, says):
+    path, vit = vits14_file
+    state_dict = vit.state_dict()
+    if edit == "add registers":
+        state_dict["register_tokens"] = torch.zeros(1, 4, 384)
+    elif edit:
+        state_dict = {k: v for k, v in state_dict.items() if not any(k.startswith(f"blocks.{i}.") for i in range(6, 12))}
+    torch.save(state_dict, tmp_path / "w.pth")
+    with pytest.raises(CheckpointError) as e:
+        ViT.from_pretrained(load_as, path=str(tmp_path / "w.pth"))
+    assert says in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_config_of_a_state_dict_is_its_config(name):
+    with torch.device("meta"):  # shapes only: ViT-g's 1.1 B parameters take no memory
+        state_dict = ViT.from_name(name).state_dict()
+    assert model.config_of(state_dict) == name
 
 
 def test_toy_has_no_pretrained_weights():
@@ -340,8 +403,8 @@ def write_jpg(path, seed):
     Image.fromarray(np.random.default_rng(seed).integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(path)
 
 
-def fake_dtd(root, classes=("banded", "dotted", "striped"), per_split=2):
-    base = os.path.join(root, "dtd", "dtd")
+def fake_dtd(root, classes=("banded", "dotted", "striped"), per_split=2, folder=("dtd", "dtd")):
+    base = os.path.join(root, *folder)  # torchvision's layout by default
     for split in ("train", "val", "test"):
         lines = []
         for c in classes:
@@ -429,6 +492,88 @@ def test_incomplete_copy_is_a_clear_error(tmp_path):
     os.remove(tmp_path / "dtd" / "dtd" / "labels" / "val1.txt")
     with pytest.raises(DataError, match="not a complete copy of dtd"):
         load_splits("dtd", str(tmp_path))
+
+
+@pytest.mark.parametrize("name,url", [
+    ("dtd", "https://www.robots.ox.ac.uk/~vgg/data/dtd/download/dtd-r1.0.1.tar.gz"),
+    ("aircraft", "https://www.robots.ox.ac.uk/~vgg/data/fgvc-aircraft/archives/fgvc-aircraft-2013b.tar.gz"),
+    ("cub", "https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz"),  # Caltech's record, not 65de6-vh518
+    ("cityscapes", "https://www.cityscapes-dataset.com/downloads/"),
+])
+def test_dataset_urls_are_the_checked_ones(name, url):
+    assert (data.CITYSCAPES_URL if name == "cityscapes" else data.HELP[name][0]) == url
+    import torchvision.datasets as tvd
+    if name in ("dtd", "aircraft"):  # the ones torchvision downloads: our message must name the same file
+        assert getattr({"dtd": tvd.DTD, "aircraft": tvd.FGVCAircraft}[name], "_URL", url) == url
+
+
+@pytest.mark.parametrize("folder", [("dtd", "dtd"), ("dtd",)])  # torchvision's, and the archive unpacked by hand
+def test_dtd_loads_from_either_layout(tmp_path, folder):
+    fake_dtd(str(tmp_path), folder=folder)
+    splits, num_classes = load_splits("dtd", str(tmp_path))
+    assert num_classes == 3 and tuple(len(splits[s]) for s in ("train", "val", "test")) == (6, 6, 6)
+    assert splits["test"][0][0].mode == "RGB"
+
+
+@pytest.mark.parametrize("name,make", [("dtd", lambda r: fake_dtd(r, folder=("dtd",))), ("aircraft", fake_aircraft),
+                                       ("cub", fake_cub)])
+def test_offline_instruction_when_followed_gives_a_layout_that_loads(tmp_path, monkeypatch, name, make):
+    import re
+    import tarfile
+    import urllib.request
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    root = tmp_path / "data"
+    with pytest.raises(DataError) as e:
+        load_splits(name, str(root))
+    archive, into = re.search(r"tar xzf (\S+) -C ([^\s)]+)", str(e.value)).groups()
+    url, top, _ = data.HELP[name]
+    assert archive == os.path.basename(url) and into == str(root)
+    make(str(tmp_path / "stage"))  # the archive as published: one top folder
+    with tarfile.open(tmp_path / archive, "w:gz") as tar:
+        tar.add(tmp_path / "stage" / top, arcname=top)
+    with tarfile.open(tmp_path / archive) as tar:  # what the instruction does
+        tar.extractall(into)
+    splits, _ = load_splits(name, str(root))
+    assert len(splits["test"]) > 0 and splits["test"][0][0].mode == "RGB"
+
+
+def damage(path, how):
+    if how == "missing":
+        os.remove(path)
+    else:  # an interrupted download or copy: half the bytes, or bytes that are no image at all
+        content = open(path, "rb").read()
+        open(path, "wb").write(content[:len(content) // 2] if how == "truncated" else b"<html>not found</html>")
+
+
+@pytest.mark.parametrize("name,make", [("dtd", fake_dtd), ("aircraft", fake_aircraft), ("cub", fake_cub)])
+@pytest.mark.parametrize("how,num_workers", [("truncated", 0), ("truncated", 1), ("garbage", 0), ("missing", 0)])
+def test_a_bad_image_file_is_one_line_that_names_it(tmp_path, name, make, how, num_workers):
+    make(str(tmp_path))
+    test = load_splits(name, str(tmp_path))[0]["test"]
+    bad = test.samples[1][0]
+    damage(bad, how)
+    loader = make_loader(test, eval_transform(28), batch_size=2, train=False, num_workers=num_workers)
+    with pytest.raises(DataError) as e:  # from a worker, torch re-raises it with the worker's traceback
+        for _ in loader:
+            pass
+    msg = str(e.value)
+    assert bad in msg and "\n" not in msg and "download it again" in msg and "Traceback" not in msg
+
+
+@pytest.mark.parametrize("script", ["train_slad.py", "cka.py"])
+def test_a_bad_image_stops_a_script_with_one_line(tmp_path, script):
+    fake_cub(str(tmp_path / "data"))
+    bad = load_splits("cub", str(tmp_path / "data"))[0]["test"].samples[2][0]
+    damage(bad, "truncated")
+    toy = ["--dataset", "cub", "--data_dir", str(tmp_path / "data"), "--teacher", "toy-b", "--student", "toy-s",
+           "--init", "random", "--img_size", "28", "--batch_size", "4", "--num_workers", "1", "--device", "cpu"]
+    extra = ["--split", "test"] if script == "cka.py" else ["--epochs", "1"]
+    r = cli([script, *toy, *extra, "--out_dir", str(tmp_path / "out")])
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.stderr.strip().count("\n") == 0 and bad in r.stderr and "download it again" in r.stderr
 
 
 def test_transforms_follow_appendix_c2():
@@ -929,6 +1074,41 @@ def test_missing_cityscapes_says_what_to_fetch(tmp_path):
     assert str(tmp_path / "cityscapes") in msg
 
 
+@pytest.mark.parametrize("bad", [None, "leftImg8bit_trainvaltest.zip", "gtFine_trainvaltest.zip"])
+def test_cityscapes_zips_unpack_and_an_incomplete_one_is_named(tmp_path, bad):
+    import zipfile
+    fake_cityscapes(str(tmp_path / "stage"))
+    (tmp_path / "cityscapes").mkdir()
+    for folder in ("leftImg8bit", "gtFine"):  # the zips as downloaded, not unpacked yet
+        path = tmp_path / "cityscapes" / f"{folder}_trainvaltest.zip"
+        with zipfile.ZipFile(path, "w") as z:
+            for f in (tmp_path / "stage" / "cityscapes" / folder).rglob("*.png"):
+                z.write(f, f.relative_to(tmp_path / "stage" / "cityscapes"))
+        if path.name == bad:  # an interrupted download
+            path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+    if bad is None:
+        assert len(load_splits("cityscapes", str(tmp_path))[0]["test"]) == 2
+        return
+    with pytest.raises(DataError) as e:
+        load_splits("cityscapes", str(tmp_path))
+    msg = str(e.value)
+    assert str(tmp_path / "cityscapes" / bad) in msg and "incomplete" in msg and "\n" not in msg
+    assert sum(z in msg for z in data.CITYSCAPES_ZIPS) == 1  # the incomplete one alone
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_cityscapes_bad_label_file_is_one_line_that_names_it(tmp_path, num_workers):
+    fake_cityscapes(str(tmp_path))
+    test = load_splits("cityscapes", str(tmp_path))[0]["test"]
+    bad = test.samples[1][1]  # a mask
+    damage(bad, "truncated")
+    loader = make_loader(test, SegEvalTransform(base=32), batch_size=1, train=False, num_workers=num_workers)
+    with pytest.raises(DataError) as e:
+        for _ in loader:
+            pass
+    assert bad in str(e.value) and "\n" not in str(e.value)
+
+
 def trivial_miou(dataset):
     """mIoU of predicting background (class 0) everywhere."""
     n = len(dataset.CLASSES)
@@ -1120,6 +1300,54 @@ def test_cka_bad_input_is_one_line(tmp_path):
         assert e.value.code != 0 and says in str(e.value.code) and "\n" not in str(e.value.code), argv
     assert not os.path.exists(tmp_path / "cka")
 
+
+
+@pytest.mark.parametrize("file,content", [
+    ("results.json", '{"method": "sl'),  # cut off while written
+    ("config.json", '{"dataset": "synthetic", '),
+    ("config.json", b"\xff\xfe\x00"),  # not text
+    ("results.json", "[1, 2]"),  # JSON, not an object
+    ("config.json", '{"dataset": "imagenet", "teacher": "toy-b", "student": "toy-s"}'),  # hand-edited
+])
+def test_cka_on_a_broken_run_file_is_one_line(tmp_path, file, content):
+    run = fake_run(tmp_path / "run", 0.01, 0.01)
+    path = os.path.join(run, file)
+    open(path, "wb").write(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(SystemExit) as e:
+        cka.main(["--runs", run, "--device", "cpu", "--out_dir", str(tmp_path / "cka")])
+    msg = str(e.value.code)
+    assert e.value.code != 0 and "\n" not in msg and (path in msg or "imagenet" in msg)
+    assert not os.path.exists(tmp_path / "cka")
+
+
+@pytest.mark.parametrize("change,flags,says", [
+    (dict(dataset="synthetic-seg", img_size=112), [], "has dataset 'synthetic-seg', not 'synthetic'"),
+    ({}, ["--dataset", "synthetic-seg"], "has dataset 'synthetic', not 'synthetic-seg'"),
+    (dict(img_size=112), [], "has img_size 112, not 56"),
+    ({}, ["--img_size", "112"], "has img_size 56, not 112"),
+])
+def test_cka_refuses_runs_trained_on_other_images(tmp_path, change, flags, says):
+    first = fake_run(tmp_path / "first", 0.01, 0.01)
+    other = fake_run(tmp_path / "other", 0.01, 0.01)
+    config = json.load(open(os.path.join(other, "config.json")))
+    json.dump(dict(config, **change), open(os.path.join(other, "config.json"), "w"))
+    with pytest.raises(SystemExit) as e:
+        cka.main(["--runs", first, other, *flags, "--device", "cpu", "--out_dir", str(tmp_path / "cka")])
+    assert says in str(e.value.code) and "trained on" in str(e.value.code) and "\n" not in str(e.value.code)
+    assert not os.path.exists(tmp_path / "cka")
+
+
+def test_cka_removes_its_own_earlier_pngs_only(tmp_path):
+    run = fake_run(tmp_path / "now", 0.01, 0.01)
+    out = tmp_path / "cka"
+    out.mkdir()
+    for f in ("cka.png", "cka_delta_before.png", "cka_pretrained.png", "mine.png", "cka_notes.txt", "notes.txt"):
+        (out / f).write_bytes(b"an earlier call's, or the user's")
+    cka.main(["--runs", run, "--max_images", "16", "--batch_size", "8", "--device", "cpu", "--out_dir", str(out)])
+    assert sorted(os.listdir(out)) == ["cka.json", "cka.png", "cka_delta_now.png", "cka_notes.txt", "cka_pretrained.png",
+                                       "mine.png", "notes.txt"]
+    assert (out / "mine.png").read_bytes() == (out / "notes.txt").read_bytes() == b"an earlier call's, or the user's"
+    assert Image.open(out / "cka.png").size[0] > 100  # this call's
 
 
 # -----------------------------------------------------------------------------
@@ -1404,3 +1632,38 @@ def test_report_bad_input_is_one_line(tmp_path):
         with pytest.raises(SystemExit) as e:
             report.main([str(folder)])
         assert e.value.code != 0 and says in str(e.value.code) and "\n" not in str(e.value.code)
+
+
+@pytest.mark.parametrize("seeds,cell,left_out", [
+    ([0, 0, 0, 0], "83.00 (n=1)", 3),  # four re-runs of seed 0: one seed, the newest run
+    ([0, 1, 0, 1], "82.50 ± 0.71 (n=2)", 2),
+    ([0, 1, 2, 3], "81.50 ± 1.29 (n=4)", 0),
+])
+def test_report_counts_one_result_per_seed_the_newest(tmp_path, seeds, cell, left_out):
+    for k, seed in enumerate(seeds):  # folder names sort against the age: the age decides
+        path = tmp_path / f"run-{9 - k}"
+        fake_results(path, method="slad", teacher="toy-b", student="toy-s", dataset="synthetic", seed=seed,
+                     student_acc=80.0 + k)
+        os.utime(path / "results.json", (1_700_000_000 + k, 1_700_000_000 + k))
+    text = report.main([str(tmp_path)])
+    assert table_rows(text)[0][("toy-s", "toy-b", "SLAD", "ours")]["synthetic"] == cell
+    assert (f"{left_out} re-run(s) of a seed already counted left out" in text) == (left_out > 0)
+
+
+def test_report_follows_symlinked_run_folders_once_and_survives_cycles(tmp_path):
+    run = dict(method="slad", teacher="toy-b", student="toy-s", dataset="synthetic")
+    fake_results(tmp_path / "elsewhere" / "s0", **run, seed=0, student_acc=50.0)
+    fake_results(tmp_path / "out" / "s1", **run, seed=1, student_acc=60.0)
+    os.symlink(tmp_path / "elsewhere" / "s0", tmp_path / "out" / "s0")  # a run kept on another disk
+    os.symlink(tmp_path / "out", tmp_path / "out" / "s1" / "loop")  # a cycle
+    os.symlink(tmp_path / "out" / "s1", tmp_path / "out" / "s1-again")  # the same run twice
+    text = report.main([str(tmp_path / "out")])
+    assert table_rows(text)[0][("toy-s", "toy-b", "SLAD", "ours")]["synthetic"] == "55.00 ± 7.07 (n=2)"
+    assert "re-run" not in text
+
+
+def test_report_reads_json_without_importing_torch(tmp_path):
+    code = ("import sys, report\ntry:\n    report.main([sys.argv[1]])\nexcept SystemExit as e:\n    print(e.code)\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'numpy', 'experiment'}))")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "nope")], cwd=HERE, capture_output=True, text=True)
+    assert r.stdout.splitlines() == [f"report.py: error: {tmp_path / 'nope'} is not a folder this user can read", "[]"]
