@@ -31,6 +31,7 @@ REAL = dict(img_size=518, batch_size=32, lr=1e-3)
 DATASET_DEFAULTS = {"dtd": REAL, "aircraft": REAL, "cub": REAL, "synthetic": dict(img_size=56, batch_size=16, lr=3e-3),
                     "cityscapes": dict(img_size=560, batch_size=8, lr=1e-3),
                     "synthetic-seg": dict(img_size=112, batch_size=8, lr=3e-3)}
+DATASET_DEFAULTS["synthetic-fine"] = dict(img_size=56, batch_size=32, lr=3e-3)  # the toy family's fine-grained task
 SEG_BASE_RATIO = 640 / 560  # segmentation resizes around a short side of 640 for a 560 crop (App. C.2)
 
 # flags that may change between a run and its --resume: where things are, not what is computed
