@@ -4,7 +4,7 @@ The paper in miniature: Table 1, Table 3, Fig. 3 and Fig. 1 of SLAD, measured on
 `synthetic` textures for DTD, `synthetic-fine` for CUB / Aircraft, `synthetic-seg` for Cityscapes.
 
     python miniature.py            # every run (3 seeds), then the tables and figures: ~30 min on 2 CPU cores
-    python miniature.py --quick    # one seed, one task, tiny images: checks the whole pipeline in about a minute
+    python miniature.py --quick    # one seed, one task, 14-px images: checks the whole pipeline in a minute or two
 
 It drives train_twostep.py, train_slad.py and cka.py through their command lines, as a reader would, and reads
 what they write (results.json, metrics.jsonl, cka.json); a run whose results.json exists is not run again,
@@ -235,7 +235,7 @@ def tables(runs, tasks, methods, seeds, cka, out):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
-    p.add_argument("--quick", action="store_true", help="one seed, synthetic-fine only, 28-px images, one epoch")
+    p.add_argument("--quick", action="store_true", help="one seed, synthetic-fine only, 14-px images (one patch), one epoch")
     p.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
     p.add_argument("--workers", type=int, default=2, help="runs at a time (one CPU thread each)")
     p.add_argument("--out_dir", default="out/miniature")
@@ -244,7 +244,7 @@ def main():
     log = lambda msg: print(f"[{time.time() - t0:5.0f}s] {msg}", flush=True)
     tasks, methods, seeds = dict(TASKS), list(METHODS), args.seeds
     if args.quick:
-        tasks = {"synthetic-fine": dict(TASKS["synthetic-fine"], img_size=28, epochs=1)}
+        tasks = {"synthetic-fine": dict(TASKS["synthetic-fine"], img_size=14, epochs=1)}
         methods, seeds = ["Probing", "Fine-tuning", "LoRA", "SLAD", "Probing, random init"], [0]
 
     jobs, keys = [], []
