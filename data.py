@@ -160,7 +160,7 @@ class SyntheticTextures(Procedural):
 
     CLASSES = ("horizontal stripes", "vertical stripes", "diagonal stripes", "checkerboard", "dots",
                "rings", "waves", "grid lines", "blobs", "rays")
-    SIZES = {"train": 3000, "val": 500, "test": 1000}
+    SIZES = {"train": 6000, "val": 500, "test": 1000}
 
     def draw(self, i):
         rng = self.rng(i)

@@ -9,8 +9,8 @@ Pretraining is supervised on many procedural classes (a procedural "ImageNet"): 
 gives transferable features in minutes, where self-distillation (DINO, iBOT) needs far longer schedules and
 large batches to avoid collapse. The distribution is disjoint from the downstream sets in data.py: smooth
 colour-mapped fields of mixed waves and warps with an occluding shape, not their two-colour textures or
-marked bodies. The student is distilled task-agnostically: a linear projection of its final tokens (CLS and
-patches) regresses the teacher's (DINOv2 distils its smaller models from the largest one's outputs).
+marked bodies. The student is distilled task-agnostically from the teacher as shipped (float16): linear
+projections of its tokens (CLS and patches) regress the teacher's, at the output as DINOv2, and block by block.
 """
 
 import argparse
@@ -157,12 +157,17 @@ def pretrain(name, images, labels, masks, epochs, batch_size, lr, seed, log):
 
 
 def distill(name, teacher, images, masks, epochs, batch_size, lr, seed, log):
-    """Task-agnostic distillation: a linear projection of the student's final CLS and patch tokens
-    regresses the teacher's, on the pretraining images."""
+    """Task-agnostic distillation on the pretraining images: linear projections of the student's tokens (CLS
+    and patches) regress the teacher's, at the output and at every student block i against teacher block
+    g(i) = i * n_t // n_s (the even mapping). DINOv2 distils the output alone, and its members come out
+    aligned block by block (the paper's Fig. 3a: 93%); a toy trained for minutes does not, so the blocks are
+    distilled too."""
     torch.manual_seed(seed + 1)
     student = ViT.from_name(name)
-    proj = nn.Linear(student.embed_dim, teacher.embed_dim)
-    params = [*student.parameters(), *proj.parameters()]
+    n_s, n_t = student.config.depth, teacher.config.depth
+    pairs = [(i, i * n_t // n_s) for i in range(n_s)] + [(n_s - 1, n_t - 1)]  # the last: the output
+    projs = nn.ModuleList(nn.Linear(student.embed_dim, teacher.embed_dim) for _ in pairs)
+    params = [*student.parameters(), *projs.parameters()]
     opt = optimizer(params, lr)
     teacher.eval().requires_grad_(False)
     g = torch.Generator().manual_seed(seed + 1)
@@ -175,8 +180,9 @@ def distill(name, teacher, images, masks, epochs, batch_size, lr, seed, log):
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, steps, lr)
             with torch.no_grad():
-                target = teacher.forward_features(x)
-            loss = F.mse_loss(proj(student.forward_features(x)), target)
+                target = dict(zip(range(n_t), teacher.forward_blocks(x, list(range(n_t)))))
+            out = student.forward_blocks(x, list(range(n_s)))
+            loss = sum(F.mse_loss(p(out[i]), target[j]) for p, (i, j) in zip(projs, pairs)) / len(pairs)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(params, 1.0)
@@ -213,6 +219,7 @@ def main():
     log(f"drew {len(images)} procedural images")
     teacher = pretrain(args.teacher, images, labels, masks, args.epochs, args.batch_size, args.lr, args.seed, log)
     save(teacher, os.path.join(args.out_dir, f"{args.teacher}.pt"))
+    teacher = ViT.from_pretrained(args.teacher, path=os.path.join(args.out_dir, f"{args.teacher}.pt"))  # as shipped
     for name in args.students:
         student = distill(name, teacher, images, masks, args.distill_epochs, args.batch_size, args.lr, args.seed, log)
         save(student, os.path.join(args.out_dir, f"{name}.pt"))
