@@ -14,6 +14,7 @@ summary.md (the tables), fig1.png and fig3.png (also copied to figures/miniature
 
 import argparse
 import json
+import math
 import os
 import shutil
 import statistics
@@ -129,6 +130,13 @@ def score(r, role):
 # Fig. 1 and Fig. 3, drawn with pillow
 
 
+def ticks(lo, hi, n=7):
+    """Round tick values in [lo, hi]: steps of 1, 2 or 5 times a power of ten, at most n + 1 of them."""
+    step = 10 ** math.floor(math.log10((hi - lo) / n))
+    step *= next(m for m in (1, 2, 5, 10) if (hi - lo) / (step * m) <= n)
+    return [round(k * step, 10) for k in range(math.ceil(lo / step), math.floor(hi / step) + 1)]
+
+
 def fig1(points, title, path):
     """Student accuracy against training time, a labelled point per method (paper Fig. 1)."""
     W, H, L, R, T, B = 900, 520, 80, 200, 50, 60
@@ -141,13 +149,12 @@ def fig1(points, title, path):
     X = lambda v: L + (W - L - R) * v / x_hi
     Y = lambda v: H - B - (H - T - B) * (v - y_lo) / (y_hi - y_lo)
     d.rectangle([L, T, W - R, H - B], outline="black")
-    for k in range(6):  # ticks
-        v = x_hi * k / 5
+    for v in ticks(0, x_hi):
         d.line([X(v), H - B, X(v), H - B + 5], fill="black")
-        text(d, (X(v), H - B + 8), f"{v:.0f}", small, "mt")
-        u = y_lo + (y_hi - y_lo) * k / 5
+        text(d, (X(v), H - B + 8), f"{v:g}", small, "mt")
+    for u in ticks(y_lo, y_hi):
         d.line([L - 5, Y(u), L, Y(u)], fill="black")
-        text(d, (L - 8, Y(u)), f"{u:.1f}", small, "rm")
+        text(d, (L - 8, Y(u)), f"{u:g}", small, "rm")
     text(d, (L + (W - L - R) / 2, H - 28), "training time (s, CPU, one thread)", big, "mt")
     text(d, (10, 12), title, big)
     label = Image.new("RGB", (260, 20), "white")
