@@ -276,9 +276,9 @@ def main():
     cka["runs"] = {m: r for m, r in zip(("fine-tuning", "LoRA", "SLAD"), cka["runs"].values())}
     fig3(cka, os.path.join(args.out_dir, "fig3.png"))
 
-    # Fig. 1: the fine-grained task, every method's student, mean over seeds
+    # Fig. 1: the fine-grained task, every method's student (not the random-init row), mean over seeds
     points = []
-    for m in methods:
+    for m in [m for m in methods if m not in ONE_SEED]:
         rs = [runs[k] for k in runs if k[:2] == (task, m) and k[2:4] == (t, s)]
         if rs:
             points.append((m, statistics.mean(r["train_seconds"] for r in rs), statistics.mean(r["student_acc"] for r in rs)))
