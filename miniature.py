@@ -3,7 +3,7 @@ The paper in miniature: Table 1, Table 3, Fig. 3 and Fig. 1 of SLAD, measured on
 (toys.py: toy-b teacher, toy-s student distilled from it) and the procedural tasks in the paper's roles --
 `synthetic` textures for DTD, `synthetic-fine` for CUB / Aircraft, `synthetic-seg` for Cityscapes.
 
-    python miniature.py            # every run (3 seeds), then the tables and figures: ~30 min on 2 CPU cores
+    python miniature.py            # 47 runs (3 seeds), then the tables and figures: 17.5 min measured on 2 CPU cores
     python miniature.py --quick    # one seed, one task, 14-px images: checks the whole pipeline in a minute or two
 
 It drives train_twostep.py, train_slad.py and cka.py through their command lines, as a reader would, and reads

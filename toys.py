@@ -3,13 +3,13 @@ The toy foundation family: toy-b pretrained, then toy-s distilled from it, the w
 (the largest model trained first, the smaller ones distilled from it on the pretraining images, never on a
 downstream task), so that the offline runs start from aligned, pretrained encoders as SLAD assumes.
 
-    python toys.py                       # writes weights/toy-b.pt and weights/toy-s.pt (~10 min on 2 CPU cores)
+    python toys.py        # writes weights/toy-b.pt and weights/toy-s.pt (21 min measured on a shared 2-core CPU)
 
-Pretraining is supervised on many procedural classes (a procedural "ImageNet"): on a CPU, a label per image
-gives transferable features in minutes, where self-distillation (DINO, iBOT) needs far longer schedules and
-large batches to avoid collapse. The distribution is disjoint from the downstream sets in data.py: smooth
-colour-mapped fields of mixed waves and warps with an occluding shape, not their two-colour textures or
-marked bodies. The student is distilled task-agnostically from the teacher as shipped (float16): linear
+Pretraining is supervised on the factors that generate procedural images (which wave field, orientation,
+period, shape, hue; and per patch, how much of it the shape covers): on a CPU, labels give transferable
+features in minutes, where self-distillation (DINO, iBOT) needs far longer schedules and large batches to
+avoid collapse. The distribution is disjoint from the downstream sets in data.py: smooth colour-mapped wave
+fields under one flat shape, never their two-colour textures, marked bodies or striped backgrounds. The student is distilled task-agnostically from the teacher as shipped (float16): linear
 projections of its tokens (CLS and patches) regress the teacher's, at the output as DINOv2, and block by block.
 """
 
@@ -30,7 +30,7 @@ WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights"
 SIDE, CROP = 64, 56  # images are drawn at 64 px and randomly cropped to 56 (4 x 4 patches of 14)
 
 # -----------------------------------------------------------------------------
-# the pretraining distribution: NUM_CLASSES recipes, each a family of images
+# the pretraining distribution: every image drawn from random factors, which are its labels
 
 
 FACTORS = {  # what generates an image, each a label: pretraining predicts them all from the CLS token
