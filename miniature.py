@@ -91,14 +91,16 @@ def run_all(jobs, workers, log):
             shutil.rmtree(d, ignore_errors=True)  # an interrupted run starts again
             os.makedirs(d)
             f = open(os.path.join(d, "stdout.txt"), "w")
-            running.append((d, subprocess.Popen(c, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=HERE), f, time.time()))
+            running.append((d, c, subprocess.Popen(c, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=HERE), f, time.time()))
         time.sleep(0.5)
-        for r in [r for r in running if r[1].poll() is not None]:
+        for r in [r for r in running if r[2].poll() is not None]:
             running.remove(r)
-            d, p, f, start = r
+            d, c, p, f, start = r
             f.close()
             done += 1
             if p.returncode:
+                for other in running:  # stop the rest: they would go on unseen
+                    other[2].terminate()
                 sys.exit(f"miniature.py: error: {' '.join(c)} failed; see {os.path.join(d, 'stdout.txt')}")
             log(f"[{done}/{done + len(todo) + len(running)}] {os.path.basename(d)} {time.time() - start:.0f}s "
                 f"(total {time.time() - t0:.0f}s)")
