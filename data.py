@@ -9,6 +9,7 @@ Every sample of an epoch gets its own augmentation seed, drawn from (seed, epoch
 the same whatever the number of workers or processes, and after a resume.
 """
 
+import itertools
 import os
 import zipfile
 
@@ -20,7 +21,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-CLASSIFICATION = ("dtd", "aircraft", "cub", "synthetic")
+CLASSIFICATION = ("dtd", "aircraft", "cub", "synthetic", "synthetic-fine")
 SEGMENTATION = ("cityscapes", "synthetic-seg")
 DATASETS = CLASSIFICATION + SEGMENTATION
 IGNORE = 255  # segmentation label of pixels that count for nothing
@@ -182,9 +183,15 @@ class Procedural(Dataset):
         self.n = n or self.SIZES[split]
         self.classes = list(range(len(self.CLASSES)))
         self.grid = np.mgrid[0:self.size, 0:self.size].astype(np.float32)
+        self.cache = {}
 
     def __len__(self):
         return self.n
+
+    def __getitem__(self, i):
+        if i not in self.cache:  # drawn once a process: later epochs and evaluations reuse it
+            self.cache[i] = self.draw(i)
+        return self.cache[i]
 
     def rng(self, i):
         return np.random.default_rng([self.seed, ("train", "val", "test").index(self.split), i, *self.STREAM])
@@ -199,7 +206,7 @@ class SyntheticTextures(Procedural):
                "rings", "waves", "grid lines", "blobs", "rays")
     SIZES = {"train": 6000, "val": 500, "test": 1000}
 
-    def __getitem__(self, i):
+    def draw(self, i):
         rng = self.rng(i)
         label = i % len(self.CLASSES)
         return Image.fromarray(self.render(label, rng)), label
@@ -281,7 +288,7 @@ class SyntheticShapes(Procedural):
 
     SIZE, STREAM = 128, (1,)
 
-    def __getitem__(self, i):
+    def draw(self, i):
         rng = self.rng(i)
         s = self.size
         y, x = self.grid
@@ -303,6 +310,47 @@ class SyntheticShapes(Procedural):
             mask[inside] = label
         img = np.clip(img, 0, 255).astype(np.uint8)
         return Image.fromarray(img), Image.fromarray(mask)
+
+
+class SyntheticFine(Procedural):
+    """Fine-grained offline classification (the role of FGVC-Aircraft and CUB): one body on a cluttered
+    background, 36 classes = 4 body shapes x 9 markings on the body, so that classes differ in detail
+    while colours, size, position and background vary within each. Every class is its own mirror image."""
+
+    BODIES = ("disk", "square", "triangle", "diamond")
+    MARKINGS = ("plain", "horizontal bars", "vertical bars", "diagonal bars", "checks", "spots", "centre dot",
+                "ring", "cross")
+    CLASSES = tuple(map(", ".join, itertools.product(BODIES, MARKINGS)))
+    SIZES = {"train": 2160, "val": 720, "test": 1440}
+    STREAM = (2,)
+
+    def draw(self, i):
+        rng = self.rng(i)
+        label = i % len(self.CLASSES)
+        body, marking = self.BODIES[label // len(self.MARKINGS)], self.MARKINGS[label % len(self.MARKINGS)]
+        s = self.size
+        y, x = self.grid
+        # clutter: smooth noise in a random colour, so the body is not the only thing in view
+        noise = np.array(Image.fromarray(rng.normal(size=(6, 6)).astype(np.float32)).resize((s, s), Image.BICUBIC))
+        img = rng.uniform(40, 215, 3) + rng.uniform(15, 40) * noise[..., None]
+        r = rng.uniform(0.28, 0.36) * s
+        cy, cx = rng.uniform(0.45 * s, 0.55 * s, size=2)
+        dy, dx = y - cy, x - cx
+        inside = {"disk": np.hypot(dx, dy) < r, "square": np.maximum(np.abs(dx), np.abs(dy)) < 0.85 * r,
+                  "triangle": (dy < 0.8 * r) & (np.abs(dx) < (dy + r) * 0.65),
+                  "diamond": np.abs(dx) + np.abs(dy) < 1.15 * r}[body]
+        period = rng.uniform(0.35, 0.5) * r
+        wave = lambda t: np.sin(2 * np.pi * t / period + rng.uniform(0, 2 * np.pi))
+        mark = {"plain": np.zeros_like(inside), "horizontal bars": wave(dy) > 0.3, "vertical bars": wave(dx) > 0.3,
+                "diagonal bars": wave((dx + rng.choice([-1, 1]) * dy) / np.sqrt(2)) > 0.3,
+                "checks": (wave(dx) > 0) ^ (wave(dy) > 0), "spots": (wave(dx) + wave(dy)) > 1.1,
+                "centre dot": np.hypot(dx, dy) < 0.3 * r, "ring": np.abs(np.hypot(dx, dy) - 0.5 * r) < 0.1 * r,
+                "cross": (np.abs(dx) < 0.12 * r) | (np.abs(dy) < 0.12 * r)}[marking]
+        colour = rng.uniform(0, 255, 3)
+        img[inside] = colour
+        img[inside & mark] = (colour + rng.choice([-1, 1], 3) * rng.uniform(60, 120, 3)) % 256
+        img = img + 8 * rng.standard_normal((s, s, 1))
+        return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)), label
 
 
 READERS = {"dtd": read_dtd, "aircraft": read_aircraft, "cub": read_cub}
@@ -358,6 +406,9 @@ def load_splits(name, root="./data"):
     if name == "synthetic-seg":
         splits = {s: SyntheticShapes(s) for s in ("train", "val", "test")}
         return splits, len(SyntheticShapes.CLASSES)
+    if name == "synthetic-fine":
+        splits = {s: SyntheticFine(s) for s in ("train", "val", "test")}
+        return splits, len(SyntheticFine.CLASSES)
     if name == "cityscapes":  # test labels are not public: test on val, hold out 10% of train for val (§4.2.2)
         try:
             train, val = holdout(Cityscapes(root, "train"))

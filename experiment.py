@@ -26,7 +26,8 @@ from model import CONFIGS, save_model, slide_inference
 REAL = dict(img_size=518, batch_size=32, lr=1e-3)
 DATASET_DEFAULTS = {"dtd": REAL, "aircraft": REAL, "cub": REAL, "synthetic": dict(img_size=56, batch_size=16, lr=3e-3),
                     "cityscapes": dict(img_size=560, batch_size=8, lr=1e-3),
-                    "synthetic-seg": dict(img_size=112, batch_size=8, lr=3e-3)}
+                    "synthetic-seg": dict(img_size=112, batch_size=8, lr=3e-3),
+                    "synthetic-fine": dict(img_size=56, batch_size=32, lr=3e-3)}  # the toy family's fine-grained task
 # flags that may change between a run and its --resume: where things are, not what is computed
 RESUMABLE_CHANGES = {"resume", "out_dir", "data_dir", "device", "num_workers", "compile", "log_every", "grad_checkpointing"}
 # dense bf16 peaks, FLOP/s, by a substring of torch.cuda.get_device_name(): MFU's denominator

@@ -53,6 +53,7 @@ CONFIGS["toy-b"] = ViTConfig(embed_dim=128, depth=6, num_heads=4, img_size=224)
 
 # _DINOV2_BASE_URL in facebookresearch/dinov2's dinov2/hub/utils.py; checkpoint_url follows its hub/backbones.py
 DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2"
+TOY_WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")  # toys.py writes them
 
 
 def checkpoint_url(name):
@@ -231,10 +232,14 @@ class ViT(nn.Module):
     @classmethod
     def from_pretrained(cls, name, path=None, progress=True):
         """The official DINOv2 weights of `name`: from `path` if given, else from torch.hub's cache,
-        downloading them there first (as torch.hub.load('facebookresearch/dinov2', ...) does)."""
+        downloading them there first (as torch.hub.load('facebookresearch/dinov2', ...) does). A toy name
+        loads the pretrained toy family from weights/ (float16, read into float32)."""
         model = cls.from_name(name)
-        if name.startswith("toy"):
-            raise CheckpointError(f"{name} is a toy config: it has no official weights (use random init)")
+        if name.startswith("toy"):  # the toy family is shipped in the repo, made by toys.py
+            path = path or os.path.join(TOY_WEIGHTS, f"{name}.pt")
+            if not os.path.exists(path):
+                raise CheckpointError(f"no file {path}: the pretrained {describe(name)}; rebuild the toy family "
+                                      f"with `python toys.py` (~8 min on a 2-core CPU), or use --init random")
         url = checkpoint_url(name)
         cached = path is None
         if cached:

@@ -233,9 +233,9 @@ def test_config_of_a_state_dict_is_its_config(name):
     assert model.config_of(state_dict) == name
 
 
-def test_toy_has_no_pretrained_weights():
-    with pytest.raises(CheckpointError, match="toy config"):
-        ViT.from_pretrained("toy-s")
+def test_toy_weights_missing_says_how_to_rebuild(tmp_path):
+    with pytest.raises(CheckpointError, match="python toys.py"):
+        ViT.from_pretrained("toy-s", path=str(tmp_path / "toy-s.pt"))
 
 
 # -----------------------------------------------------------------------------
@@ -1667,3 +1667,67 @@ def test_report_reads_json_without_importing_torch(tmp_path):
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'numpy', 'experiment'}))")
     r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "nope")], cwd=HERE, capture_output=True, text=True)
     assert r.stdout.splitlines() == [f"report.py: error: {tmp_path / 'nope'} is not a folder this user can read", "[]"]
+
+
+# -----------------------------------------------------------------------------
+# toys.py and miniature.py: the pretrained toy family, and the paper in miniature on it
+
+import toys
+from data import SyntheticFine, normalize
+
+
+def test_shipped_toy_family_loads_strictly():
+    for name in ("toy-b", "toy-s"):
+        state = torch.load(os.path.join(model.TOY_WEIGHTS, f"{name}.pt"), map_location="cpu", weights_only=True)
+        vit = ViT.from_pretrained(name)  # strict load_state_dict inside
+        assert list(state) == list(ViT.from_name(name).state_dict())  # the official layout, nothing more
+        assert all(torch.equal(vit.state_dict()[k], v.float()) for k, v in state.items())
+    assert sum(os.path.getsize(os.path.join(model.TOY_WEIGHTS, f)) for f in os.listdir(model.TOY_WEIGHTS)) < 10e6
+
+
+def test_toys_script_builds_a_family_that_loads(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["toys.py", "--images", "64", "--epochs", "1", "--distill_epochs", "1",
+                                      "--batch_size", "32", "--out_dir", str(tmp_path)])
+    toys.main()
+    teacher = ViT.from_pretrained("toy-b", path=str(tmp_path / "toy-b.pt"))
+    student = ViT.from_pretrained("toy-s", path=str(tmp_path / "toy-s.pt"))
+    assert not torch.equal(teacher.pos_embed, ViT.from_name("toy-b").pos_embed) and student.config.depth == 3
+    a, b = toys.make_images(8, seed=0), toys.make_images(8, seed=0)  # deterministic draws
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@torch.no_grad()
+def probe_accuracy(vit, train, test):
+    """Nearest class mean on the frozen final CLS tokens: a linear probe with no training."""
+    def feats(ds):
+        x = torch.stack([eval_transform(56)(ds[i][0]) for i in range(len(ds))])
+        return F.normalize(vit.eval().forward_features(normalize(x))[:, 0], dim=-1), torch.tensor([ds[i][1] for i in range(len(ds))])
+    (xtr, ytr), (xte, yte) = feats(train), feats(test)
+    means = torch.stack([xtr[ytr == c].mean(0) for c in range(int(ytr.max()) + 1)])
+    return 100 * ((xte @ means.T).argmax(-1) == yte).float().mean().item()
+
+
+def test_pretrained_toys_transfer_better_than_random_ones():
+    train, test = SyntheticTextures("train", n=300), SyntheticTextures("val", n=200)
+    torch.manual_seed(0)
+    pretrained, random_init = probe_accuracy(ViT.from_pretrained("toy-b"), train, test), probe_accuracy(ViT.from_name("toy-b"), train, test)
+    assert pretrained > random_init + 15, (pretrained, random_init)
+
+
+def test_synthetic_fine_is_fine_grained_and_deterministic():
+    splits, n = load_splits("synthetic-fine")
+    assert n == 36 == len(set(splits["train"][i][1] for i in range(72)))
+    img, label = splits["val"][5]
+    again = SyntheticFine("val")[5]
+    assert img.size == (64, 64) and label == again[1] and np.array_equal(np.array(img), np.array(again[0]))
+    assert not np.array_equal(np.array(splits["train"][5][0]), np.array(img))  # splits differ
+
+
+def test_miniature_quick_runs_end_to_end(tmp_path):
+    r = subprocess.run([sys.executable, "miniature.py", "--quick", "--out_dir", str(tmp_path)], cwd=os.path.dirname(__file__),
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "Table 1 in miniature" in r.stdout and "Table 3 in miniature" in r.stdout and "Fig. 3 in miniature" in r.stdout
+    for f in ("fig1.png", "fig3.png", "summary.md"):
+        assert (tmp_path / f).stat().st_size > 0
+    assert Image.open(tmp_path / "fig3.png").width <= 1000 and Image.open(tmp_path / "fig1.png").width == 900
