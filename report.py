@@ -90,8 +90,9 @@ def method_of(r):
     """(base method, label): Table 1's name of the run's method, and the label that adds what sets it apart."""
     base = "SLAD" if r["method"] == "slad" else TEACHER_ADAPT.get(r.get("teacher_adapt"), r["method"])
     label = base
-    if r.get("student_adapt", "lora") == "finetune":
-        label += " (student fine-tuned)"
+    published = "lora" if r.get("teacher_adapt") == "lora" else "finetune"  # the student of the method as published
+    if r["method"] == "twostep" and r.get("student_adapt", published) != published:
+        label += " (LoRA student)" if r["student_adapt"] == "lora" else " (student fine-tuned)"
     if r.get("mapping", "even") != "even":
         label += f" ({r['mapping']} mapping)"
     if r.get("feat", "none") != "none":

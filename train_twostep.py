@@ -18,8 +18,8 @@ Other objectives to compare with (kd.py):
 Classification, or segmentation (per-pixel losses, a linear head, mIoU), by --dataset.
 
     python train_twostep.py --dataset dtd --teacher_adapt probe     # 30 + 80 epochs, as Marrie et al.
-    python train_twostep.py --dataset synthetic --teacher toy-b --student toy-s --init random --epochs 1 \\
-        --device cpu --teacher_adapt lora --out_dir out/demo-lora   # the offline demo
+    python train_twostep.py --dataset synthetic --teacher toy-b --student toy-s --epochs 1 --device cpu \\
+        --teacher_adapt lora --out_dir out/demo-lora   # the offline demo, on the pretrained toy family
 """
 
 import json
