@@ -987,7 +987,7 @@ def test_random_init_is_rebuildable_from_seed_and_role():
 # -----------------------------------------------------------------------------
 # segmentation: Cityscapes and synthetic shapes, the linear head, sliding windows, mIoU
 
-from data import SEGMENTATION, Cityscapes, SegEvalTransform, SegTrainTransform, SyntheticShapes
+from data import SEGMENTATION, SegEvalTransform, SegTrainTransform, SyntheticShapes
 
 
 def test_miou_on_a_hand_made_confusion_matrix():
