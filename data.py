@@ -240,7 +240,7 @@ class SyntheticTextures(Procedural):
             val = (wave(u) > 0.8) | (wave(v) > 0.8)
         elif name == "blobs":
             noise = rng.normal(size=(s // 8 + 2, s // 8 + 2))
-            val = np.array(Image.fromarray(noise.astype(np.float32)).resize((s, s), Image.BICUBIC)) > 0.5
+            val = np.array(Image.fromarray(noise.astype(np.float32)).resize((s, s), Image.Resampling.BICUBIC)) > 0.5
         else:  # rays
             val = np.sin(np.arctan2(y - cy, x - cx) * rng.integers(4, 9) + phase) > 0
         bg = rng.uniform(0, 255, size=3)
@@ -331,7 +331,7 @@ class SyntheticFine(Procedural):
         s = self.size
         y, x = self.grid
         # clutter: smooth noise in a random colour, so the body is not the only thing in view
-        noise = np.array(Image.fromarray(rng.normal(size=(6, 6)).astype(np.float32)).resize((s, s), Image.BICUBIC))
+        noise = np.array(Image.fromarray(rng.normal(size=(6, 6)).astype(np.float32)).resize((s, s), Image.Resampling.BICUBIC))
         img = rng.uniform(40, 215, 3) + rng.uniform(15, 40) * noise[..., None]
         r = rng.uniform(0.28, 0.36) * s
         cy, cx = rng.uniform(0.45 * s, 0.55 * s, size=2)

@@ -1358,11 +1358,17 @@ import bench
 
 @pytest.mark.parametrize("overrides", [{}, {"num_register_tokens": 4}, {"ffn": "swiglu"}])
 def test_flops_match_torch_flop_counter(overrides):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
     vit = ViT.from_name("toy-s", **overrides).eval()
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
+    # the math backend spells attention as matmuls, which the counter sees on every torch: the fused CPU kernel
+    # of torch >= 2.14 is not in its table, so under the default backend it would miss q k^T and attn v
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, torch.no_grad():
         vit(torch.randn(2, 3, 56, 56))
     assert counter.get_total_flops() == 2 * vit.flops(56)  # per image, matmuls and convolutions
+    c, n = vit.config, 1 + vit.config.num_register_tokens + 16
+    attention = 2 * c.depth * 2 * 2 * n * n * c.embed_dim  # batch 2, blocks, q k^T and attn v, 2 per multiply-add
+    assert counter.get_flop_counts()["Global"][torch.ops.aten.bmm] == attention  # counted, not missed
     with torch.device("meta"):
         big = ViT.from_name("vitb14")
     assert 44e9 < big.flops(224) < 48e9  # ~2 x 86M parameters x 257 tokens, plus attention
