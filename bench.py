@@ -259,7 +259,7 @@ def hours(seconds):
     return f"{seconds / 3600:.2f} h" if seconds >= 360 else f"{seconds / 60:.1f} min"
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
     cuda = torch.cuda.is_available()
@@ -288,7 +288,11 @@ def main(argv=None):
             s.add_argument("--num_workers", type=int, default=8 if cuda else 0)
     parsers["step"].add_argument("--method", default="slad", choices=METHODS)
     parsers["backbone"].add_argument("--model", default="vits14", choices=list(CONFIGS))
-    args = p.parse_args(argv)
+    return p.parse_args(argv), p
+
+
+def main(argv=None):
+    args, _ = parse_args(argv)
     torch.manual_seed(0)
     if args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True

@@ -173,6 +173,12 @@ def read_cub(root, split):
     return ImageFiles([(os.path.join(base, "images", paths[i]), labels[i]) for i in keep], sorted(set(labels.values())))
 
 
+def hsv(h, s, v):
+    """An RGB colour (0-255) from hue in [0, 1), saturation and value in [0, 1]."""
+    k = (np.array([5, 3, 1]) + 6 * h) % 6
+    return 255 * v * (1 - s * np.clip(np.minimum(k, 4 - k), 0, 1))
+
+
 class Procedural(Dataset):
     """A dataset drawn on the fly, no download: item i of a split depends on (seed, split, i) alone."""
 
@@ -198,8 +204,8 @@ class Procedural(Dataset):
 
 
 class SyntheticTextures(Procedural):
-    """Procedural textures, one class each, with random colours, scale, phase and a little rotation and
-    noise. Deterministic per (seed, split, index), generated on the fly. Every class is its own mirror
+    """Procedural textures, one class each, with random colours, scale, phase and a little rotation, in low
+    contrast, uneven light and noise. Deterministic per (seed, split, index), generated on the fly. Every class is its own mirror
     image, so RandomHorizontalFlip keeps labels right."""
 
     CLASSES = ("horizontal stripes", "vertical stripes", "diagonal stripes", "checkerboard", "dots",
@@ -243,9 +249,12 @@ class SyntheticTextures(Procedural):
             val = np.array(Image.fromarray(noise.astype(np.float32)).resize((s, s), Image.Resampling.BICUBIC)) > 0.5
         else:  # rays
             val = np.sin(np.arctan2(y - cy, x - cx) * rng.integers(4, 9) + phase) > 0
-        bg = rng.uniform(0, 255, size=3)
-        fg = (bg + rng.choice([-1, 1], size=3) * rng.uniform(80, 160, size=3)) % 256  # never too faint to see
-        img = np.where(val[..., None], fg, bg) + 8 * rng.standard_normal(size=(s, s, 1), dtype=np.float32)
+        # "in the wild", as DTD's photographs: two close colours, uneven light, sensor noise
+        bg = rng.uniform(40, 215, size=3)
+        fg = bg + rng.choice([-1, 1], size=3) * rng.uniform(20, 70, size=3)
+        a, strength = rng.uniform(0, 2 * np.pi), rng.uniform(0, 0.5)  # light falls off along a random direction
+        light = 1 + strength * (np.cos(a) * (x - s / 2) + np.sin(a) * (y - s / 2)) / (s / 2)
+        img = np.where(val[..., None], fg, bg) * light[..., None] + 20 * rng.standard_normal(size=(s, s, 1), dtype=np.float32)
         return np.clip(img, 0, 255).astype(np.uint8)
 
 
@@ -314,20 +323,24 @@ class SyntheticShapes(Procedural):
 
 class SyntheticFine(Procedural):
     """Fine-grained offline classification (the role of FGVC-Aircraft and CUB): one body on a cluttered
-    background, 36 classes = 4 body shapes x 9 markings on the body, so that classes differ in detail
-    while colours, size, position and background vary within each. Every class is its own mirror image."""
+    background, 36 classes = 4 colours of the body x 9 markings on it, so that classes differ in a detail
+    inside the object while its outline (disk, square, triangle or diamond), shade, size, position and the
+    background vary within each, as a species' plumage stays while pose and scene change. Every class is its
+    own mirror image."""
 
-    BODIES = ("disk", "square", "triangle", "diamond")
+    COLOURS = {"red": 0.0, "yellow": 0.15, "green": 0.33, "blue": 0.62}  # hue families of the body
     MARKINGS = ("plain", "horizontal bars", "vertical bars", "diagonal bars", "checks", "spots", "centre dot",
                 "ring", "cross")
-    CLASSES = tuple(map(", ".join, itertools.product(BODIES, MARKINGS)))
+    BODIES = ("disk", "square", "triangle", "diamond")
+    CLASSES = tuple(map(" body, ".join, itertools.product(COLOURS, MARKINGS)))
     SIZES = {"train": 2160, "val": 720, "test": 1440}
     STREAM = (2,)
 
     def draw(self, i):
         rng = self.rng(i)
         label = i % len(self.CLASSES)
-        body, marking = self.BODIES[label // len(self.MARKINGS)], self.MARKINGS[label % len(self.MARKINGS)]
+        hue, marking = list(self.COLOURS.values())[label // len(self.MARKINGS)], self.MARKINGS[label % len(self.MARKINGS)]
+        body = self.BODIES[rng.integers(len(self.BODIES))]
         s = self.size
         y, x = self.grid
         # clutter: smooth noise in a random colour, so the body is not the only thing in view
@@ -346,7 +359,7 @@ class SyntheticFine(Procedural):
                 "checks": (wave(dx) > 0) ^ (wave(dy) > 0), "spots": (wave(dx) + wave(dy)) > 1.1,
                 "centre dot": np.hypot(dx, dy) < 0.3 * r, "ring": np.abs(np.hypot(dx, dy) - 0.5 * r) < 0.1 * r,
                 "cross": (np.abs(dx) < 0.12 * r) | (np.abs(dy) < 0.12 * r)}[marking]
-        colour = rng.uniform(0, 255, 3)
+        colour = hsv((hue + rng.uniform(-0.04, 0.04)) % 1, rng.uniform(0.55, 1), rng.uniform(0.5, 1))
         img[inside] = colour
         img[inside & mark] = (colour + rng.choice([-1, 1], 3) * rng.uniform(60, 120, 3)) % 256
         img = img + 8 * rng.standard_normal((s, s, 1))

@@ -28,6 +28,11 @@ DATASET_DEFAULTS = {"dtd": REAL, "aircraft": REAL, "cub": REAL, "synthetic": dic
                     "cityscapes": dict(img_size=560, batch_size=8, lr=1e-3),
                     "synthetic-seg": dict(img_size=112, batch_size=8, lr=3e-3),
                     "synthetic-fine": dict(img_size=56, batch_size=32, lr=3e-3)}  # the toy family's fine-grained task
+# defaults that depend on the models: DINOv2's (the paper's rank; Marrie et al.'s encoder LR for a fully trained
+# student), and the toy family's, chosen on val (docs/miniature.md): a rank that stays low next to toy-s's 48
+# dimensions, and an encoder LR for models that trained for minutes, not for weeks
+REAL_MODEL_DEFAULTS = dict(rank=16, backbone_lr=2e-5)
+TOY_DEFAULTS = dict(rank=4, backbone_lr=1e-3)
 # flags that may change between a run and its --resume: where things are, not what is computed
 RESUMABLE_CHANGES = {"resume", "out_dir", "data_dir", "device", "num_workers", "compile", "log_every", "grad_checkpointing"}
 # dense bf16 peaks, FLOP/s, by a substring of torch.cuda.get_device_name(): MFU's denominator
@@ -79,7 +84,8 @@ def parser(doc, method):
     p.add_argument("--img_size", type=POSITIVE_INT, default=None,
                    help="crop side, a multiple of 14: 518 for classification, 560 for cityscapes (the sliding "
                         "window too), 56 for synthetic, 112 for synthetic-seg")
-    p.add_argument("--rank", type=POSITIVE_INT, default=16, help="LoRA rank (paper: 16)")
+    p.add_argument("--rank", type=POSITIVE_INT, default=None,
+                   help="LoRA rank (paper: 16; 4 for the toy family, 8 %% of toy-s's width as 16 is 4 %% of ViT-S's)")
     p.add_argument("--temperature", type=POSITIVE, default=2.0, help="distillation temperature T (paper: 2)")
     p.add_argument("--kd", default="kl", choices=["kl", "taid"],
                    help="the distillation term: kl, the T^2 KL of eq. 2 / eq. 4 (paper); taid, TAID's KL towards an "
@@ -103,8 +109,9 @@ def parser(doc, method):
 def resolve_flags(args, p, method):
     """Fill in the defaults that depend on the dataset and the machine, and refuse what cannot run (one line)."""
     world = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's processes
-    for k, v in DATASET_DEFAULTS[args.dataset].items():
-        if getattr(args, k) is None:
+    toys = args.teacher.startswith("toy") and args.student.startswith("toy")
+    for k, v in {**DATASET_DEFAULTS[args.dataset], **(TOY_DEFAULTS if toys else REAL_MODEL_DEFAULTS)}.items():
+        if getattr(args, k, v) is None:  # unset; a flag this script does not have is skipped
             setattr(args, k, v)
     if args.img_size % 14:
         p.error(f"--img_size {args.img_size} is not a multiple of the patch size 14 (e.g. {args.img_size // 14 * 14 or 14})")

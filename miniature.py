@@ -1,15 +1,17 @@
 """
-The paper in miniature: Table 1, Table 3, Fig. 3 and Fig. 1 of SLAD, measured on the pretrained toy family
-(toys.py: toy-b teacher, toy-s student distilled from it) and the procedural tasks in the paper's roles --
-`synthetic` textures for DTD, `synthetic-fine` for CUB / Aircraft, `synthetic-seg` for Cityscapes.
+The paper in miniature: Tables 1, 2 and 3, Fig. 3 and Fig. 1 of SLAD, measured on the pretrained toy family
+(toys.py: toy-l pretrained, toy-b and toy-s distilled from it, in ViT-L, ViT-B and ViT-S's roles) and the
+procedural tasks in the paper's roles -- `synthetic` textures for DTD, `synthetic-fine` for CUB / Aircraft,
+`synthetic-seg` for Cityscapes -- with the premises the paper's argument rests on measured first.
 
-    python miniature.py            # 47 runs (3 seeds), then the tables and figures: 17.5 min measured on 2 CPU cores
-    python miniature.py --quick    # one seed, one task, 14-px images: checks the whole pipeline in a minute or two
+    python miniature.py           # the headline: toy-b -> toy-s on synthetic-fine, 3 seeds (~7 min on 2 CPU cores)
+    python miniature.py --full    # every pair and task: Tables 1-3, Fig. 3, Fig. 1 (~43 min on 2 CPU cores)
+    python miniature.py --quick   # one seed, 14-px images, one epoch: the whole pipeline in a minute or two
 
 It drives train_twostep.py, train_slad.py and cka.py through their command lines, as a reader would, and reads
-what they write (results.json, metrics.jsonl, cka.json); a run whose results.json exists is not run again,
-so an interrupted reproduction continues where it stopped. Writes to --out_dir (out/miniature): every run,
-summary.md (the tables), fig1.png and fig3.png (also copied to figures/miniature_*.png by the full run).
+what they write (results.json, metrics.jsonl, cka.json); a run whose results.json exists is not run again, so
+an interrupted reproduction continues where it stopped. Writes to --out_dir (out/miniature): every run,
+summary.md (the premises and the tables), fig1.png and fig3.png (--full also copies them to figures/).
 """
 
 import argparse
@@ -24,42 +26,90 @@ import time
 
 import torch
 from PIL import Image, ImageDraw
+from torch.utils.data import Subset
 
-from cka import BLUE_WHITE_RED, VIRIDIS, draw_panel, font, text
+from cka import BLUE_WHITE_RED, VIRIDIS, ImagesOnly, draw_panel, font, layer_cka, mapped_mean, text
+from data import eval_transform, load_splits, make_loader
+from experiment import TOY_DEFAULTS
+from lora import layer_mapping
+from model import CONFIGS, initial_backbone
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PAIRS = [("toy-b", "toy-s")]  # (teacher, student): the whole toy family
+# Table 1's pairs (teacher, student), in the paper's order: ViT-B -> ViT-S, ViT-L -> ViT-S, ViT-L -> ViT-B
+PAIRS = [("toy-b", "toy-s"), ("toy-l", "toy-s"), ("toy-l", "toy-b")]
 
-# The hyper-parameters of each task, chosen on val (the selection is in the README): image side, batch, the
-# peak LR of heads and adapters, SLAD's epochs (= each two-step stage's), a fully fine-tuned encoder's LR.
+# The hyper-parameters of each task: image side, batch, SLAD's epochs (= each two-step stage's); the peak LR of
+# heads and adapters by method, and a fully trained encoder's LR, chosen on val (the grid: docs/miniature.md).
 TASKS = {
-    "synthetic": dict(img_size=56, batch_size=32, lr=3e-3, epochs=1, backbone_lr=3e-4),
-    "synthetic-fine": dict(img_size=56, batch_size=32, lr=3e-3, epochs=3, backbone_lr=3e-4),
-    "synthetic-seg": dict(img_size=112, batch_size=8, lr=3e-3, epochs=1, backbone_lr=3e-4),
+    "synthetic": dict(img_size=56, batch_size=32, epochs=3, backbone_lr=1e-3,
+                      lr={"Probing": 3e-3, "Fine-tuning": 3e-3, "LoRA": 3e-2, "SLAD": 1e-2,
+                          "LoRA toy-l": 1e-2}),  # 3e-2 sent toy-l's val to chance (docs/miniature.md)
+    "synthetic-fine": dict(img_size=56, batch_size=32, epochs=8, backbone_lr=1e-3,
+                           lr={"Probing": 1e-2, "Fine-tuning": 3e-3, "LoRA": 1e-2, "SLAD": 1e-2}),
+    "synthetic-seg": dict(img_size=112, batch_size=8, epochs=1, backbone_lr=3e-4, lr=3e-3),  # not tuned: 4x the tokens
 }
 ROLES = {"synthetic": "DTD", "synthetic-fine": "CUB / Aircraft", "synthetic-seg": "Cityscapes"}
 
-# Table 1's rows: the script and its flags. Every two-step stage runs as many epochs as SLAD (the paper's 30 +
+# Every method: the script and its flags. Every two-step stage runs as many epochs as SLAD (the paper's 30 +
 # 30; its Probing distils for 80 after 30, which would make Probing the costliest run here).
 METHODS = {
     "Probing": ("train_twostep.py", ["--teacher_adapt", "probe"]),
     "Fine-tuning": ("train_twostep.py", ["--teacher_adapt", "finetune"]),
     "LoRA": ("train_twostep.py", ["--teacher_adapt", "lora"]),
+    "LoRA, student fully trained": ("train_twostep.py", ["--teacher_adapt", "lora", "--student_adapt", "finetune"]),
+    "SLAD": ("train_slad.py", []),
+    "SLAD, first mapping": ("train_slad.py", ["--mapping", "first"]),
+    "SLAD, last mapping": ("train_slad.py", ["--mapping", "last"]),
     "LoRA +TAID": ("train_twostep.py", ["--teacher_adapt", "lora", "--kd", "taid"]),
     "LoRA +TED": ("train_twostep.py", ["--teacher_adapt", "lora", "--feat", "ted"]),
-    "SLAD": ("train_slad.py", []),
     "SLAD +TAID": ("train_slad.py", ["--kd", "taid"]),
-    # the premise: what the pretrained family buys, the same method from random-init toys (first seed only)
     "Probing, random init": ("train_twostep.py", ["--teacher_adapt", "probe", "--init", "random"]),
 }
-ONE_SEED = {"Probing, random init"}
-SEG_METHODS = ["Probing", "LoRA", "SLAD"]  # the paper's Cityscapes column (first seed only: 4x the tokens)
+TABLE1 = ["Probing", "Fine-tuning", "LoRA", "SLAD", "LoRA +TAID", "LoRA +TED", "SLAD +TAID"]
+MAPPINGS = {"even": "SLAD", "first": "SLAD, first mapping", "last": "SLAD, last mapping"}
 
-# The paper's numbers, ViT-B -> ViT-S (Table 1: students; Table 3: teachers; Fig. 3: CKA on CUB)
-PAPER_STUDENT = {"Probing": (89.80, 89.44, 81.93, 69.32), "LoRA": (90.01, 91.82, 84.71, 72.75),
-                 "SLAD": (90.54, 92.50, 84.56, 73.91)}  # CUB, Aircraft, DTD, Cityscapes
-PAPER_TEACHER = {"Probing": (90.29, 87.35, 83.76, 69.54), "LoRA": (90.64, 92.86, 86.28, 77.90),
-                 "SLAD": (91.50, 93.50, 86.17, 75.45)}
+# The paper's numbers (Table 1: students; Table 3: teachers; CUB, Aircraft, DTD, Cityscapes), by pair
+PAPER_STUDENT = {
+    ("toy-b", "toy-s"): {"Probing": (89.80, 89.44, 81.93, 69.32), "LoRA": (90.01, 91.82, 84.71, 72.75),
+                         "SLAD": (90.54, 92.50, 84.56, 73.91)},
+    ("toy-l", "toy-s"): {"Probing": (89.61, 90.10, 81.61, 72.42), "Fine-tuning": (88.60, 88.90, 81.50, None),
+                         "LoRA": (90.04, 91.46, 84.18, 73.43), "SLAD": (90.44, 92.44, 84.24, 73.97)},
+    ("toy-l", "toy-b"): {"Probing": (90.61, 91.02, 83.49, 73.87), "LoRA": (91.41, 93.25, 86.58, 77.06),
+                         "SLAD": (91.81, 94.18, 86.40, 77.35)},
+}
+PAPER_MAPPING = {("toy-l", "toy-s"): {"even": (90.44, 92.44, 84.24), "first": (90.32, 92.64, 84.29), "last": (90.33, 92.58, 84.38)},
+                 ("toy-l", "toy-b"): {"even": (91.81, 94.18, 86.40), "first": (91.81, 93.95, 86.67), "last": (91.82, 94.04, 86.67)}}
+PAPER_TEACHER = {"toy-b": {"Probing": (90.29, 87.35, 83.76, 69.54), "LoRA": (90.64, 92.86, 86.28, 77.90),
+                           "SLAD (toy-s)": (91.50, 93.50, 86.17, 75.45)},
+                 "toy-l": {"Probing": (91.46, 90.84, 84.40, 72.58), "LoRA": (91.78, 94.32, 87.23, 79.99),
+                           "SLAD (toy-s)": (92.21, 94.96, 87.21, 77.61), "SLAD (toy-b)": (92.57, 95.14, 87.52, 79.02)}}
+PAPER_COLUMN = {"synthetic": 2, "synthetic-fine": 0, "synthetic-seg": 3}  # DTD, CUB, Cityscapes
+VIT = {"toy-s": "ViT-S", "toy-b": "ViT-B", "toy-l": "ViT-L"}
+
+
+def plan(full, quick, extras, seeds):
+    """The runs, as (task, method, teacher, student, seed), and the tasks' settings."""
+    if quick:  # the pipeline end to end, on 14-px images (one patch), one epoch
+        tasks = {"synthetic-fine": dict(TASKS["synthetic-fine"], img_size=14, epochs=1)}
+        return tasks, [(t, m, "toy-b", "toy-s", seeds[0]) for t in tasks
+                       for m in ("Probing", "Fine-tuning", "LoRA", "SLAD", "Probing, random init")]
+    if not full:  # the headline: one pair, one task, the paper's Fig. 3 methods, every seed
+        tasks = {"synthetic-fine": TASKS["synthetic-fine"]}
+        runs = [("synthetic-fine", m, "toy-b", "toy-s", s) for s in seeds
+                for m in ("Probing", "Fine-tuning", "LoRA", "LoRA, student fully trained", "SLAD")]
+        return tasks, runs + [("synthetic-fine", "Probing, random init", "toy-b", "toy-s", seeds[0])]
+    runs = []
+    for task in ("synthetic", "synthetic-fine"):
+        for s in seeds:
+            runs += [(task, m, "toy-b", "toy-s", s) for m in ("Probing", "Fine-tuning", "LoRA", "LoRA, student fully trained", "SLAD")]
+            for t, st in PAIRS[1:]:  # Table 2's other mappings on the fine-grained task only: the budget
+                mappings = MAPPINGS.values() if task == "synthetic-fine" else ["SLAD"]
+                runs += [(task, m, t, st, s) for m in ("Probing", "LoRA", *mappings)]
+            if extras:
+                runs += [(task, m, "toy-b", "toy-s", s) for m in ("LoRA +TAID", "LoRA +TED", "SLAD +TAID")]
+        runs.append((task, "Probing, random init", "toy-b", "toy-s", seeds[0]))
+    runs += [("synthetic-seg", m, t, st, seeds[0]) for t, st in PAIRS for m in ("Probing", "LoRA", "SLAD")]  # 4x the tokens
+    return dict(TASKS), runs
 
 
 def run_dir(out, task, method, teacher, student, seed):
@@ -70,20 +120,27 @@ def run_dir(out, task, method, teacher, student, seed):
 def command(task, method, teacher, student, seed, settings, out_dir):
     script, extra = METHODS[method]
     s = settings
+    family = method.split(",")[0].split()[0]  # "LoRA +TED": LoRA's LR; a teacher's own where it has one
+    lr = s["lr"] if isinstance(s["lr"], float) else s["lr"].get(f"{family} {teacher}", s["lr"][family])
     cmd = [sys.executable, os.path.join(HERE, script), "--dataset", task, "--teacher", teacher, "--student", student,
            "--seed", str(seed), "--device", "cpu", "--img_size", str(s["img_size"]), "--batch_size", str(s["batch_size"]),
-           "--lr", str(s["lr"]), "--out_dir", out_dir, "--log_every", "100000", *extra]
+           "--lr", str(lr), "--out_dir", out_dir, "--log_every", "100000", *extra]
     if script == "train_slad.py":
         return cmd + ["--epochs", str(s["epochs"])]
     return cmd + ["--teacher_epochs", str(s["epochs"]), "--student_epochs", str(s["epochs"]),
                   "--backbone_lr", str(s["backbone_lr"])]
 
 
+def cost(task, method, teacher):
+    """A rough relative cost, to start the longest runs first (two workers finish together)."""
+    return (4 if task == "synthetic-seg" else 1) * (3 if teacher == "toy-l" else 1) * (1.5 if "train_twostep" in METHODS[method][0] else 1)
+
+
 def run_all(jobs, workers, log):
     """Run (out_dir, cmd) jobs, `workers` at a time, one CPU thread each; skip those already done."""
     todo = [(d, c) for d, c in jobs if not os.path.exists(os.path.join(d, "results.json"))]
     log(f"{len(jobs) - len(todo)} of {len(jobs)} runs already done; {len(todo)} to run, {workers} at a time")
-    env = dict(os.environ, OMP_NUM_THREADS="1")  # one thread a run: on a shared CPU, threads contend
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # one thread a run: tiny models gain little from a second one
     running, done, t0 = [], 0, time.time()
     while todo or running:
         while todo and len(running) < workers:
@@ -92,7 +149,7 @@ def run_all(jobs, workers, log):
             os.makedirs(d)
             f = open(os.path.join(d, "stdout.txt"), "w")
             running.append((d, c, subprocess.Popen(c, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=HERE), f, time.time()))
-        time.sleep(0.5)
+        time.sleep(0.2)
         for r in [r for r in running if r[2].poll() is not None]:
             running.remove(r)
             d, c, p, f, start = r
@@ -107,25 +164,54 @@ def run_all(jobs, workers, log):
 
 
 def read(d):
-    """A run's results.json, with its final val accuracies (metrics.jsonl's last line of each stage)."""
+    """A run's results.json, and from metrics.jsonl every epoch's val accuracy of each model: curves[(stage, model)]."""
     r = json.load(open(os.path.join(d, "results.json")))
+    r["curves"] = {}
     for line in open(os.path.join(d, "metrics.jsonl")):
         m = json.loads(line)
-        r.update({k: v for k, v in m.items() if k.startswith("val_")})
+        for k, v in m.items():
+            if k.startswith("val_") and k.endswith("_acc"):
+                r["curves"].setdefault(f"{m['stage']} {k[4:-4]}", []).append(v)
+    for key, curve in r["curves"].items():  # the final val accuracy of each model
+        r[f"val_{key.split()[1]}_acc"] = curve[-1]
     return r
 
 
-def mean_std(values):
+def mean(values):
+    return statistics.mean(values) if values else float("nan")
+
+
+def mean_std(values, digits=1):
     if not values:
         return "–"
     if len(values) == 1:
-        return f"{values[0]:.1f}"
-    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def score(r, role):
     """Test accuracy (%), or mIoU for segmentation, of the run's teacher or student."""
     return r.get(f"{role}_miou", r[f"{role}_acc"])
+
+
+# -----------------------------------------------------------------------------
+# the premises: alignment of the pretrained pairs, against random-init ones
+
+
+def premise_cka(task, img_size, pairs, n_images=None, batch_size=64):
+    """Mean CKA over the mapped pairs (i, g(i)) of the even mapping, CLS tokens on the task's val split (its first
+    n_images), for the pretrained family and for random-init encoders (rebuilt as --init random does, seed 0), as
+    cka.py measures them: {pair: (pretrained %, random init %)}."""
+    family = {name: initial_backbone(name, "teacher", "dinov2", 0) for name in {n for p in pairs for n in p}}
+    random_init = {(t, s): (initial_backbone(t, "teacher", "random", 0), initial_backbone(s, "student", "random", 0))
+                   for t, s in pairs}
+    models = [(family[t], family[s]) for t, s in pairs] + [random_init[p] for p in pairs]
+    val = ImagesOnly(load_splits(task)[0]["val"])
+    val = Subset(val, range(min(n_images or len(val), len(val))))
+    loader = make_loader(val, eval_transform(img_size), batch_size, train=False)
+    mats = layer_cka(models, loader)
+    g = {p: layer_mapping(CONFIGS[p[1]].depth, CONFIGS[p[0]].depth, "even") for p in pairs}
+    return {p: (100 * mapped_mean(mats[k], g[p]), 100 * mapped_mean(mats[len(pairs) + k], g[p])) for k, p in enumerate(pairs)}
 
 
 # -----------------------------------------------------------------------------
@@ -198,96 +284,150 @@ def fig3(cka, path):
 # the tables
 
 
-def tables(runs, tasks, methods, seeds, cka, out):
-    """summary.md: the premise (val), Table 1 (students), Table 3 (teachers), Fig. 3's means, timings."""
-    get = lambda task, m, t, s: [runs[(task, m, t, s, seed)] for seed in seeds if (task, m, t, s, seed) in runs]
-    lines = []
+def row(cells):
+    return "| " + " | ".join(cells) + " |"
+
+
+def tables(runs, tasks, seeds, premise, cka, out):
+    """summary.md: the premises (val), Table 1 (students), Table 2 (mappings), Table 3 (teachers), Fig. 3's
+    means, the curves, the training times."""
+    get = lambda task, m, t, s: [runs[k] for k in sorted(runs) if k[:4] == (task, m, t, s)]
+    cls = [k for k in tasks if k != "synthetic-seg"]
+    head = [f"{k} ({ROLES[k]})" for k in tasks]
+    pairs = [p for p in PAIRS if any(k[2:4] == p for k in runs)]
+    lines = [f"Test accuracy (%; mIoU for segmentation), mean ± sample std over seeds {seeds} (one seed where one "
+             f"number is given); val where it says so.", ""]
+
+    lines += ["### The premises, on val", "", row(["premise", *cls]), row(["---"] * (len(cls) + 1))]
     for t, s in PAIRS:
-        cls = [k for k in tasks if k != "synthetic-seg"]
-        head = [f"{k} ({ROLES[k]})" for k in tasks]
-        lines += [f"### Table 1 in miniature: student {s}, teacher {t} (test %, mean ± std over seeds {seeds}; "
-                  f"mIoU for segmentation)", "", "| method | " + " | ".join(head) + " | avg. (classification) |",
-                  "| --- |" + " --- |" * (len(tasks) + 1)]
-        for m in methods:
-            cells, avg = [], []
-            for k in tasks:
-                v = [score(r, "student") for r in get(k, m, t, s)]
-                cells.append(mean_std(v))
-                if k in cls and v:
-                    avg.append(statistics.mean(v))
-            lines.append(f"| {m} | " + " | ".join(cells) + f" | {statistics.mean(avg):.1f} |" if len(avg) == len(cls)
-                         else f"| {m} | " + " | ".join(cells) + " | – |")
-        lines += ["", f"### Table 3 in miniature: the teachers ({t}, test %)", "",
-                  "| method | " + " | ".join(head) + " |", "| --- |" + " --- |" * len(tasks)]
-        for m in [m for m in ("Probing", "Fine-tuning", "LoRA", "SLAD") if m in methods]:
-            lines.append(f"| {m} | " + " | ".join(mean_std([score(r, 'teacher') for r in get(k, m, t, s)]) for k in tasks) + " |")
-        lines += ["", "### The premise, on val (final epoch; mean over seeds)", ""]
-        for k in cls:
-            val = lambda m, role: mean_std([r[f"val_{role}_acc"] for r in get(k, m, t, s)])
-            lines.append(f"- {k}: probe on the pretrained teacher {val('Probing', 'teacher')} against "
-                         f"{val('Probing, random init', 'teacher')} on the random-init one; LoRA teacher "
-                         f"{val('LoRA', 'teacher')}, fine-tuned {val('Fine-tuning', 'teacher')}")
-        lines += ["", "### Training time (s, one CPU thread a run; mean over seeds)", "",
-                  "| method | " + " | ".join(tasks) + " |", "| --- |" + " --- |" * len(tasks)]
-        for m in methods:
-            lines.append(f"| {m} | " + " | ".join(mean_std([r["train_seconds"] for r in get(k, m, t, s)]) for k in tasks) + " |")
+        if all((k, (t, s)) in premise for k in cls):
+            lines.append(row([f"CKA, mapped pairs, pretrained {t} -> {s} (random init)",
+                              *[f"{premise[(k, (t, s))][0]:.1f} ({premise[(k, (t, s))][1]:.1f})" for k in cls]]))
+    val = lambda task, m, t, s, role: [r[f"val_{role}_acc"] for r in get(task, m, t, s)]
+    gap = lambda task, a, b, role: f"{mean(val(task, a, 'toy-b', 'toy-s', role)) - mean(val(task, b, 'toy-b', 'toy-s', role)):+.1f}"
+    has = lambda m: all(val(k, m, "toy-b", "toy-s", "teacher") for k in cls)
+    if has("Probing") and has("Probing, random init"):
+        lines.append(row(["probed toy-b, pretrained (random init)", *[
+            f"{mean_std(val(k, 'Probing', 'toy-b', 'toy-s', 'teacher'))} ({mean_std(val(k, 'Probing, random init', 'toy-b', 'toy-s', 'teacher'))})" for k in cls]]))
+    if has("Probing") and has("LoRA"):
+        lines.append(row(["LoRA toy-b (minus the probed one)", *[
+            f"{mean_std(val(k, 'LoRA', 'toy-b', 'toy-s', 'teacher'))} ({gap(k, 'LoRA', 'Probing', 'teacher')})" for k in cls]]))
+    if has("LoRA") and has("LoRA, student fully trained"):
+        lines.append(row(["LoRA toy-s (minus a fully trained toy-s, same LoRA teacher)", *[
+            f"{mean_std(val(k, 'LoRA', 'toy-b', 'toy-s', 'student'))} ({gap(k, 'LoRA', 'LoRA, student fully trained', 'student')})" for k in cls]]))
+    rank = TOY_DEFAULTS["rank"]
+    lines.append(row(["LoRA rank / toy-s's width", *[f"{rank} / {CONFIGS['toy-s'].embed_dim} = {100 * rank / CONFIGS['toy-s'].embed_dim:.1f} %"] * len(cls)]))
+    gaps = {k: [max(c) - c[-1] for r in runs.values() if r["dataset"] == k for c in r["curves"].values()] for k in cls}
+    lines.append(row(["convergence: the largest best-minus-last val, over every run and model", *[f"{max(gaps[k]):.1f} ({len(gaps[k])} curves)" for k in cls]]))
+
+    lines += ["", "### Table 1 in miniature: students (test)", "",
+              row(["student ← teacher", "method", *head, "avg. (classification)", "paper: CUB / DTD / Cityscapes"]),
+              row(["---"] * (len(tasks) + 4))]
+    for t, s in pairs:
+        for m in TABLE1:
+            if not any(k[1:4] == (m, t, s) for k in runs):
+                continue
+            v = {k: [score(r, "student") for r in get(k, m, t, s)] for k in tasks}
+            avg = f"{mean([mean(v[k]) for k in cls]):.1f}" if all(v[k] for k in cls) else "–"
+            paper = PAPER_STUDENT.get((t, s), {}).get(m)
+            paper = " / ".join("–" if paper[i] is None else f"{paper[i]:.2f}" for i in (0, 2, 3)) if paper else ""
+            lines.append(row([f"{s} ← {t}", m, *[mean_std(v[k]) for k in tasks], avg, paper]))
+
+    if any(k[1] in MAPPINGS.values() and k[1] != "SLAD" for k in runs):
+        mapped = [k for k in cls if any(key[0] == k and key[1] == MAPPINGS["first"] for key in runs)]
+        lines += ["", "### Table 2 in miniature: SLAD's mapping (students, test)", "",
+                  row(["student ← teacher", "mapping", *mapped, "paper: CUB / Aircraft / DTD"]), row(["---"] * (len(mapped) + 3))]
+        for t, s in PAIRS[1:]:
+            for mapping, m in MAPPINGS.items():
+                paper = " / ".join(f"{v:.2f}" for v in PAPER_MAPPING[(t, s)][mapping])
+                lines.append(row([f"{s} ← {t}", mapping, *[mean_std([score(r, "student") for r in get(k, m, t, s)]) for k in mapped], paper]))
+
+    lines += ["", "### Table 3 in miniature: teachers (test)", "",
+              row(["teacher", "method", *head, "paper: CUB / DTD / Cityscapes"]), row(["---"] * (len(tasks) + 3))]
+    for t in ("toy-b", "toy-l"):
+        student = "toy-s"
+        for label, m, s in (("Probing", "Probing", student), ("Fine-tuning", "Fine-tuning", student), ("LoRA", "LoRA", student),
+                            ("SLAD (toy-s)", "SLAD", "toy-s"), ("SLAD (toy-b)", "SLAD", "toy-b")):
+            if not any(k[1:4] == (m, t, s) for k in runs):
+                continue
+            paper = PAPER_TEACHER[t].get(label)
+            paper = " / ".join(f"{paper[i]:.2f}" for i in (0, 2, 3)) if paper else ""
+            lines.append(row([t, label, *[mean_std([score(r, "teacher") for r in get(k, m, t, s)]) for k in tasks], paper]))
+
     if cka:
-        lines += ["", f"### Fig. 3 in miniature: CKA of CLS tokens, {cka['dataset']} val, mean over mapped pairs g = {cka['g']}", "",
+        lines += ["", f"### Fig. 3 in miniature: CKA of CLS tokens, {cka['dataset']} val, {cka['teacher']} -> "
+                  f"{cka['student']}, seed {cka['seed']}, mean over the mapped pairs g = {cka['g']}", "",
                   f"- pretrained: {100 * cka['pretrained']['mapped_mean']:.2f}%"]
         lines += [f"- after {n}: {100 * r['mapped_mean']:.2f}% ({100 * r['change']:+.2f})" for n, r in cka["runs"].items()]
+
+    lines += ["", "### The val curves (mean over seeds, one number an epoch)", ""]
+    for k in cls:
+        for t, s in pairs:
+            for m in [m for m in METHODS if any(key[:4] == (k, m, t, s) for key in runs)]:
+                rs = get(k, m, t, s)
+                for curve in rs[0]["curves"]:
+                    c = [mean([r["curves"][curve][e] for r in rs]) for e in range(len(rs[0]["curves"][curve]))]
+                    lines.append(f"- {k}, {s} ← {t}, {m}, {curve}: " + " ".join(f"{v:.1f}" for v in c)
+                                 + f" (best − last {max(c) - c[-1]:.1f})")
+
+    lines += ["", "### Training time (s, one CPU thread a run; mean over seeds)", "",
+              row(["student ← teacher", "method", *tasks]), row(["---"] * (len(tasks) + 2))]
+    for t, s in pairs:
+        for m in [m for m in METHODS if any(k[1:4] == (m, t, s) for k in runs)]:
+            lines.append(row([f"{s} ← {t}", m, *[mean_std([r["train_seconds"] for r in get(k, m, t, s)]) for k in tasks]]))
     md = "\n".join(lines) + "\n"
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write(md)
     return md
 
 
-def main():
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    p.add_argument("--full", action="store_true", help="every pair and task: Tables 1-3, Fig. 3, Fig. 1")
     p.add_argument("--quick", action="store_true", help="one seed, synthetic-fine only, 14-px images (one patch), one epoch")
-    p.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
-    p.add_argument("--workers", type=int, default=3, help="runs at a time (one CPU thread each)")
+    p.add_argument("--extras", action="store_true", help="with --full: also LoRA +TAID, LoRA +TED and SLAD +TAID (toy-b -> toy-s)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--workers", type=int, default=max(1, os.cpu_count() or 1), help="runs at a time (one CPU thread each)")
     p.add_argument("--out_dir", default="out/miniature")
-    args = p.parse_args()
+    return p.parse_args(argv), p
+
+
+def main():
+    args, p = parse_args()
     t0 = time.time()
     log = lambda msg: print(f"[{time.time() - t0:5.0f}s] {msg}", flush=True)
-    tasks, methods, seeds = dict(TASKS), list(METHODS), args.seeds
-    if args.quick:
-        tasks = {"synthetic-fine": dict(TASKS["synthetic-fine"], img_size=14, epochs=1)}
-        methods, seeds = ["Probing", "Fine-tuning", "LoRA", "SLAD", "Probing, random init"], [0]
-
-    jobs, keys = [], []
-    for t, s in PAIRS:
-        for task, settings in tasks.items():
-            for m in (SEG_METHODS if task == "synthetic-seg" else methods):
-                for seed in (seeds[:1] if task == "synthetic-seg" or m in ONE_SEED else seeds):
-                    d = run_dir(args.out_dir, task, m, t, s, seed)
-                    jobs.append((d, command(task, m, t, s, seed, settings, d)))
-                    keys.append((task, m, t, s, seed))
+    tasks, keys = plan(args.full, args.quick, args.extras, args.seeds)
+    keys.sort(key=lambda k: -cost(k[0], k[1], k[2]))  # the longest first
+    jobs = [(run_dir(args.out_dir, *k), command(*k, tasks[k[0]], run_dir(args.out_dir, *k))) for k in keys]
     run_all(jobs, args.workers, log)
     runs = {k: read(d) for k, (d, _) in zip(keys, jobs)}
 
-    # Fig. 3: the fine-grained task (CUB's role, as the paper's figure), the first seed, the first pair
-    t, s = PAIRS[0]
-    task = "synthetic-fine"
+    # the premises: the pretrained pairs' alignment on every classification task, against random-init pairs
+    torch.set_num_threads(args.workers)
+    pairs = [p for p in PAIRS if any(k[2:4] == p for k in keys)] if not args.full else PAIRS
+    premise = {(task, pair): v for task in tasks if task != "synthetic-seg"
+               for pair, v in premise_cka(task, tasks[task]["img_size"], pairs).items()}
+
+    # Fig. 3: the fine-grained task (CUB's role, as the paper's figure), toy-b -> toy-s, the first seed
+    task, (t, s) = "synthetic-fine", PAIRS[0]
     cka_dir = os.path.join(args.out_dir, "cka")
     subprocess.run([sys.executable, os.path.join(HERE, "cka.py"), "--runs",
-                    *[run_dir(args.out_dir, task, m, t, s, seeds[0]) for m in ("Fine-tuning", "LoRA", "SLAD")],
+                    *[run_dir(args.out_dir, task, m, t, s, args.seeds[0]) for m in ("Fine-tuning", "LoRA", "SLAD")],
                     "--device", "cpu", "--img_size", str(tasks[task]["img_size"]), "--out_dir", cka_dir],
-                   check=True, cwd=HERE, env=dict(os.environ, OMP_NUM_THREADS="2"))
+                   check=True, cwd=HERE, env=dict(os.environ, OMP_NUM_THREADS=str(args.workers)))
     cka = json.load(open(os.path.join(cka_dir, "cka.json")))
     cka["runs"] = {m: r for m, r in zip(("fine-tuning", "LoRA", "SLAD"), cka["runs"].values())}
     fig3(cka, os.path.join(args.out_dir, "fig3.png"))
 
-    # Fig. 1: the fine-grained task, every method's student (not the random-init row), mean over seeds
+    # Fig. 1: the fine-grained task, toy-b -> toy-s, every method's student, mean over seeds
     points = []
-    for m in [m for m in methods if m not in ONE_SEED]:
-        rs = [runs[k] for k in runs if k[:2] == (task, m) and k[2:4] == (t, s)]
-        if rs:
-            points.append((m, statistics.mean(r["train_seconds"] for r in rs), statistics.mean(r["student_acc"] for r in rs)))
+    for m in [m for m in TABLE1 if any(k[:4] == (task, m, t, s) for k in runs)]:
+        rs = [runs[k] for k in runs if k[:4] == (task, m, t, s)]
+        points.append((m, mean([r["train_seconds"] for r in rs]), mean([r["student_acc"] for r in rs])))
     fig1(points, f"Student {s} (teacher {t}) on {task}: test accuracy against training time", os.path.join(args.out_dir, "fig1.png"))
 
-    print(tables(runs, tasks, methods, seeds, cka, args.out_dir))
-    if not args.quick:  # the README's figures
+    print(tables(runs, tasks, args.seeds, premise, cka, args.out_dir))
+    if args.full:  # the README's figures
         for f in ("fig1", "fig3"):
             shutil.copy(os.path.join(args.out_dir, f"{f}.png"), os.path.join(HERE, "figures", f"miniature_{f}.png"))
     log(f"wrote {args.out_dir}: summary.md, fig1.png, fig3.png and every run")

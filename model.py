@@ -46,10 +46,12 @@ CONFIGS = {
 }
 CONFIGS.update({f"{k}_reg": replace(c, num_register_tokens=4, interpolate_offset=0.0, interpolate_antialias=True)
                 for k, c in list(CONFIGS.items())})
-# toy configs for tests and the offline demo: the toy teacher is wider and deeper than the toy
-# student, and both keep DINOv2's head width (32 here, 64 in DINOv2) equal so heads line up (Fig. 4)
-CONFIGS["toy-s"] = ViTConfig(embed_dim=64, depth=3, num_heads=2, img_size=224)
-CONFIGS["toy-b"] = ViTConfig(embed_dim=128, depth=6, num_heads=4, img_size=224)
+# the toy family (toys.py), for tests and the offline runs, shaped as DINOv2's: widths in ViT-S/B/L's ratios
+# (384 : 768 : 1024 = 48 : 96 : 128), one head width for all (16 here, 64 in DINOv2) so that heads line up
+# (Fig. 4), toy-s and toy-b of one depth and toy-l twice it (12, 12, 24 in DINOv2)
+CONFIGS["toy-s"] = ViTConfig(embed_dim=48, depth=3, num_heads=3, img_size=224)
+CONFIGS["toy-b"] = ViTConfig(embed_dim=96, depth=3, num_heads=6, img_size=224)
+CONFIGS["toy-l"] = ViTConfig(embed_dim=128, depth=6, num_heads=8, img_size=224)
 
 # _DINOV2_BASE_URL in facebookresearch/dinov2's dinov2/hub/utils.py; checkpoint_url follows its hub/backbones.py
 DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2"

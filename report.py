@@ -159,11 +159,15 @@ def table(runs):
     return note + "\n\n" + "\n".join(lines) + "\n"
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folder", help="a folder of runs: every results.json below it is read")
     p.add_argument("--out", default=None, metavar="FILE", help="also write the Markdown to FILE")
-    args = p.parse_args(argv)
+    return p.parse_args(argv), p
+
+
+def main(argv=None):
+    args, _ = parse_args(argv)
     text = table(find_runs(args.folder))
     print(text, end="")
     if args.out:

@@ -80,11 +80,12 @@ def test_configs_have_official_shapes(name):
     assert ("blocks.0.mlp.w12.weight" in sd) == name.startswith("vitg")
 
 
-def test_toy_configs_teacher_wider_and_deeper():
-    s, b = CONFIGS["toy-s"], CONFIGS["toy-b"]
-    assert s.patch_size == b.patch_size == 14
-    assert b.embed_dim > s.embed_dim and b.depth > s.depth
-    assert b.embed_dim // b.num_heads == s.embed_dim // s.num_heads  # same head width: heads line up
+def test_toy_family_is_shaped_as_dinov2s():
+    s, b, l = CONFIGS["toy-s"], CONFIGS["toy-b"], CONFIGS["toy-l"]
+    assert s.patch_size == b.patch_size == l.patch_size == 14
+    assert s.embed_dim < b.embed_dim < l.embed_dim and s.depth == b.depth and l.depth == 2 * b.depth  # as S, B, L
+    assert len({c.embed_dim // c.num_heads for c in (s, b, l)}) == 1  # one head width: heads line up
+    assert layer_mapping(s.depth, l.depth) == [2 * i for i in range(s.depth)] and layer_mapping(s.depth, b.depth) == [0, 1, 2]
 
 
 def test_forward_shapes_and_block_outputs():
@@ -93,7 +94,7 @@ def test_forward_shapes_and_block_outputs():
     with torch.no_grad():
         feats = vit.forward_features(x)
         blocks = vit.forward_blocks(x, range(vit.config.depth))
-    assert feats.shape == (2, 1 + 4 + 2 * 3, 64)
+    assert feats.shape == (2, 1 + 4 + 2 * 3, vit.embed_dim)
     assert len(blocks) == vit.config.depth and torch.equal(blocks[-1], feats)  # the last block, normed
     assert not torch.allclose(blocks[0], blocks[1])
 
@@ -244,14 +245,14 @@ def test_toy_weights_missing_says_how_to_rebuild(tmp_path):
 
 def toy_pair(mapping="even", rank=4, seed=0):
     torch.manual_seed(seed)
-    teacher, student = ViT.from_name("toy-b").eval(), ViT.from_name("toy-s").eval()
+    teacher, student = ViT.from_name("toy-l").eval(), ViT.from_name("toy-s").eval()
     add_lora(teacher, rank=rank)
     g = share_lora(student, teacher, mapping)
     return teacher, student, g
 
 
 def test_lora_zero_init_leaves_outputs_unchanged():
-    vit = ViT.from_name("toy-b").eval()
+    vit = ViT.from_name("toy-l").eval()
     x = torch.randn(2, 3, 28, 28)
     with torch.no_grad():
         before = vit(x)
@@ -264,18 +265,19 @@ def test_lora_zero_init_leaves_outputs_unchanged():
 
 
 def test_lora_freezes_base_and_trains_only_adapters():
-    vit = add_lora(ViT.from_name("toy-b"), rank=16)
+    vit = add_lora(ViT.from_name("toy-l"), rank=16)
     names = {n for n, p in vit.named_parameters() if p.requires_grad}
     assert names and all(n.endswith(("lora_A", "lora_B")) for n in names)
     assert all(".attn.qkv." in n for n in names)  # qkv by default, as the paper
     qkv = vit.blocks[0].attn.qkv
-    assert qkv.lora_A.shape == (16, 128) and qkv.lora_B.shape == (3 * 128, 16)
+    d = vit.embed_dim
+    assert qkv.lora_A.shape == (16, d) and qkv.lora_B.shape == (3 * d, 16)
 
 
 def test_lora_forward_is_eq3():
     vit = add_lora(ViT.from_name("toy-s"), rank=4, alpha=8)
     layer = randomize_(vit.blocks[0].attn.qkv)
-    x = torch.randn(5, 64)
+    x = torch.randn(5, vit.embed_dim)
     W = layer.base.weight + (8 / 4) * layer.lora_B @ layer.lora_A
     assert torch.allclose(layer(x), F.linear(x, W, layer.base.bias), atol=1e-5)
 
@@ -286,15 +288,15 @@ def test_lora_bad_target_is_a_clear_error():
 
 
 def test_merge_equivalence_and_official_layout():
-    vit = add_lora(ViT.from_name("toy-b"), rank=4, targets=("attn.qkv", "attn.proj", "mlp.fc2")).eval()
+    vit = add_lora(ViT.from_name("toy-l"), rank=4, targets=("attn.qkv", "attn.proj", "mlp.fc2")).eval()
     randomize_(vit, seed=3)
     x = torch.randn(2, 3, 42, 28)
     merged = merge_lora(vit).eval()
     assert not any(isinstance(m, LoRALinear) for m in merged.modules())
-    assert list(merged.state_dict()) == list(ViT.from_name("toy-b").state_dict())
+    assert list(merged.state_dict()) == list(ViT.from_name("toy-l").state_dict())
     with torch.no_grad():
         assert (merged(x) - vit(x)).abs().max() <= 1e-5
-        plain = ViT.from_name("toy-b")
+        plain = ViT.from_name("toy-l")
         plain.load_state_dict(merged.state_dict(), strict=True)  # what a user deploys loads in model.py alone
         assert (plain.eval()(x) - vit(x)).abs().max() <= 1e-5
 
@@ -367,9 +369,9 @@ def test_sharing_refuses_deeper_or_wider_student():
     with pytest.raises(ValueError, match="deeper|more than its teacher"):
         share_lora(ViT.from_name("toy-s", depth=4), t)
     with pytest.raises(ValueError, match="wider than its teacher"):
-        share_lora(ViT.from_name("toy-b", depth=2), t)
+        share_lora(ViT.from_name("toy-l", depth=2), t)
     with pytest.raises(ValueError, match="add_lora"):
-        share_lora(ViT.from_name("toy-s"), ViT.from_name("toy-b"))
+        share_lora(ViT.from_name("toy-s"), ViT.from_name("toy-l"))
 
 
 def test_sharing_mapping_last_on_real_depths():
@@ -568,7 +570,7 @@ def test_a_bad_image_stops_a_script_with_one_line(tmp_path, script):
     fake_cub(str(tmp_path / "data"))
     bad = load_splits("cub", str(tmp_path / "data"))[0]["test"].samples[2][0]
     damage(bad, "truncated")
-    toy = ["--dataset", "cub", "--data_dir", str(tmp_path / "data"), "--teacher", "toy-b", "--student", "toy-s",
+    toy = ["--dataset", "cub", "--data_dir", str(tmp_path / "data"), "--teacher", "toy-l", "--student", "toy-s",
            "--init", "random", "--img_size", "28", "--batch_size", "4", "--num_workers", "1", "--device", "cpu"]
     extra = ["--split", "test"] if script == "cka.py" else ["--epochs", "1"]
     r = cli([script, *toy, *extra, "--out_dir", str(tmp_path / "out")])
@@ -675,7 +677,8 @@ def test_loss_gradients_flow_only_where_they_should():
 # -----------------------------------------------------------------------------
 # train_slad.py and train_twostep.py, end to end on synthetic data
 
-TOY = ["--dataset", "synthetic", "--teacher", "toy-b", "--student", "toy-s", "--init", "random", "--device", "cpu"]
+TOY = ["--dataset", "synthetic", "--teacher", "toy-l", "--student", "toy-s", "--init", "random", "--device", "cpu"]
+DEMO = ["--dataset", "synthetic", "--teacher", "toy-b", "--student", "toy-s", "--device", "cpu"]  # the README's, pretrained
 
 
 def run_main(script, argv, monkeypatch):
@@ -697,7 +700,7 @@ def slad_demo(tmp_path_factory):
     """The README's SLAD demo, exactly, run once for the tests that need it: its out_dir."""
     out = str(tmp_path_factory.mktemp("demo") / "slad")
     with pytest.MonkeyPatch.context() as mp:
-        run_main("train_slad", TOY + ["--epochs", "1", "--out_dir", out], mp)
+        run_main("train_slad", DEMO + ["--epochs", "1", "--out_dir", out], mp)
     return out
 
 
@@ -812,7 +815,7 @@ def test_amp_dtypes_on_cpu(tmp_path, monkeypatch, small_synthetic):
 
 def test_compile_traces_without_graph_breaks():
     torch.manual_seed(0)
-    teacher, student = Classifier(ViT.from_name("toy-b"), 4), Classifier(ViT.from_name("toy-s"), 4)
+    teacher, student = Classifier(ViT.from_name("toy-l"), 4), Classifier(ViT.from_name("toy-s"), 4)
     add_lora(teacher.vit, rank=4)
     share_lora(student.vit, teacher.vit)
     x = torch.randn(2, 3, 28, 28)
@@ -941,7 +944,7 @@ def test_resume_from_another_config_and_overwrites_are_refused(tmp_path, monkeyp
     before = {f: open(os.path.join(out, f), "rb").read() for f in os.listdir(out)}
     cases = [
         (TOY + ["--epochs", "1", "--out_dir", out], "already holds a run"),
-        (TOY + ["--epochs", "1", "--rank", "8", "--out_dir", out, "--resume", os.path.join(out, "ckpt.pt")], "rank=16 (now 8)"),
+        (TOY + ["--epochs", "1", "--rank", "8", "--out_dir", out, "--resume", os.path.join(out, "ckpt.pt")], "rank=4 (now 8)"),
         (TOY + ["--epochs", "1", "--out_dir", out, "--resume", os.path.join(out, "nope.pt")], "no such file"),
     ]
     for argv, says in cases:
@@ -1121,7 +1124,7 @@ def trivial_miou(dataset):
 
 def test_segmentation_demo_beats_all_background(tmp_path, monkeypatch):
     out = str(tmp_path / "seg")
-    argv = ["--dataset", "synthetic-seg", "--teacher", "toy-b", "--student", "toy-s", "--init", "random",
+    argv = ["--dataset", "synthetic-seg", "--teacher", "toy-l", "--student", "toy-s", "--init", "random",
             "--epochs", "1", "--device", "cpu", "--out_dir", out]
     run_main("train_slad", argv, monkeypatch)  # the README's segmentation demo, exactly
     res = results_of(out)
@@ -1135,7 +1138,7 @@ def test_segmentation_demo_beats_all_background(tmp_path, monkeypatch):
 def test_segmentation_twostep_runs(tmp_path, monkeypatch):
     monkeypatch.setattr(SyntheticShapes, "SIZES", {"train": 32, "val": 8, "test": 8})
     out = str(tmp_path / "seg-probe")
-    run_main("train_twostep", ["--dataset", "synthetic-seg", "--teacher", "toy-b", "--student", "toy-s", "--init", "random",
+    run_main("train_twostep", ["--dataset", "synthetic-seg", "--teacher", "toy-l", "--student", "toy-s", "--init", "random",
                                "--epochs", "1", "--device", "cpu", "--out_dir", out, "--teacher_adapt", "probe"], monkeypatch)
     res = results_of(out)
     assert {"teacher_miou", "student_miou", "teacher_acc", "student_acc"} <= set(res)
@@ -1211,8 +1214,8 @@ def tiny_loader(n=48, batch_size=16):
 
 
 def test_layer_cka_is_teacher_by_student_blocks_and_reads_off_mapped_pairs():
-    teacher = randomize_(ViT.from_name("toy-b"), seed=1)
-    student = ViT.from_name("toy-b", depth=3)  # the teacher's first three blocks: student block i is teacher block i
+    teacher = randomize_(ViT.from_name("toy-l"), seed=1)
+    student = ViT.from_name("toy-l", depth=3)  # the teacher's first three blocks: student block i is teacher block i
     student.load_state_dict(teacher.state_dict(), strict=False)
     other = randomize_(ViT.from_name("toy-s"), seed=2)
     C, D = cka.layer_cka([(teacher, student), (teacher, other)], tiny_loader())
@@ -1230,7 +1233,7 @@ def test_block_features_cls_or_mean_patch_token_without_registers():
     x = data.normalize(next(iter(tiny_loader()))[0])
     outs = vit.forward_blocks(x, range(3))
     cls, patch = cka.block_features(vit, x, "cls"), cka.block_features(vit, x, "patch")
-    assert len(cls) == len(patch) == 3 and cls[1].shape == patch[1].shape == (16, 64)
+    assert len(cls) == len(patch) == 3 and cls[1].shape == patch[1].shape == (16, 48)
     assert torch.equal(cls[1], outs[1][:, 0]) and torch.allclose(patch[1], outs[1][:, 5:].mean(1))
     C = cka.layer_cka([(vit, vit)], tiny_loader(), token="patch")[0]
     assert torch.allclose(C.diagonal(), torch.ones(3), atol=1e-5)
@@ -1239,11 +1242,11 @@ def test_block_features_cls_or_mean_patch_token_without_registers():
 def fake_run(path, teacher_std, student_std, **config):
     """A run folder as the training scripts leave it, without training: the initial encoders, perturbed."""
     os.makedirs(path)
-    for role, name, std in (("teacher", "toy-b", teacher_std), ("student", "toy-s", student_std)):
+    for role, name, std in (("teacher", "toy-l", teacher_std), ("student", "toy-s", student_std)):
         vit = randomize_(model.initial_backbone(name, role, "random", 0), std=std)
         model.save_model(os.path.join(path, f"{role}.pt"), Classifier(vit, 10))
     experiment.write_json(os.path.join(path, "config.json"), dict(
-        dataset="synthetic", teacher="toy-b", student="toy-s", init="random", seed=0, img_size=56, **config))
+        dataset="synthetic", teacher="toy-l", student="toy-s", init="random", seed=0, img_size=56, **config))
     slad = "teacher_adapt" not in config
     experiment.write_json(os.path.join(path, "results.json"), dict(method="slad") if slad else dict(
         method="twostep", teacher_adapt=config["teacher_adapt"]))
@@ -1260,7 +1263,7 @@ def test_cka_command_draws_figure_3(tmp_path, capsys):
     printed = capsys.readouterr().out
     res = json.load(open(out / "cka.json"))
     assert res["g"] == [3, 4, 5] and res["mapping"] == "last" and res["n_images"] == 64  # the SLAD run's mapping
-    assert (res["teacher"], res["student"], res["init"], res["img_size"]) == ("toy-b", "toy-s", "random", 56)
+    assert (res["teacher"], res["student"], res["init"], res["img_size"]) == ("toy-l", "toy-s", "random", 56)
     base = res["pretrained"]["mapped_mean"]
     assert f"(a) pretrained: {100 * base:.2f}%" in printed
     for letter, name, kind in zip("bcde", ("finetune", "lora", "probe", "slad"),
@@ -1287,10 +1290,10 @@ def test_cka_bad_input_is_one_line(tmp_path):
     good = fake_run(tmp_path / "good", 0.01, 0.01)
     other = fake_run(tmp_path / "other", 0.01, 0.01)
     config = json.load(open(os.path.join(other, "config.json")))
-    experiment.write_json(os.path.join(other, "config.json"), dict(config, student="toy-b"))
+    experiment.write_json(os.path.join(other, "config.json"), dict(config, student="toy-l"))
     cases = [(["--runs", str(tmp_path / "nope")], "is not a finished run"),
-             (["--runs", good, "--teacher", "vitb14"], "has teacher 'toy-b', not 'vitb14'"),
-             (["--runs", good, other], "has student 'toy-b', not 'toy-s'"),
+             (["--runs", good, "--teacher", "vitb14"], "has teacher 'toy-l', not 'vitb14'"),
+             (["--runs", good, other], "has student 'toy-l', not 'toy-s'"),
              (["--runs", good, good], "the same folder name"),
              (["--runs", good, "--batch_size", "2"], "batches of 4 or more"),
              (["--runs", good, "--img_size", "50"], "not a multiple of the patch size 14")]
@@ -1307,7 +1310,7 @@ def test_cka_bad_input_is_one_line(tmp_path):
     ("config.json", '{"dataset": "synthetic", '),
     ("config.json", b"\xff\xfe\x00"),  # not text
     ("results.json", "[1, 2]"),  # JSON, not an object
-    ("config.json", '{"dataset": "imagenet", "teacher": "toy-b", "student": "toy-s"}'),  # hand-edited
+    ("config.json", '{"dataset": "imagenet", "teacher": "toy-l", "student": "toy-s"}'),  # hand-edited
 ])
 def test_cka_on_a_broken_run_file_is_one_line(tmp_path, file, content):
     run = fake_run(tmp_path / "run", 0.01, 0.01)
@@ -1376,7 +1379,7 @@ def test_flops_match_torch_flop_counter(overrides):
 
 def test_grad_checkpointing_gives_the_same_gradients():
     torch.manual_seed(0)
-    teacher = add_lora(ViT.from_name("toy-b"), rank=4)
+    teacher = add_lora(ViT.from_name("toy-l"), rank=4)
     randomize_(teacher, seed=2)
     x = torch.randn(2, 3, 28, 28)
     grads = []
@@ -1394,7 +1397,7 @@ def test_torchrun_two_processes_match_one(slad_demo, tmp_path):
     out = str(tmp_path / "ddp")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = cli(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", "train_slad.py",
-             *TOY, "--epochs", "1", "--out_dir", out], env=env)
+             *DEMO, "--epochs", "1", "--out_dir", out], env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     one, two = results_of(slad_demo), results_of(out)
     assert abs(one["student_acc"] - two["student_acc"]) <= 1.0 and abs(one["teacher_acc"] - two["teacher_acc"]) <= 1.0
@@ -1413,7 +1416,7 @@ def test_batch_must_split_over_processes(monkeypatch):
 
 
 def test_bench_prints_figures_on_cpu(capsys):
-    toy = ["--teacher", "toy-b", "--student", "toy-s", "--img_size", "28", "--batch_size", "4", "--iters", "1",
+    toy = ["--teacher", "toy-l", "--student", "toy-s", "--img_size", "28", "--batch_size", "4", "--iters", "1",
            "--warmup", "1", "--device", "cpu"]
     bench.main(["schedule", *toy])
     out = capsys.readouterr().out
@@ -1496,7 +1499,7 @@ def test_forward_with_blocks_computes_each_block_once():  # TED reads blocks nex
     torch.manual_seed(0)
     x = torch.randn(2, 3, 28, 42)
     for head in (Classifier, Segmenter):
-        m = head(ViT.from_name("toy-b", num_register_tokens=4), 4).eval()
+        m = head(ViT.from_name("toy-l", num_register_tokens=4), 4).eval()
         calls = []
         for blk in m.vit.blocks:
             blk.register_forward_hook(lambda *_: calls.append(1))
@@ -1510,10 +1513,10 @@ def test_forward_with_blocks_computes_each_block_once():  # TED reads blocks nex
 
 def test_ted_filters_have_the_shapes_the_mapping_implies():
     torch.manual_seed(0)
-    teacher, student = Classifier(ViT.from_name("toy-b"), 10), Classifier(ViT.from_name("toy-s"), 10)
+    teacher, student = Classifier(ViT.from_name("toy-l"), 10), Classifier(ViT.from_name("toy-s"), 10)
     assert train_twostep.add_ted_filters(teacher, student, "even", 10) == [0, 2, 4]
     assert [tuple(f.weight.shape) for f in teacher.ted_filters.filters] == [(128, 128)] * 3  # d_f = the teacher's width
-    assert [tuple(f.weight.shape) for f in student.ted_filters.filters] == [(128, 64)] * 3
+    assert [tuple(f.weight.shape) for f in student.ted_filters.filters] == [(128, 48)] * 3
     assert [tuple(h.weight.shape) for h in teacher.ted_filters.heads] == [(10, 128)] * 3
     assert student.ted_filters.heads is None  # Stage II: the student's filters learn from the MSE alone
     with torch.device("meta"):  # the real sizes, shapes only: ViT-L -> ViT-B, last mapping
@@ -1554,8 +1557,9 @@ def test_twostep_demo_learns_with_probe_taid_and_ted(tmp_path, monkeypatch):
     """The two-step demo (a probed teacher, as Marrie et al.) with TAID and TED on: one run, to keep CI short,
     that shows the two-step script and both new objectives learn end to end."""
     out = str(tmp_path / "probe-taid-ted")
-    run_main("train_twostep", TOY + ["--epochs", "1", "--teacher_adapt", "probe", "--kd", "taid", "--feat", "ted",
-                                     "--out_dir", out], monkeypatch)
+    pretrained = [a for a in TOY if a not in ("--init", "random")]  # random toys learn little in one epoch
+    run_main("train_twostep", pretrained + ["--epochs", "1", "--teacher_adapt", "probe", "--kd", "taid", "--feat", "ted",
+                                            "--out_dir", out], monkeypatch)
     res = results_of(out)
     assert res["student_acc"] >= 2 * 100 / res["num_classes"]
     assert res["teacher_epochs"] == res["student_epochs"] == 1 and res["teacher_adapt"] == "probe"
@@ -1565,7 +1569,7 @@ def test_twostep_demo_learns_with_probe_taid_and_ted(tmp_path, monkeypatch):
     assert "g(i) = [0, 2, 4]" in open(os.path.join(out, "log.txt")).read()
     models = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["models"]
     assert models["teacher"]["ted_filters.heads.2.weight"].shape == (10, 128)  # stage 1's filters are checkpointed
-    assert models["student"]["ted_filters.filters.2.weight"].shape == (128, 64)
+    assert models["student"]["ted_filters.filters.2.weight"].shape == (128, 48)
     assert set(models["taid"]) == {"t", "momentum", "prev_loss", "step"}
 
 
@@ -1685,8 +1689,11 @@ import toys
 from data import SyntheticFine, normalize
 
 
+FAMILY = ("toy-l", "toy-b", "toy-s")
+
+
 def test_shipped_toy_family_loads_strictly():
-    for name in ("toy-b", "toy-s"):
+    for name in FAMILY:
         state = torch.load(os.path.join(model.TOY_WEIGHTS, f"{name}.pt"), map_location="cpu", weights_only=True)
         vit = ViT.from_pretrained(name)  # strict load_state_dict inside
         assert list(state) == list(ViT.from_name(name).state_dict())  # the official layout, nothing more
@@ -1694,15 +1701,50 @@ def test_shipped_toy_family_loads_strictly():
     assert sum(os.path.getsize(os.path.join(model.TOY_WEIGHTS, f)) for f in os.listdir(model.TOY_WEIGHTS)) < 10e6
 
 
-def test_toys_script_builds_a_family_that_loads(tmp_path, monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["toys.py", "--images", "64", "--epochs", "1", "--distill_epochs", "1",
-                                      "--batch_size", "32", "--out_dir", str(tmp_path)])
+def test_toys_script_builds_a_family_that_loads(tmp_path, monkeypatch, capsys):
+    quick = ["--images", "64", "--epochs", "1", "--distill_epochs", "1", "--batch_size", "32", "--threads", "1"]
+    monkeypatch.setattr(sys, "argv", ["toys.py", *quick, "--out_dir", str(tmp_path / "a")])
     toys.main()
-    teacher = ViT.from_pretrained("toy-b", path=str(tmp_path / "toy-b.pt"))
-    student = ViT.from_pretrained("toy-s", path=str(tmp_path / "toy-s.pt"))
-    assert not torch.equal(teacher.pos_embed, ViT.from_name("toy-b").pos_embed) and student.config.depth == 3
+    for name in FAMILY:  # pretrained or distilled: no longer the init
+        vit = ViT.from_pretrained(name, path=str(tmp_path / "a" / f"{name}.pt"))
+        assert not torch.equal(vit.pos_embed, ViT.from_name(name).pos_embed)
+    # --teacher_from: the students distilled again from a given teacher, which is copied as it is
+    monkeypatch.setattr(sys, "argv", ["toys.py", *quick, "--teacher_from", str(tmp_path / "a" / "toy-l.pt"),
+                                      "--students", "toy-s", "--out_dir", str(tmp_path / "b")])
+    toys.main()
+    assert sorted(os.listdir(tmp_path / "b")) == ["toy-l.pt", "toy-s.pt"]
+    assert (tmp_path / "a" / "toy-l.pt").read_bytes() == (tmp_path / "b" / "toy-l.pt").read_bytes()
     a, b = toys.make_images(8, seed=0), toys.make_images(8, seed=0)  # deterministic draws
     assert all(torch.equal(x, y) for x, y in zip(a, b))
+    monkeypatch.setattr(sys, "argv", ["toys.py", *quick, "--out_dir", str(tmp_path / "c")])
+    toys.main()  # the same command rebuilds the same files, byte for byte
+    assert all((tmp_path / "a" / f"{n}.pt").read_bytes() == (tmp_path / "c" / f"{n}.pt").read_bytes() for n in FAMILY)
+    monkeypatch.setattr(sys, "argv", ["toys.py", "--teacher_from", str(tmp_path / "nope.pt")])
+    with pytest.raises(SystemExit):
+        toys.main()
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_batch_cka_is_one_for_a_rotated_copy_and_low_for_noise():
+    torch.manual_seed(0)
+    X = torch.randn(64, 16)
+    Q = torch.linalg.qr(torch.randn(16, 16))[0]
+    assert toys.batch_cka(X, 3 * X @ Q).item() == pytest.approx(1, abs=1e-5)  # orthogonal maps and scale
+    Y = torch.randn(64, 8)
+    assert toys.batch_cka(X, Y).item() == pytest.approx(cka.linear_cka(X, Y), abs=1e-5) and toys.batch_cka(X, Y) < 0.5
+
+
+# the shipped family's alignment on 128 val images of each task (the README's figures: the whole val split),
+# measured when it was made, less a margin for the smaller sample
+SHIPPED_CKA_FLOOR = {"synthetic": 0.85, "synthetic-fine": 0.80}
+
+
+def test_shipped_pairs_are_aligned_as_the_readme_states():
+    import miniature
+    for task, floor in SHIPPED_CKA_FLOOR.items():
+        cka_of = miniature.premise_cka(task, 56, miniature.PAIRS, n_images=128)
+        for pair, (pretrained, _) in cka_of.items():
+            assert pretrained >= 100 * floor, (task, pair, pretrained)
 
 
 @torch.no_grad()
@@ -1716,11 +1758,23 @@ def probe_accuracy(vit, train, test):
     return 100 * ((xte @ means.T).argmax(-1) == yte).float().mean().item()
 
 
-def test_pretrained_toys_transfer_better_than_random_ones():
-    train, test = SyntheticTextures("train", n=300), SyntheticTextures("val", n=200)
-    torch.manual_seed(0)
-    pretrained, random_init = probe_accuracy(ViT.from_pretrained("toy-b"), train, test), probe_accuracy(ViT.from_name("toy-b"), train, test)
-    assert pretrained > random_init + 15, (pretrained, random_init)
+@pytest.mark.parametrize("dataset,n_train", [(SyntheticTextures, 300), (SyntheticFine, 720)])
+def test_pretrained_toys_transfer_better_than_random_ones(dataset, n_train):
+    train, test = dataset("train", n=n_train), dataset("val", n=200)
+    for name in FAMILY:
+        torch.manual_seed(0)
+        pretrained, random_init = probe_accuracy(ViT.from_pretrained(name), train, test), probe_accuracy(ViT.from_name(name), train, test)
+        assert pretrained > random_init + 15, (name, pretrained, random_init)
+
+
+def test_toy_runs_default_to_a_low_rank_and_the_toys_encoder_lr():
+    import miniature, train_slad, train_twostep
+    toy = ["--dataset", "synthetic", "--teacher", "toy-l", "--student", "toy-s", "--device", "cpu"]
+    assert train_slad.parse_args(toy)[0].rank == 4 <= 0.1 * CONFIGS["toy-s"].embed_dim  # low rank, as r = 16 on ViT-S
+    assert train_slad.parse_args(toy + ["--rank", "8"])[0].rank == 8
+    assert train_slad.parse_args(["--device", "cpu"])[0].rank == 16  # the paper's, for DINOv2
+    assert train_twostep.parse_args(toy)[0].backbone_lr == 1e-3 == miniature.TASKS["synthetic-fine"]["backbone_lr"]
+    assert train_twostep.parse_args(["--device", "cpu"])[0].backbone_lr == 2e-5
 
 
 def test_synthetic_fine_is_fine_grained_and_deterministic():
@@ -1736,7 +1790,56 @@ def test_miniature_quick_runs_end_to_end(tmp_path):
     r = subprocess.run([sys.executable, "miniature.py", "--quick", "--out_dir", str(tmp_path)], cwd=os.path.dirname(__file__),
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    assert "Table 1 in miniature" in r.stdout and "Table 3 in miniature" in r.stdout and "Fig. 3 in miniature" in r.stdout
+    for heading in ("The premises, on val", "Table 1 in miniature", "Table 3 in miniature", "Fig. 3 in miniature"):
+        assert heading in r.stdout, heading
     for f in ("fig1.png", "fig3.png", "summary.md"):
         assert (tmp_path / f).stat().st_size > 0
     assert Image.open(tmp_path / "fig3.png").width <= 1000 and Image.open(tmp_path / "fig1.png").width == 900
+
+
+# -----------------------------------------------------------------------------
+# the README and docs/: their commands parse, their links exist
+
+import re
+import shlex
+
+DOCS = ["README.md", *sorted(os.path.join("docs", f) for f in os.listdir(os.path.join(os.path.dirname(__file__), "docs")))]
+SCRIPTS = ("train_slad", "train_twostep", "cka", "bench", "report", "toys", "miniature")
+
+
+def doc_commands():
+    """(doc, line, script, argv) for every `python X.py ...` or `torchrun ... X.py ...` in README.md and docs/."""
+    found = []
+    for doc in DOCS:
+        text = open(os.path.join(os.path.dirname(__file__), doc)).read().replace("\\\n", " ")
+        for line in text.split("\n"):
+            for m in re.finditer(r"(?:python|torchrun(?: --\S+ \S+)*) (\w+)\.py((?: [^`#|]*)?)", line):
+                argv = [a.replace("$s", "0") for a in shlex.split(m.group(2))]
+                found.append((doc, line.strip(), m.group(1), argv))
+    return found
+
+
+def test_readme_and_docs_commands_parse_with_their_scripts():
+    import importlib
+    commands = doc_commands()
+    assert {c[2] for c in commands} >= {"train_slad", "train_twostep", "cka", "bench", "toys", "miniature", "report"}
+    for doc, line, script, argv in commands:
+        assert script in SCRIPTS, (doc, line)
+        try:
+            importlib.import_module(script).parse_args(argv)
+        except SystemExit as e:
+            pytest.fail(f"{doc}: `{line}`: {script}.py refuses these flags ({e})")
+
+
+def test_readme_and_docs_links_and_images_exist():
+    here = os.path.dirname(__file__)
+    checked = 0
+    for doc in DOCS:
+        for target in re.findall(r"\]\(([^)\s]+)\)", open(os.path.join(here, doc)).read()):
+            if re.match(r"(https?|mailto):", target) or target.startswith("#"):
+                continue
+            path = os.path.normpath(os.path.join(here, os.path.dirname(doc), target.split("#")[0]))
+            assert os.path.exists(path), f"{doc}: link to {target}: no such file"
+            checked += 1
+    assert checked >= 10
+    assert len(open(os.path.join(here, "README.md")).read().split("\n")) <= 250

@@ -87,7 +87,8 @@ def parse_args(argv=None):
     p.add_argument("--teacher_epochs", type=POSITIVE_INT, default=None, help="stage 1 epochs (default --epochs, or 30)")
     p.add_argument("--student_epochs", type=POSITIVE_INT, default=None,
                    help="stage 2 epochs (default --epochs, or 30; 80 after a probed teacher, as the paper)")
-    p.add_argument("--backbone_lr", type=POSITIVE, default=2e-5, help="peak learning rate of a fully fine-tuned encoder")
+    p.add_argument("--backbone_lr", type=POSITIVE, default=None,
+                   help="peak learning rate of a fully fine-tuned encoder (2e-5; 3e-4 for the toy family)")
     p.add_argument("--feat", default="none", choices=["none", "ted"],
                    help="a layer-wise term on top of eq. 2: ted, TED's task-aware filters (kd.TaskFilters)")
     p.add_argument("--mapping", default="even", choices=MAPPINGS,
