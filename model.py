@@ -241,7 +241,7 @@ class ViT(nn.Module):
             path = path or os.path.join(TOY_WEIGHTS, f"{name}.pt")
             if not os.path.exists(path):
                 raise CheckpointError(f"no file {path}: the pretrained {describe(name)}; rebuild the toy family "
-                                      f"with `python toys.py` (~8 min on a 2-core CPU), or use --init random")
+                                      f"with `python toys.py` (~20 min on a 2-core CPU), or use --init random")
         url = checkpoint_url(name)
         cached = path is None
         if cached:
