@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import hsv, normalize
+from lora import layer_mapping
 from model import ViT
 
 WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
@@ -201,7 +202,7 @@ def distill(names, teacher, images, masks, epochs, batch_size, lr, seed, log, ck
         torch.manual_seed(seed + 1 + k)
         student = ViT.from_name(name)
         n_s = student.config.depth
-        pairs = [(i, i * n_t // n_s) for i in range(n_s)]
+        pairs = list(enumerate(layer_mapping(n_s, n_t, "even")))
         projs = nn.ModuleList(nn.Linear(student.embed_dim, teacher.embed_dim) for _ in pairs)
         params = [*student.parameters(), *projs.parameters()]
         students[name] = student
