@@ -1,16 +1,19 @@
 """
-A self-contained DINOv2 Vision Transformer, numerically the official one
-(github.com/facebookresearch/dinov2), plus the prediction heads of SLAD (App. C.1).
+A self-contained Vision Transformer that is numerically the official DINOv2 (github.com/facebookresearch/dinov2)
+or DINOv3 (github.com/facebookresearch/dinov3), by its config, plus the prediction heads of SLAD (App. C.1).
 
 Parameter names equal the official checkpoints' keys, so
     vit.load_state_dict(torch.load("dinov2_vitb14_pretrain.pth", weights_only=True), strict=True)
-works as is. What we leave out of the official code: xformers, nested tensors, FSDP block
-chunking, drop-path and the DINO training heads.
+works as is, for both families. DINOv3 differs from DINOv2 by a few config fields: 16-px patches, RoPE on q and
+k in place of a learned position embedding, 4 storage tokens (DINOv2's registers, renamed), LayerNorm eps 1e-5,
+a qkv bias masked on the k rows, SwiGLU's two input matrices unfused. What we leave out of the official code:
+xformers, nested tensors, FSDP block chunking, drop-path, the DINO training heads and the crops of pretraining.
 """
 
 import math
 import os
 import urllib.error
+import urllib.parse
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -19,7 +22,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 # -----------------------------------------------------------------------------
-# configs: the four DINOv2 backbones by their torch.hub names, with and without registers
+# configs: the DINOv2 backbones by their torch.hub names, with and without registers, and the DINOv3 ones
 
 
 @dataclass(frozen=True)
@@ -27,15 +30,22 @@ class ViTConfig:
     embed_dim: int = 384
     depth: int = 12
     num_heads: int = 6
-    ffn: str = "mlp"  # "mlp" (GELU) or "swiglu" (ViT-g)
-    num_register_tokens: int = 0
+    ffn: str = "mlp"  # "mlp" (GELU) or "swiglu" (DINOv2's ViT-g; DINOv3's plus models and 7B)
+    num_register_tokens: int = 0  # DINOv3 calls them storage tokens
     patch_size: int = 14
-    img_size: int = 518  # the pos-embed grid of the checkpoints: 37 x 37 patches
+    img_size: int = 518  # DINOv2: the pos-embed grid of the checkpoints, 37 x 37 patches (DINOv3 has no grid)
     mlp_ratio: float = 4.0
     init_values: float = 1.0  # LayerScale init, as DINOv2's hub models
     # pos-embed resampling: DINOv2's hub models use offset 0.1 without antialiasing, the *_reg ones 0 with it
     interpolate_offset: float = 0.1
     interpolate_antialias: bool = False
+    # "dinov3": RoPE, storage tokens, LayerNorm eps 1e-5, the k-masked qkv bias, SwiGLU as w1, w2, w3
+    family: str = "dinov2"
+    qkv_bias: bool = True  # DINOv3's 7B has none
+    local_cls_norm: bool = False  # DINOv3's 7B holds a norm for the local crops of its pretraining, unused here
+    # in train mode the DINOv3 hub models scale RoPE's coordinates by a log-uniform factor in [1/r, r] drawn per
+    # block; off (0) here: a teacher and a student that share adapters should see their patches at the same places
+    rope_rescale: float = 0.0
 
 
 CONFIGS = {
@@ -46,73 +56,31 @@ CONFIGS = {
 }
 CONFIGS.update({f"{k}_reg": replace(c, num_register_tokens=4, interpolate_offset=0.0, interpolate_antialias=True)
                 for k, c in list(CONFIGS.items())})
+# DINOv3 (dinov3/hub/backbones.py): S, B, L distilled from the 7B, as DINOv2's from ViT-g; heads 64 wide up to H+,
+# so Fig. 4's head-aligned slicing carries over. The 7B's heads are 128 wide: it cannot be the SLAD teacher of a
+# student with 64-wide heads (a student head would meet half a teacher head).
+DINOV3 = ViTConfig(family="dinov3", patch_size=16, num_register_tokens=4, init_values=1e-5)
+CONFIGS.update({
+    "dinov3_vits16": replace(DINOV3, embed_dim=384, depth=12, num_heads=6),
+    "dinov3_vits16plus": replace(DINOV3, embed_dim=384, depth=12, num_heads=6, ffn="swiglu", mlp_ratio=6.0),
+    "dinov3_vitb16": replace(DINOV3, embed_dim=768, depth=12, num_heads=12),
+    "dinov3_vitl16": replace(DINOV3, embed_dim=1024, depth=24, num_heads=16),
+    "dinov3_vitl16plus": replace(DINOV3, embed_dim=1024, depth=24, num_heads=16, ffn="swiglu", mlp_ratio=6.0),
+    "dinov3_vith16plus": replace(DINOV3, embed_dim=1280, depth=32, num_heads=20, ffn="swiglu", mlp_ratio=6.0),
+    "dinov3_vit7b16": replace(DINOV3, embed_dim=4096, depth=40, num_heads=32, ffn="swiglu", mlp_ratio=3.0,
+                              qkv_bias=False, local_cls_norm=True),
+})
 # the toy family (toys.py), for tests and the offline runs, shaped as DINOv2's: widths in ViT-S/B/L's ratios
 # (384 : 768 : 1024 = 48 : 96 : 128), one head width for all (16 here, 64 in DINOv2) so that heads line up
 # (Fig. 4), toy-s and toy-b of one depth and toy-l twice it (12, 12, 24 in DINOv2)
 CONFIGS["toy-s"] = ViTConfig(embed_dim=48, depth=3, num_heads=3, img_size=224)
 CONFIGS["toy-b"] = ViTConfig(embed_dim=96, depth=3, num_heads=6, img_size=224)
 CONFIGS["toy-l"] = ViTConfig(embed_dim=128, depth=6, num_heads=8, img_size=224)
-
-# _DINOV2_BASE_URL in facebookresearch/dinov2's dinov2/hub/utils.py; checkpoint_url follows its hub/backbones.py
-DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2"
-TOY_WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")  # toys.py writes them
-
-
-def checkpoint_url(name):
-    """The URL DINOv2's torch.hub entry point downloads for `name`, e.g. .../dinov2_vitb14_reg4_pretrain.pth."""
-    arch = name.removesuffix("_reg")
-    reg = "_reg4" if name.endswith("_reg") else ""
-    return f"{DINOV2_URL}/dinov2_{arch}/dinov2_{arch}{reg}_pretrain.pth"
-
-
-def describe(name):
-    c = CONFIGS[name]
-    reg = f", {c.num_register_tokens} registers" if c.num_register_tokens else ""
-    return f"{name} ({c.embed_dim} wide, {c.depth} blocks, {c.num_heads} heads, {c.ffn} FFN{reg})"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be had or read; the message says what was expected and where."""
-
-
-def load_error(e):
-    """torch.load's reason, in one line, without its advice to trust the file: weights_only=False or
-    add_safe_globals would run or allow what a weights file should never hold."""
-    lines = [line.strip().removeprefix("WeightsUnpickler error: ").split(" was not an allowed global")[0]
-             for line in str(e).splitlines()]
-    advice = ("weights_only", "Weights only", "trust", "safe_globals", "documentation")
-    return next((line for line in lines if line and not any(a in line for a in advice)), "")[:200]
-
-
-def config_of(state_dict):
-    """The CONFIGS name a DINOv2 state dict fits, from its width, depth, registers and FFN; None if none does."""
-    try:
-        blocks = [int(k.split(".")[1]) for k in state_dict if k.startswith("blocks.")]
-        found = (state_dict["cls_token"].shape[-1], 1 + max(blocks),
-                 state_dict["register_tokens"].shape[1] if "register_tokens" in state_dict else 0,
-                 "swiglu" if any(".mlp.w12." in k for k in state_dict) else "mlp")
-    except (KeyError, ValueError, IndexError, AttributeError, TypeError):
-        return None
-    return next((n for n, c in CONFIGS.items() if (c.embed_dim, c.depth, c.num_register_tokens, c.ffn) == found), None)
-
-
-def first_difference(expected, found):
-    """The first missing key, unexpected key or shape mismatch of state dict `found`, in words; None if none."""
-    missing = [k for k in expected if k not in found]
-    unexpected = [k for k in found if k not in expected]
-    shapes = [k for k in expected if k in found and getattr(found[k], "shape", None) != expected[k].shape]
-    if missing:
-        return f"{len(missing)} key(s) missing, the first {missing[0]}"
-    if unexpected:
-        return f"{len(unexpected)} unexpected key(s), the first {unexpected[0]}"
-    if shapes:
-        k = shapes[0]
-        return f"{k} is {tuple(getattr(found[k], 'shape', ()))}, not {tuple(expected[k].shape)}"
-    return None
+NORM_EPS = {"dinov2": 1e-6, "dinov3": 1e-5}
 
 
 # -----------------------------------------------------------------------------
-# the layers, named as in DINOv2 so the checkpoints load without remapping
+# the layers, named as in DINOv2 and DINOv3 so the checkpoints load without remapping
 
 
 class PatchEmbed(nn.Module):
@@ -124,16 +92,67 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
-class Attention(nn.Module):
-    def __init__(self, dim, num_heads):
+class RoPE(nn.Module):
+    """DINOv3's axial rotary position embedding: in each head, the first half of the dimensions turns with the
+    patch's row, the second half with its column, at head_dim / 4 periods. The periods are a buffer of the
+    checkpoint, loaded rather than recomputed (the released ones are rounded as they were trained)."""
+
+    def __init__(self, head_dim, rescale=0.0):
         super().__init__()
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim)  # fused q, k, v: rows [0:D] are q, [D:2D] k, [2D:3D] v
-        self.proj = nn.Linear(dim, dim)
+        self.rescale = rescale
+        n = head_dim // 4
+        self.register_buffer("periods", 100.0 ** (2 * torch.arange(n, dtype=torch.float32) / (head_dim // 2)))  # base 100
+
+    def forward(self, h, w):
+        """(sin, cos) of an h x w patch grid in row-major order: two float32 (h * w, head_dim)."""
+        # patch centres, each axis normalised to [-1, 1] on its own (the official "separate")
+        rows = 2 * (torch.arange(0.5, h, dtype=torch.float32, device=self.periods.device) / h) - 1
+        cols = 2 * (torch.arange(0.5, w, dtype=torch.float32, device=self.periods.device) / w) - 1
+        coords = torch.stack(torch.meshgrid(rows, cols, indexing="ij"), dim=-1).flatten(0, 1)  # (h * w, 2)
+        if self.training and self.rescale:  # off by default (ViTConfig.rope_rescale)
+            log_r = math.log(self.rescale)
+            coords = coords * torch.empty(1, device=coords.device).uniform_(-log_r, log_r).exp()
+        angles = 2 * math.pi * coords[:, :, None] / self.periods  # (h * w, 2, head_dim / 4)
+        angles = angles.flatten(1).tile(2)  # (h * w, head_dim): rows, columns, rows, columns
+        return angles.sin(), angles.cos()
+
+
+def rotate(x, sin, cos):
+    """RoPE on the last len(sin) tokens of x (B, heads, N, head_dim), the patches, in float32 whatever the autocast
+    dtype; the CLS and storage tokens before them keep their values."""
+    n = sin.shape[0]
+    patches = x[:, :, -n:].float()
+    first, second = patches.chunk(2, dim=-1)
+    patches = patches * cos + torch.cat((-second, first), dim=-1) * sin  # each pair (i, i + head_dim/2) turned
+    return torch.cat((x[:, :, :-n], patches.to(x.dtype)), dim=2)
+
+
+class KMaskedLinear(nn.Linear):
+    """DINOv3's qkv: its bias is multiplied by the buffer bias_mask, 1 on the q and v rows and 0 on the k rows, so
+    the k rows carry no bias. LoRA changes the weight alone, so the mask holds for adapters, shared and merged."""
+
+    def __init__(self, dim_in, dim_out):
+        super().__init__(dim_in, dim_out)
+        self.register_buffer("bias_mask", torch.ones(dim_out))
+        self.bias_mask[dim_out // 3: 2 * dim_out // 3] = 0
 
     def forward(self, x):
+        return F.linear(x, self.weight, self.bias * self.bias_mask.to(self.bias.dtype))
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, num_heads, bias=True, mask_k_bias=False):
+        super().__init__()
+        self.num_heads = num_heads
+        # fused q, k, v: rows [0:D] are q, [D:2D] k, [2D:3D] v
+        self.qkv = KMaskedLinear(dim, 3 * dim) if bias and mask_k_bias else nn.Linear(dim, 3 * dim, bias=bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, rope=None):
         B, N, D = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        if rope is not None:  # DINOv3
+            q, k = rotate(q, *rope), rotate(k, *rope)
         x = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, head_dim); flash / mem-efficient on GPU
         return self.proj(x.transpose(1, 2).reshape(B, N, D))
 
@@ -149,16 +168,20 @@ class Mlp(nn.Module):
 
 
 class SwiGLUFFN(nn.Module):
-    """ViT-g's FFN: w12 holds the two input projections fused, the hidden width shrunk by 2/3 and rounded to 8."""
+    """w3(silu(w1 x) * w2 x), its hidden width shrunk by 2/3 and rounded up to 8 (6144 -> 4096 for ViT-g; the 7B
+    rounds to 64, 8192 either way). DINOv2 stores w1 and w2 fused, as w12; DINOv3 as they are."""
 
-    def __init__(self, dim, hidden):
+    def __init__(self, dim, hidden, fused):
         super().__init__()
-        hidden = (int(hidden * 2 / 3) + 7) // 8 * 8  # 6144 -> 4096 for ViT-g
-        self.w12 = nn.Linear(dim, 2 * hidden)
+        hidden = (int(hidden * 2 / 3) + 7) // 8 * 8
+        if fused:
+            self.w12 = nn.Linear(dim, 2 * hidden)
+        else:
+            self.w1, self.w2 = nn.Linear(dim, hidden), nn.Linear(dim, hidden)
         self.w3 = nn.Linear(hidden, dim)
 
     def forward(self, x):
-        x1, x2 = self.w12(x).chunk(2, dim=-1)
+        x1, x2 = self.w12(x).chunk(2, dim=-1) if hasattr(self, "w12") else (self.w1(x), self.w2(x))
         return self.w3(F.silu(x1) * x2)
 
 
@@ -174,16 +197,17 @@ class LayerScale(nn.Module):
 class Block(nn.Module):
     def __init__(self, c: ViTConfig):
         super().__init__()
-        D = c.embed_dim
-        self.norm1 = nn.LayerNorm(D, eps=1e-6)
-        self.attn = Attention(D, c.num_heads)
+        D, eps, v3 = c.embed_dim, NORM_EPS[c.family], c.family == "dinov3"
+        self.norm1 = nn.LayerNorm(D, eps=eps)
+        self.attn = Attention(D, c.num_heads, bias=c.qkv_bias, mask_k_bias=v3)
         self.ls1 = LayerScale(D, c.init_values)
-        self.norm2 = nn.LayerNorm(D, eps=1e-6)
-        self.mlp = (SwiGLUFFN if c.ffn == "swiglu" else Mlp)(D, int(D * c.mlp_ratio))
+        self.norm2 = nn.LayerNorm(D, eps=eps)
+        hidden = int(D * c.mlp_ratio)
+        self.mlp = SwiGLUFFN(D, hidden, fused=not v3) if c.ffn == "swiglu" else Mlp(D, hidden)
         self.ls2 = LayerScale(D, c.init_values)
 
-    def forward(self, x):
-        x = x + self.ls1(self.attn(self.norm1(x)))
+    def forward(self, x, rope=None):
+        x = x + self.ls1(self.attn(self.norm1(x), rope))
         return x + self.ls2(self.mlp(self.norm2(x)))
 
 
@@ -194,19 +218,27 @@ class Block(nn.Module):
 class ViT(nn.Module):
     def __init__(self, config: ViTConfig, name=None):
         super().__init__()
-        if config.ffn not in ("mlp", "swiglu"):
-            raise ValueError(f"unknown ffn {config.ffn!r}: 'mlp' or 'swiglu'")
+        if config.ffn not in ("mlp", "swiglu") or config.family not in NORM_EPS:
+            raise ValueError(f"unknown ffn {config.ffn!r} or family {config.family!r}: 'mlp' or 'swiglu', "
+                             f"'dinov2' or 'dinov3'")
         self.config, self.name = config, name
-        c, D = config, config.embed_dim
-        self.grid = c.img_size // c.patch_size  # pos_embed holds grid x grid patch positions
+        c, D, R = config, config.embed_dim, config.num_register_tokens
         self.patch_embed = PatchEmbed(c.patch_size, D)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
-        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid**2, D))
-        if c.num_register_tokens:  # absent from the state dict when there are none, as in DINOv2
-            self.register_tokens = nn.Parameter(torch.zeros(1, c.num_register_tokens, D))
+        if c.family == "dinov2":  # a learned position embedding for grid x grid patches; registers
+            self.grid = c.img_size // c.patch_size
+            self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid**2, D))
+            if R:  # absent from the state dict when there are none, as in DINOv2
+                self.register_tokens = nn.Parameter(torch.zeros(1, R, D))
+        else:  # DINOv3: RoPE in every block; the registers are called storage tokens
+            self.rope_embed = RoPE(D // c.num_heads, c.rope_rescale)
+            if R:
+                self.storage_tokens = nn.Parameter(torch.zeros(1, R, D))
         self.mask_token = nn.Parameter(torch.zeros(1, D))  # unused here (iBOT masking); kept so checkpoints load strictly
         self.blocks = nn.ModuleList(Block(c) for _ in range(c.depth))
-        self.norm = nn.LayerNorm(D, eps=1e-6)
+        self.norm = nn.LayerNorm(D, eps=NORM_EPS[c.family])
+        if c.local_cls_norm:
+            self.local_cls_norm = nn.LayerNorm(D, eps=NORM_EPS[c.family])  # in the 7B's checkpoint, never used here
         self.grad_checkpointing = False  # recompute each block in backward: memory for ViT-L/g at 518
         self.init_weights()
 
@@ -214,15 +246,19 @@ class ViT(nn.Module):
     def embed_dim(self):
         return self.config.embed_dim
 
-    def init_weights(self):  # DINOv2's init, for --init random
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.normal_(self.cls_token, std=1e-6)
-        if self.config.num_register_tokens:
-            nn.init.normal_(self.register_tokens, std=1e-6)
+    def init_weights(self):  # the official inits, for --init random: DINOv2's, and DINOv3's where it differs
+        c = self.config
+        token_std = 1e-6 if c.family == "dinov2" else 0.02
+        if c.family == "dinov2":
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=token_std)
+        if c.num_register_tokens:
+            nn.init.normal_(self.register_tokens if c.family == "dinov2" else self.storage_tokens, std=token_std)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
     @classmethod
     def from_name(cls, name, **overrides):
@@ -233,53 +269,17 @@ class ViT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name, path=None, progress=True):
-        """The official DINOv2 weights of `name`: from `path` if given, else from torch.hub's cache,
-        downloading them there first (as torch.hub.load('facebookresearch/dinov2', ...) does). A toy name
-        loads the pretrained toy family from weights/ (float16, read into float32)."""
+        """The official weights of `name`, loaded strictly. `path`: a file, or a URL (DINOv3's signed one) that is
+        downloaded into torch.hub's cache. Without it: torch.hub's cache, where torch.hub.load puts them, for
+        DINOv2 downloading them there first; DINOv3's are gated, so the error says how to get them; a toy's come
+        from weights/ (toys.py). Every file that cannot be had or read is a CheckpointError that says what to do."""
         model = cls.from_name(name)
-        if name.startswith("toy"):  # the toy family is shipped in the repo, made by toys.py
-            path = path or os.path.join(TOY_WEIGHTS, f"{name}.pt")
-            if not os.path.exists(path):
-                raise CheckpointError(f"no file {path}: the pretrained {describe(name)}; rebuild the toy family "
-                                      f"with `python toys.py` (~20 min on a 2-core CPU), or use --init random")
-        url = checkpoint_url(name)
-        cached = path is None
-        if cached:
-            path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
-            if not os.path.exists(path):
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                try:  # writes to a temporary file, then renames: an interrupted download leaves nothing behind
-                    torch.hub.download_url_to_file(url, path, progress=progress)
-                except (urllib.error.URLError, OSError) as e:
-                    raise CheckpointError(
-                        f"could not download the DINOv2 weights of {describe(name)} from {url} ({e}). "
-                        f"Without network, fetch that file elsewhere and put it at {path}"
-                    ) from None
-        again = "delete it and run again to download it again" if cached else f"use the file from {url}"
-        if not os.path.isfile(path):
-            raise CheckpointError(f"no file {path}: expected the DINOv2 weights of {describe(name)} from {url}")
-        if os.path.getsize(path) == 0:  # what an interrupted download or copy leaves
-            raise CheckpointError(f"{path} is empty (0 bytes; an interrupted download?): {again}")
-        try:
-            state_dict = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # a truncated zip, another format, pickled Python objects
-            raise CheckpointError(f"{path} is not a valid checkpoint of {describe(name)}: it cannot be read as "
-                                  f"tensors ({type(e).__name__}: {load_error(e)}), truncated or not a weights file; "
-                                  f"{again}") from None
-        if not isinstance(state_dict, dict):
-            raise CheckpointError(f"{path} is not a valid checkpoint of {describe(name)}: it holds a "
-                                  f"{type(state_dict).__name__}, not a state dict; {again}")
-        difference = first_difference(model.state_dict(), state_dict)
-        if difference:
-            like = config_of(state_dict)
-            like = f"it looks like {describe(like)}" if like else "it fits none of the DINOv2 configs"
-            raise CheckpointError(f"{path} is not a valid checkpoint of {describe(name)}: {difference}; {like}; "
-                                  f"{again}")
-        model.load_state_dict(state_dict, strict=True)
+        path, remedy = weights_file(name, path, progress)
+        model.load_state_dict(read_weights(path, model.state_dict(), name, remedy), strict=True)
         return model
 
     def interpolate_pos_embed(self, h, w):
-        """Position embeddings for an h x w patch grid, resampled from the checkpoint's grid x grid."""
+        """DINOv2: position embeddings for an h x w patch grid, resampled from the checkpoint's grid x grid."""
         if (h, w) == (self.grid, self.grid):
             return self.pos_embed
         c = self.config
@@ -296,17 +296,21 @@ class ViT(nn.Module):
         return torch.cat((pos[:, :1], patch_pos), dim=1)
 
     def prepare_tokens(self, x):
+        """(B, 1 + R + N, D): CLS, the R registers (storage tokens), the N patches."""
         B, _, H, W = x.shape
-        p = self.config.patch_size
+        c, p = self.config, self.config.patch_size
         if H % p or W % p:
             raise ValueError(
                 f"input of {H}x{W} pixels: both sides must be multiples of the patch size {p} "
                 f"(e.g. {max(p, H // p * p)}x{max(p, W // p * p)})"
             )
         x = self.patch_embed(x)
+        if c.family == "dinov3":  # CLS, storage tokens, patches; no position added: RoPE turns q and k in each block
+            extra = [self.storage_tokens.expand(B, -1, -1)] if c.num_register_tokens else []
+            return torch.cat([self.cls_token.expand(B, -1, -1), *extra, x], dim=1)
         x = torch.cat((self.cls_token.expand(B, -1, -1).to(x.dtype), x), dim=1)
         x = x + self.interpolate_pos_embed(H // p, W // p).to(x.dtype)
-        if self.config.num_register_tokens:  # registers go after CLS and carry no position
+        if c.num_register_tokens:  # registers go after CLS and carry no position
             x = torch.cat((x[:, :1], self.register_tokens.expand(B, -1, -1).to(x.dtype), x[:, 1:]), dim=1)
         return x
 
@@ -315,17 +319,22 @@ class ViT(nn.Module):
         LayerNorm: a list of (B, 1 + R + N, D), CLS first, then registers, then patches. Blocks after the
         last chosen one are not run."""
         idx = [b % self.config.depth for b in blocks]
+        grid = (x.shape[-2] // self.config.patch_size, x.shape[-1] // self.config.patch_size)
         x = self.prepare_tokens(x)
         out = {}
         for i, blk in enumerate(self.blocks[: max(idx) + 1]):
-            x = checkpoint(blk, x, use_reentrant=False) if self.grad_checkpointing and self.training else blk(x)
+            rope = self.rope_embed(*grid) if self.config.family == "dinov3" else None  # per block, as the official
+            if self.grad_checkpointing and self.training:
+                x = checkpoint(blk, x, rope, use_reentrant=False)
+            else:
+                x = blk(x, rope)
             if i in idx:
                 out[i] = self.norm(x)
         return [out[i] for i in idx]
 
     def forward_features(self, x):
-        """The tokens after the final LayerNorm, (B, 1 + R + N, D): DINOv2's x_norm_clstoken,
-        x_norm_regtokens and x_norm_patchtokens, concatenated."""
+        """The tokens after the final LayerNorm, (B, 1 + R + N, D): the official x_norm_clstoken,
+        x_norm_regtokens (DINOv3: x_storage_tokens) and x_norm_patchtokens, concatenated."""
         return self.forward_blocks(x, [-1])[0]
 
     forward = forward_features
@@ -333,7 +342,7 @@ class ViT(nn.Module):
     def flops(self, img_size):
         """Matmul FLOPs of one forward pass on one img_size x img_size image (2 per multiply-add), as
         nanoGPT's estimate_mfu counts them: the linear layers, the attention products and the patch
-        embedding; norms and activations are left out."""
+        embedding; norms, activations and RoPE's rotations (elementwise, as the norms) are left out."""
         c = self.config
         n = 1 + c.num_register_tokens + (img_size // c.patch_size) ** 2
         D = c.embed_dim
@@ -420,13 +429,156 @@ def slide_inference(model, x, window, stride):
     return (total / count)[:, :, :H, :W]
 
 
-def initial_backbone(name, role, init, seed):
-    """A run's encoder before adaptation: the official weights, or a random init that depends on (seed, role)
-    alone -- 'teacher' or 'student' -- so that cka.py, or anyone, can rebuild it."""
-    if init == "dinov2":
-        return ViT.from_pretrained(name)
+def initial_backbone(name, role, init, seed, weights=None):
+    """A run's encoder before adaptation: the official weights (from the file or URL `weights` if given), or a
+    random init that depends on (seed, role) alone -- 'teacher' or 'student' -- so that cka.py, or anyone, can
+    rebuild it."""
+    if init == "dinov2":  # the official weights of the model's family, DINOv2's or DINOv3's
+        return ViT.from_pretrained(name, path=weights)
     torch.manual_seed(2 * seed + (role == "student"))
     return ViT.from_name(name)
+
+
+# -----------------------------------------------------------------------------
+# weights: where the official files are, and what is wrong with a file that does not load
+
+# _DINOV2_BASE_URL in facebookresearch/dinov2's dinov2/hub/utils.py; checkpoint_url follows its hub/backbones.py
+DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2"
+# DINOv3's (dinov3/hub/utils.py, hub/backbones.py: the LVD-1689M weights): gated, these URLs answer only with the
+# signature that an access e-mail gives, so we take their file names and nothing is downloaded without one
+DINOV3_URL = "https://dl.fbaipublicfiles.com/dinov3"
+DINOV3_HASHES = {"dinov3_vits16": "08c60483", "dinov3_vits16plus": "4057cbaa", "dinov3_vitb16": "73cec8be",
+                 "dinov3_vitl16": "8aa4cbdd", "dinov3_vitl16plus": "46503df0", "dinov3_vith16plus": "7c1da9a5",
+                 "dinov3_vit7b16": "a955f4ea"}
+DINOV3_ACCESS = ("DINOv3's weights are gated: request access at https://ai.meta.com/resources/models-and-libraries/"
+                 "dinov3-downloads/ (linked from github.com/facebookresearch/dinov3's README), and the e-mail that "
+                 "follows lists a signed URL for each file (fetch it with wget); they come under the DINOv3 License, "
+                 "not the Apache-2.0 of DINOv2's")
+TOY_WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")  # toys.py writes them
+
+
+def checkpoint_url(name):
+    """The URL the official torch.hub entry point loads for `name`, e.g. .../dinov2_vitb14_reg4_pretrain.pth or
+    .../dinov3_vitl16_pretrain_lvd1689m-8aa4cbdd.pth (DINOv3's: its file name; the URL needs a signature)."""
+    if name in DINOV3_HASHES:
+        arch = name.removeprefix("dinov3_")
+        return f"{DINOV3_URL}/dinov3_{arch}/dinov3_{arch}_pretrain_lvd1689m-{DINOV3_HASHES[name]}.pth"
+    arch = name.removesuffix("_reg")
+    reg = "_reg4" if name.endswith("_reg") else ""
+    return f"{DINOV2_URL}/dinov2_{arch}/dinov2_{arch}{reg}_pretrain.pth"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be had or read; the message says what was expected and where."""
+
+
+def weights_file(name, path=None, progress=True):
+    """(the weights file of `name`, what to do if it turns out unreadable): `path`, a URL's download, or the file
+    in torch.hub's cache (a DINOv2 one downloaded there first); a CheckpointError if there is none."""
+    if name.startswith("toy"):  # the toy family is shipped in the repo, made by toys.py
+        path = path or os.path.join(TOY_WEIGHTS, f"{name}.pt")
+        rebuild = "rebuild the toy family with `python toys.py` (~20 min on a 2-core CPU), or use --init random"
+        if not os.path.exists(path):
+            raise CheckpointError(f"no file {path}: the pretrained {describe(name)}; {rebuild}")
+        return path, rebuild
+    family, url = CONFIGS[name].family, checkpoint_url(name)
+    file = os.path.basename(url)
+    if path and urllib.parse.urlparse(path).scheme in ("http", "https"):  # a URL (DINOv3's signed one): downloaded
+        url, path = path, None
+    if path:
+        if not os.path.isfile(path):
+            raise CheckpointError(f"no file {path}: expected the {family.upper()} weights of {describe(name)}, {file}")
+        return path, f"use the file from {url}" if family == "dinov2" else f"use the official {file} ({DINOV3_ACCESS})"
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", file)  # where torch.hub.load(..., weights=URL) puts it
+    downloadable = family == "dinov2" or url != checkpoint_url(name)  # DINOv3's with a signed URL only
+    if not os.path.exists(path):
+        if not downloadable:
+            raise CheckpointError(f"no weights for {describe(name)}: {DINOV3_ACCESS}. Put {file} in "
+                                  f"{os.path.dirname(path)} (where torch.hub.load(..., weights=URL) puts it), or give "
+                                  f"its path or signed URL (--teacher_weights / --student_weights, or "
+                                  f"ViT.from_pretrained(name, path=...))")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:  # writes to a temporary file, then renames: an interrupted download leaves nothing behind
+            torch.hub.download_url_to_file(url, path, progress=progress)
+        except (urllib.error.URLError, OSError) as e:
+            expired = " (a DINOv3 signed URL expires: a new access request gives new ones)" if family == "dinov3" else ""
+            raise CheckpointError(  # a signed URL's signature stays out of the message
+                f"could not download the {family.upper()} weights of {describe(name)} from {url.split('?')[0]} ({e}). "
+                f"Without network, fetch that file elsewhere and put it at {path}{expired}") from None
+    if downloadable:
+        return path, "delete it and run again to download it again"
+    return path, f"delete it and fetch {file} again ({DINOV3_ACCESS})"
+
+
+def read_weights(path, expected, name, remedy):
+    """The state dict in `path`, checked against `expected` (the model's, for its keys and shapes) before loading:
+    a CheckpointError in one line that names the file, what is wrong and `remedy`; weights_only stays on."""
+    if os.path.getsize(path) == 0:  # what an interrupted download or copy leaves
+        raise CheckpointError(f"{path} is empty (0 bytes; an interrupted download?): {remedy}")
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated zip, another format, pickled Python objects
+        raise CheckpointError(f"{path} is not a valid checkpoint of {describe(name)}: it cannot be read as "
+                              f"tensors ({type(e).__name__}: {load_error(e)}), truncated or not a weights file; "
+                              f"{remedy}") from None
+    if not isinstance(state_dict, dict):
+        raise CheckpointError(f"{path} is not a valid checkpoint of {describe(name)}: it holds a "
+                              f"{type(state_dict).__name__}, not a state dict; {remedy}")
+    difference = first_difference(expected, state_dict)
+    if difference:
+        like = config_of(state_dict)
+        like = f"it looks like {describe(like)}" if like else "it fits none of the DINOv2 or DINOv3 configs"
+        raise CheckpointError(f"{path} is not a valid checkpoint of {describe(name)}: {difference}; {like}; {remedy}")
+    return state_dict
+
+
+def load_error(e):
+    """torch.load's reason, in one line, without its advice to trust the file: weights_only=False or
+    add_safe_globals would run or allow what a weights file should never hold."""
+    lines = [line.strip().removeprefix("WeightsUnpickler error: ").split(" was not an allowed global")[0]
+             for line in str(e).splitlines()]
+    advice = ("weights_only", "Weights only", "trust", "safe_globals", "documentation")
+    return next((line for line in lines if line and not any(a in line for a in advice)), "")[:200]
+
+
+def config_of(state_dict):
+    """The CONFIGS name a state dict fits, from its family, width, depth, registers and FFN; None if none does."""
+    try:
+        blocks = [int(k.split(".")[1]) for k in state_dict if k.startswith("blocks.")]
+        registers = state_dict.get("register_tokens", state_dict.get("storage_tokens"))
+        found = ("dinov3" if "rope_embed.periods" in state_dict else "dinov2", state_dict["cls_token"].shape[-1],
+                 1 + max(blocks), registers.shape[1] if registers is not None else 0,
+                 "swiglu" if any(".mlp.w3." in k for k in state_dict) else "mlp")
+    except (KeyError, ValueError, IndexError, AttributeError, TypeError):
+        return None
+    return next((n for n, c in CONFIGS.items()
+                 if (c.family, c.embed_dim, c.depth, c.num_register_tokens, c.ffn) == found), None)
+
+
+def first_difference(expected, found):
+    """The first missing key, unexpected key or shape mismatch of state dict `found`, in words; None if none."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    shapes = [k for k in expected if k in found and getattr(found[k], "shape", None) != expected[k].shape]
+    if missing:
+        return f"{len(missing)} key(s) missing, the first {missing[0]}"
+    if unexpected:
+        return f"{len(unexpected)} unexpected key(s), the first {unexpected[0]}"
+    if shapes:
+        k = shapes[0]
+        return f"{k} is {tuple(getattr(found[k], 'shape', ()))}, not {tuple(expected[k].shape)}"
+    return None
+
+
+def describe(name):
+    c = CONFIGS[name]
+    kind = "registers" if c.family == "dinov2" else "storage tokens"
+    extra = f", {c.num_register_tokens} {kind}" if c.num_register_tokens else ""
+    return f"{name} ({c.embed_dim} wide, {c.depth} blocks, {c.num_heads} heads, {c.ffn} FFN{extra})"
+
+
+# -----------------------------------------------------------------------------
+# a deployable model: the backbone in the official layout, its config and the head
 
 
 def save_model(path, model, **extra):

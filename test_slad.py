@@ -2,6 +2,7 @@
 Tests for the SLAD repo, grouped by concept. All offline, CPU, toy sizes: `pytest test_slad.py`.
 """
 
+import math
 import os
 import urllib.error
 
@@ -24,6 +25,16 @@ def randomize_(module, std=0.05, seed=0):
         for p in module.parameters():
             p.add_(torch.randn(p.shape, generator=g) * std)
     return module
+
+
+def hash_noise(shape, seed):
+    """Noise in [-0.5, 0.5) from exact integer arithmetic, so the same on every torch and machine (torch.randn's
+    stream may change between versions): the weights and images of the golden DINOv3 models."""
+    M = 2**31 - 1
+    x = (torch.arange(math.prod(shape), dtype=torch.int64) + 7919 * seed + 1) * 48271 % M
+    for c in (12345, 67890):  # x^2 + c mod M, twice: < 2^62, no overflow
+        x = (x * x + c) % M
+    return (x.double() / M - 0.5).float().reshape(shape)
 
 
 # -----------------------------------------------------------------------------
@@ -59,6 +70,50 @@ def test_golden_parity_with_official_dinov2(variant):
             got0 = vit.forward_blocks(x, [0])[0]
             got0 = torch.cat([got0[:, :1], got0[:, 1 + R:]], 1)  # drop the registers, as the official call does
             assert (got0 - want0).abs().max() <= 1e-4
+
+
+# The golden fixture fixtures/dinov3_golden.pt was made with the official code (github.com/facebookresearch/dinov3
+# at commit 6876159, on the CPU, torch 2.14.1): three tiny DinoVisionTransformer(patch_size=16, n_storage_tokens=4,
+# mask_k_bias=True, layerscale_init=1e-5, norm_layer="layernormbf16", pos_embed_rope_base=100,
+# pos_embed_rope_normalize_coords="separate", pos_embed_rope_rescale_coords=2, pos_embed_rope_dtype="fp32",
+# depth=2), the hub models' settings, covering their three code paths -- "mlp" (vit{s,b,l}16: 64 wide, one head
+# 64 wide, ffn_ratio=2), "swiglu" (the plus models: 32 wide, 2 heads, ffn_layer="swiglu", ffn_ratio=6) and "7b"
+# (vit7b16: 128 wide, one head 128 wide, qkv_bias=False, ffn_layer="swiglu64", ffn_ratio=3,
+# untie_global_and_local_cls_norm=True). Each got init_weights(), which sets the buffers (rope_embed.periods; the
+# qkv bias_mask, NaN before), then every parameter, in sorted name order k = 0, 1, ..., was replaced by
+# 0.5 * hash_noise(shape, k); the buffers are stored as init_weights left them. Images: hash_noise((1, 3, h/4, w/4),
+# 100 + i) to uint8 ((u + 0.5) * 256, floored), each value repeated over 4 x 4 pixels, / 255, at 64x64, 48x80
+# (non-square) and 240x256 (larger than the hub's 224), eval mode. Stored: 12 tokens (CLS, the 4 storage tokens,
+# 7 patches spread over the grid) of forward_features (x_norm_clstoken, x_storage_tokens, x_norm_patchtokens
+# concatenated) and of get_intermediate_layers(x, n=[0], return_class_token=True, return_extra_tokens=True).
+# Every real size on random weights gave max |difference| 0.0 against the official code (docs/reference.md).
+GOLDEN3 = torch.load(os.path.join(HERE, "fixtures", "dinov3_golden.pt"), weights_only=True)
+
+
+def golden_image(i, h, w):
+    x = ((hash_noise((1, 3, h // 4, w // 4), 100 + i) + 0.5) * 256).floor().clamp(0, 255)
+    return x.repeat_interleave(4, dim=2).repeat_interleave(4, dim=3) / 255
+
+
+@pytest.mark.parametrize("variant", ["mlp", "swiglu", "7b"])
+def test_golden_parity_with_official_dinov3(variant):
+    fix = GOLDEN3["models"][variant]
+    vit = ViT(ViTConfig(**fix["config"])).eval()
+    own = {k: v.clone() for k, v in vit.named_buffers()}
+    assert own.keys() == fix["buffers"].keys() and all(torch.equal(own[k], v) for k, v in fix["buffers"].items())
+    state = {n: 0.5 * hash_noise(p.shape, k) for k, (n, p) in enumerate(sorted(vit.named_parameters()))}
+    vit.load_state_dict({**state, **fix["buffers"]}, strict=True)  # the official keys, buffers included
+    head = vit.embed_dim // vit.config.num_heads
+    assert head == {"mlp": 64, "swiglu": 16, "7b": 128}[variant]
+    assert any(h != w for h, w in GOLDEN3["sizes"]) and any(h > 224 for h, w in GOLDEN3["sizes"])
+    with torch.no_grad():
+        for i, (h, w) in enumerate(GOLDEN3["sizes"]):
+            x = golden_image(i, h, w)
+            idx = fix["tokens"][i]
+            got = vit.forward_features(x)
+            assert got.shape == (1, 5 + (h // 16) * (w // 16), vit.embed_dim)
+            assert (got[:, idx] - fix["features"][i]).abs().max() <= 1e-5
+            assert (vit.forward_blocks(x, [0])[0][:, idx] - fix["block0"][i]).abs().max() <= 1e-5
 
 
 # Parameter counts of the official hub models (dinov2.hub.backbones.dinov2_*(pretrained=False)).
@@ -212,7 +267,7 @@ def test_empty_weights_file_stops_a_script_with_one_line(tmp_path):
     (None, "vitb14", "cls_token is (1, 1, 384), not (1, 1, 768); it looks like vits14 (384 wide"),
     ("add registers", "vits14", "1 unexpected key(s), the first register_tokens; it looks like vits14_reg (384 wide"),
     (None, "vits14_reg", "1 key(s) missing, the first register_tokens; it looks like vits14 (384 wide"),
-    ("drop blocks 6-11", "vits14", "key(s) missing, the first blocks.6.norm1.weight; it fits none of the DINOv2 configs"),
+    ("drop blocks 6-11", "vits14", "key(s) missing, the first blocks.6.norm1.weight; it fits none of the DINOv2 or DINOv3 configs"),
 ])
 def test_wrong_architecture_says_what_differs_and_what_it_looks_like(vits14_file, tmp_path, edit, load_as, says):
     path, vit = vits14_file
