@@ -246,7 +246,7 @@ def timm_vit(name, img_size):
         return timm.create_model(tname, pretrained=False, img_size=img_size, num_classes=0)
     from timm.models.vision_transformer import VisionTransformer  # toy configs: the same layers, our sizes
     kw = dict(mlp_layer=SwiGLUPacked, act_layer=torch.nn.SiLU, mlp_ratio=2.66667 * 2) if c.ffn == "swiglu" else {}
-    return VisionTransformer(img_size=img_size, patch_size=14, embed_dim=c.embed_dim, depth=c.depth, num_heads=c.num_heads,
+    return VisionTransformer(img_size=img_size, patch_size=c.patch_size, embed_dim=c.embed_dim, depth=c.depth, num_heads=c.num_heads,
                              init_values=1.0, num_classes=0, reg_tokens=c.num_register_tokens, **kw)
 
 

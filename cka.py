@@ -16,6 +16,7 @@ cka.png (all panels side by side) and cka.json (the matrices and means).
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -24,7 +25,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import Dataset, Subset
 
 from data import DATASETS, DataError, eval_transform, load_splits, make_loader, normalize
-from experiment import DATASET_DEFAULTS, Parser, write_json
+from experiment import Parser, default_img_size, write_json
 from lora import MAPPINGS, layer_mapping
 from model import CONFIGS, CheckpointError, initial_backbone, load_model
 
@@ -212,6 +213,8 @@ def parse_args(argv=None):
     p.add_argument("--teacher", choices=list(CONFIGS), help="default: the runs', else vitb14")
     p.add_argument("--student", choices=list(CONFIGS), help="default: the runs', else vits14")
     p.add_argument("--init", choices=["dinov2", "random"], help="the pretrained encoders (default: the runs', else dinov2)")
+    p.add_argument("--teacher_weights", metavar="PATH_OR_URL", help="the teacher's official weights (default: the runs')")
+    p.add_argument("--student_weights", metavar="PATH_OR_URL", help="the student's official weights (default: the runs')")
     p.add_argument("--seed", type=int, help="rebuilds --init random's encoders (default: the runs', else 0)")
     p.add_argument("--img_size", type=int, help="default: the first run's, else the dataset's")
     p.add_argument("--mapping", choices=MAPPINGS, help="the pairs (i, g(i)) to average (default: a SLAD or TED run's, else even)")
@@ -270,16 +273,18 @@ def resolve(args, runs, parser):
     """Fill unset flags from the first run's config, then check that every run started from the same encoders
     and was trained on the images it is measured on."""
     first = runs[0]["config"] if runs else {}
-    defaults = dict(dataset="dtd", teacher="vitb14", student="vits14", init="dinov2", seed=0, img_size=None)
+    defaults = dict(dataset="dtd", teacher="vitb14", student="vits14", init="dinov2", seed=0, img_size=None,
+                    teacher_weights=None, student_weights=None)
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, first.get(k, v))
     for k, known in (("dataset", DATASETS), ("teacher", CONFIGS), ("student", CONFIGS)):  # a hand-edited config.json
         if getattr(args, k) not in known:
             parser.error(f"{runs[0]['dir']} has {k} {getattr(args, k)!r}, not one of {', '.join(known)}")
-    args.img_size = args.img_size or DATASET_DEFAULTS[args.dataset]["img_size"]
-    if args.img_size % 14:
-        parser.error(f"--img_size {args.img_size} is not a multiple of the patch size 14")
+    patch = math.lcm(CONFIGS[args.teacher].patch_size, CONFIGS[args.student].patch_size)
+    args.img_size = args.img_size or default_img_size(args.dataset, patch)
+    if args.img_size % patch:
+        parser.error(f"--img_size {args.img_size} is not a multiple of the patch size {patch}")
     args.mapping = args.mapping or next((r["mapping"] for r in runs if r["mapping"]), "even")  # SLAD's or TED's
     names = [r["name"] for r in runs]
     if len(set(names)) < len(names):
@@ -304,8 +309,8 @@ def main(argv=None):
     g = resolve(args, runs, parser)
 
     # the models: the encoders the runs started from, and each run's adapted ones (adapters merged)
-    teacher0 = initial_backbone(args.teacher, "teacher", args.init, args.seed)
-    student0 = initial_backbone(args.student, "student", args.init, args.seed)
+    teacher0 = initial_backbone(args.teacher, "teacher", args.init, args.seed, args.teacher_weights)
+    student0 = initial_backbone(args.student, "student", args.init, args.seed, args.student_weights)
     pairs = [(teacher0, student0)]
     for r in runs:
         teacher = load_model(os.path.join(r["dir"], "teacher.pt")).vit

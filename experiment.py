@@ -7,6 +7,7 @@ process. Each script owns its loop: AMP, the LR schedule, the loss, the log line
 
 import argparse
 import json
+import math
 import os
 import random
 import sys
@@ -21,7 +22,7 @@ from lora import merge_lora
 from model import CONFIGS, save_model, slide_inference
 
 # defaults that depend on the dataset. Classification: 518 = 37 x 14, the patch-14 size nearest the paper's
-# 512 crop; segmentation: the paper's 560 crop. The synthetic sets are for toy models, which need more steps
+# 512 crop (512 itself for DINOv3's 16: default_img_size); segmentation: the paper's 560 crop. The synthetic sets are for toy models, which need more steps
 # (smaller batches) and a larger learning rate to learn in one epoch.
 REAL = dict(img_size=518, batch_size=32, lr=1e-3)
 DATASET_DEFAULTS = {"dtd": REAL, "aircraft": REAL, "cub": REAL, "synthetic": dict(img_size=56, batch_size=16, lr=3e-3),
@@ -34,7 +35,8 @@ DATASET_DEFAULTS = {"dtd": REAL, "aircraft": REAL, "cub": REAL, "synthetic": dic
 REAL_MODEL_DEFAULTS = dict(rank=16, backbone_lr=2e-5)
 TOY_DEFAULTS = dict(rank=4, backbone_lr=1e-3)
 # flags that may change between a run and its --resume: where things are, not what is computed
-RESUMABLE_CHANGES = {"resume", "out_dir", "data_dir", "device", "num_workers", "compile", "log_every", "grad_checkpointing"}
+RESUMABLE_CHANGES = {"resume", "out_dir", "data_dir", "device", "num_workers", "compile", "log_every", "grad_checkpointing",
+                     "teacher_weights", "student_weights"}
 # dense bf16 peaks, FLOP/s, by a substring of torch.cuda.get_device_name(): MFU's denominator
 PEAK_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12,
               "L4": 121e12, "A10": 125e12, "V100": 125e12, "4090": 165e12}
@@ -74,7 +76,12 @@ def parser(doc, method):
     p.add_argument("--data_dir", default="./data", help="where datasets are, or are downloaded to")
     p.add_argument("--teacher", default="vitb14", choices=list(CONFIGS), help="the larger ViT")
     p.add_argument("--student", default="vits14", choices=list(CONFIGS), help="the smaller ViT")
-    p.add_argument("--init", default="dinov2", choices=["dinov2", "random"], help="official weights or random ones")
+    p.add_argument("--init", default="dinov2", choices=["dinov2", "random"],
+                   help="the official weights (DINOv2's, or DINOv3's for a dinov3_* model) or random ones")
+    p.add_argument("--teacher_weights", default=None, metavar="PATH_OR_URL",
+                   help="the teacher's official .pth, a file or a URL (DINOv3's are gated: its signed URL); default: "
+                        "torch.hub's cache (checkpoints/), where DINOv2's are downloaded")
+    p.add_argument("--student_weights", default=None, metavar="PATH_OR_URL", help="the same for the student")
     p.add_argument("--epochs", type=POSITIVE_INT, default=None, help="30 by default (the paper's)")
     p.add_argument("--batch_size", type=POSITIVE_INT, default=None,
                    help="images per optimizer step, split over torchrun's processes (32; cityscapes 8; synthetic 16)")
@@ -82,8 +89,8 @@ def parser(doc, method):
                    help="peak learning rate of the heads and LoRA adapters (1e-3; 3e-3 for synthetic)")
     p.add_argument("--weight_decay", type=NON_NEGATIVE, default=0.05, help="AdamW decay on matrices (not biases, norms)")
     p.add_argument("--img_size", type=POSITIVE_INT, default=None,
-                   help="crop side, a multiple of 14: 518 for classification, 560 for cityscapes (the sliding "
-                        "window too), 56 for synthetic, 112 for synthetic-seg")
+                   help="crop side, a multiple of the patch size (14; DINOv3 16): 518 for classification (DINOv3 512), "
+                        "560 for cityscapes (the sliding window too), 56 for synthetic (DINOv3 64), 112 for synthetic-seg")
     p.add_argument("--rank", type=POSITIVE_INT, default=None,
                    help="LoRA rank (paper: 16; 4 for the toy family, 8 %% of toy-s's width as 16 is 4 %% of ViT-S's)")
     p.add_argument("--temperature", type=POSITIVE, default=2.0, help="distillation temperature T (paper: 2)")
@@ -110,15 +117,28 @@ def resolve_flags(args, p, method):
     """Fill in the defaults that depend on the dataset and the machine, and refuse what cannot run (one line)."""
     world = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's processes
     toys = args.teacher.startswith("toy") and args.student.startswith("toy")
+    t, s = CONFIGS[args.teacher], CONFIGS[args.student]
+    patch = math.lcm(t.patch_size, s.patch_size)  # both models see the same crops
+    if args.img_size is None:
+        args.img_size = default_img_size(args.dataset, patch)
     for k, v in {**DATASET_DEFAULTS[args.dataset], **(TOY_DEFAULTS if toys else REAL_MODEL_DEFAULTS)}.items():
         if getattr(args, k, v) is None:  # unset; a flag this script does not have is skipped
             setattr(args, k, v)
-    if args.img_size % 14:
-        p.error(f"--img_size {args.img_size} is not a multiple of the patch size 14 (e.g. {args.img_size // 14 * 14 or 14})")
-    t, s = CONFIGS[args.teacher], CONFIGS[args.student]
+    if args.img_size % patch:
+        p.error(f"--img_size {args.img_size} is not a multiple of the patch size {patch} "
+                f"(e.g. {args.img_size // patch * patch or patch})")
     if s.embed_dim > t.embed_dim or s.depth > t.depth:
         p.error(f"the student {args.student} ({s.embed_dim} wide, {s.depth} blocks) is wider or deeper than "
                 f"its teacher {args.teacher} ({t.embed_dim} wide, {t.depth} blocks)")
+    if method == "slad" and t.family != s.family:  # the paper's setting: two sizes of one foundation model
+        p.error(f"SLAD shares adapters within one family: {args.teacher} is {t.family}, {args.student} {s.family} "
+                f"(train_twostep.py distils across families)")
+    if method == "slad" and t.embed_dim // t.num_heads != s.embed_dim // s.num_heads:  # DINOv3's 7B: 128
+        p.error(f"SLAD slices the teacher's adapters head by head (Fig. 4): {args.teacher}'s heads are "
+                f"{t.embed_dim // t.num_heads} wide, {args.student}'s {s.embed_dim // s.num_heads}")
+    if getattr(args, "feat", "none") == "ted" and (t.patch_size, t.num_register_tokens) != (s.patch_size, s.num_register_tokens):
+        p.error(f"--feat ted compares the tokens of teacher and student one by one: {args.teacher} and {args.student} "
+                f"differ in patch size or registers")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {args.device}, but torch sees no CUDA device here (use --device cpu)")
     if args.batch_size % world:
@@ -131,6 +151,12 @@ def resolve_flags(args, p, method):
         args.out_dir = os.path.dirname(os.path.abspath(args.resume))
     args.out_dir = args.out_dir or f"out/{method}-{args.dataset}-{args.teacher}-{args.student}-s{args.seed}"
     return args
+
+
+def default_img_size(dataset, patch_size):
+    """The dataset's default crop rounded to the nearest multiple of the patch size: 518 and 560 stay for
+    DINOv2's 14; DINOv3's 16 gives 512 (the paper's crop exactly) and 560; 112 across the two families."""
+    return max(1, round(DATASET_DEFAULTS[dataset]["img_size"] / patch_size)) * patch_size
 
 
 # -----------------------------------------------------------------------------
@@ -346,7 +372,7 @@ def check_out_dir(args, p):
 
 
 def export(path, model):
-    """A Classifier or Segmenter with its adapters merged into the official DINOv2 layout (model.load_model reads it)."""
+    """A Classifier or Segmenter with its adapters merged into the official layout (model.load_model reads it)."""
     merged = type(model)(merge_lora(model.vit), model.num_classes)
     merged.head.load_state_dict(model.head.state_dict())
     save_model(path, merged)

@@ -133,7 +133,7 @@ class TaskFilters(nn.Module):
     segmentation on each filtered patch token, upsampled to the pixels as Segmenter's. Without num_classes,
     no heads: Stage II's student filters, which ted_loss alone trains."""
 
-    def __init__(self, n, dim, d_f, num_classes=None, patch_size=14):
+    def __init__(self, n, dim, d_f, num_classes=None, patch_size=None):  # patch_size: for segmentation heads
         super().__init__()
         self.filters = nn.ModuleList(nn.Linear(dim, d_f) for _ in range(n))
         self.heads = nn.ModuleList(nn.Linear(d_f, num_classes) for _ in range(n)) if num_classes else None

@@ -56,8 +56,8 @@ def _swap(block, target, make):
     parent = block.get_submodule(parent_name) if parent_name else block
     base = getattr(parent, attr, None)
     if not isinstance(base, nn.Linear):
-        raise ValueError(f"no linear layer {target!r} in {type(block).__name__}: LoRA targets are e.g. "
-                         f"attn.qkv, attn.proj, mlp.fc1, mlp.fc2 (mlp.w12, mlp.w3 for SwiGLU)")
+        raise ValueError(f"no linear layer {target!r} in {type(block).__name__}: LoRA targets are e.g. attn.qkv, "
+                         f"attn.proj, mlp.fc1, mlp.fc2 (SwiGLU: mlp.w12, mlp.w3; DINOv3's mlp.w1, mlp.w2, mlp.w3)")
     setattr(parent, attr, make(base))
 
 
@@ -100,6 +100,10 @@ def share_lora(student, teacher, mapping="even"):
     if student.embed_dim > teacher.embed_dim:
         raise ValueError(f"the student is {student.embed_dim} wide, wider than its teacher's {teacher.embed_dim}: "
                          f"SLAD slices the teacher's adapters, so it needs a student no wider than its teacher")
+    head_s, head_t = (m.embed_dim // m.config.num_heads for m in (student, teacher))
+    if head_s != head_t:  # DINOv3's 7B: 128, the others 64
+        raise ValueError(f"the student's heads are {head_s} wide, its teacher's {head_t}: SLAD slices the teacher's "
+                         f"adapters head by head (Fig. 4), so it needs one head width")
     g = layer_mapping(len(student.blocks), len(teacher.blocks), mapping)
     for p in student.parameters():
         p.requires_grad_(False)
@@ -113,8 +117,8 @@ def share_lora(student, teacher, mapping="even"):
 
 
 def merge_lora(vit):
-    """A new plain ViT with every adapter folded into its weight, W0 + Delta W: the official DINOv2
-    state-dict layout, what one deploys. `vit` is left as it is."""
+    """A new plain ViT with every adapter folded into its weight, W0 + Delta W: the official DINOv2 or DINOv3
+    state-dict layout (biases and DINOv3's bias_mask as they were), what one deploys. `vit` is left as it is."""
     state = {k.replace(".base.", "."): v for k, v in vit.state_dict().items() if not k.endswith(("lora_A", "lora_B"))}
     with torch.no_grad():
         for name, m in vit.named_modules():

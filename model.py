@@ -273,8 +273,8 @@ class ViT(nn.Module):
         downloaded into torch.hub's cache. Without it: torch.hub's cache, where torch.hub.load puts them, for
         DINOv2 downloading them there first; DINOv3's are gated, so the error says how to get them; a toy's come
         from weights/ (toys.py). Every file that cannot be had or read is a CheckpointError that says what to do."""
+        path, remedy = weights_file(name, path, progress)  # before building a model that may have no weights
         model = cls.from_name(name)
-        path, remedy = weights_file(name, path, progress)
         model.load_state_dict(read_weights(path, model.state_dict(), name, remedy), strict=True)
         return model
 

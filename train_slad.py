@@ -6,6 +6,7 @@ one loss, eq. 4, on the same augmented batch (App. C.2). Classification or segme
 With --kd taid, TAID's KL towards an interpolated target, whose t rises to 1, replaces eq. 4's KL (kd.TAID).
 
     python train_slad.py --dataset dtd          # DINOv2 ViT-B/14 -> ViT-S/14, 30 epochs
+    python train_slad.py --dataset dtd --teacher dinov3_vitl16 --student dinov3_vits16  # DINOv3, at 512 px
     python train_slad.py --dataset synthetic --teacher toy-b --student toy-s --epochs 1 --device cpu
                                                 # the offline demo, on the pretrained toy family: ~30 s on a CPU
 """
@@ -89,8 +90,8 @@ def main():
     # models: a teacher with LoRA adapters on qkv, a student whose adapters are the teacher's (Fig. 4)
     torch.manual_seed(args.seed)  # the heads' init
     Model = Segmenter if args.dataset in SEGMENTATION else Classifier  # the heads of App. C.1
-    teacher = Model(initial_backbone(args.teacher, "teacher", args.init, args.seed), num_classes)
-    student = Model(initial_backbone(args.student, "student", args.init, args.seed), num_classes)
+    teacher = Model(initial_backbone(args.teacher, "teacher", args.init, args.seed, args.teacher_weights), num_classes)
+    student = Model(initial_backbone(args.student, "student", args.init, args.seed, args.student_weights), num_classes)
     teacher.vit.grad_checkpointing = student.vit.grad_checkpointing = args.grad_checkpointing
     add_lora(teacher.vit, rank=args.rank)  # eq. 3 on every block's qkv; the backbone frozen
     g = share_lora(student.vit, teacher.vit, args.mapping)  # student block i uses teacher block g(i)'s, sliced

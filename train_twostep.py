@@ -128,8 +128,8 @@ def main():
     # models: each adapted as its flag says; TED's filters and TAID's state train and checkpoint with them
     torch.manual_seed(args.seed)  # the heads' init
     Model = Segmenter if args.dataset in SEGMENTATION else Classifier  # the heads of App. C.1
-    teacher = Model(initial_backbone(args.teacher, "teacher", args.init, args.seed), num_classes)
-    student = Model(initial_backbone(args.student, "student", args.init, args.seed), num_classes)
+    teacher = Model(initial_backbone(args.teacher, "teacher", args.init, args.seed, args.teacher_weights), num_classes)
+    student = Model(initial_backbone(args.student, "student", args.init, args.seed, args.student_weights), num_classes)
     teacher.vit.grad_checkpointing = student.vit.grad_checkpointing = args.grad_checkpointing
     adapt(teacher, args.teacher_adapt, args.rank)
     adapt(student, args.student_adapt, args.rank)
