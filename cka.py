@@ -326,6 +326,9 @@ def main(argv=None):
     loader = make_loader(ds, eval_transform(args.img_size), args.batch_size, train=False,
                          num_workers=args.num_workers, device=args.device)
     mats = layer_cka(pairs, loader, args.token, args.device)
+    if any(C.isnan().any() for C in mats):  # e.g. a random-init DINOv3's CLS token: LayerScale starts at 1e-5
+        parser.error(f"a block's {args.token} token does not vary over the images, so its CKA is undefined "
+                     f"(a random-init DINOv3's CLS token barely moves): try --token patch")
 
     # the numbers and the figure: (a) pretrained, (b), (c), ... the change after each run
     base = mapped_mean(mats[0], g)

@@ -104,24 +104,26 @@ class RoPE(nn.Module):
         self.register_buffer("periods", 100.0 ** (2 * torch.arange(n, dtype=torch.float32) / (head_dim // 2)))  # base 100
 
     def forward(self, h, w):
-        """(sin, cos) of an h x w patch grid in row-major order: two float32 (h * w, head_dim)."""
+        """(sin, cos) of an h x w patch grid in row-major order: two (h * w, head_dim), float32 (float64 in a
+        float64 model), whatever the autocast dtype or a half-precision model's."""
+        dd = dict(dtype=torch.promote_types(self.periods.dtype, torch.float32), device=self.periods.device)
         # patch centres, each axis normalised to [-1, 1] on its own (the official "separate")
-        rows = 2 * (torch.arange(0.5, h, dtype=torch.float32, device=self.periods.device) / h) - 1
-        cols = 2 * (torch.arange(0.5, w, dtype=torch.float32, device=self.periods.device) / w) - 1
+        rows = 2 * (torch.arange(0.5, h, **dd) / h) - 1
+        cols = 2 * (torch.arange(0.5, w, **dd) / w) - 1
         coords = torch.stack(torch.meshgrid(rows, cols, indexing="ij"), dim=-1).flatten(0, 1)  # (h * w, 2)
         if self.training and self.rescale:  # off by default (ViTConfig.rope_rescale)
             log_r = math.log(self.rescale)
-            coords = coords * torch.empty(1, device=coords.device).uniform_(-log_r, log_r).exp()
-        angles = 2 * math.pi * coords[:, :, None] / self.periods  # (h * w, 2, head_dim / 4)
+            coords = coords * torch.empty(1, **dd).uniform_(-log_r, log_r).exp()
+        angles = 2 * math.pi * coords[:, :, None] / self.periods.to(coords.dtype)  # (h * w, 2, head_dim / 4)
         angles = angles.flatten(1).tile(2)  # (h * w, head_dim): rows, columns, rows, columns
         return angles.sin(), angles.cos()
 
 
 def rotate(x, sin, cos):
-    """RoPE on the last len(sin) tokens of x (B, heads, N, head_dim), the patches, in float32 whatever the autocast
-    dtype; the CLS and storage tokens before them keep their values."""
+    """RoPE on the last len(sin) tokens of x (B, heads, N, head_dim), the patches, in sin's dtype (float32) whatever
+    x's (bfloat16 under autocast); the CLS and storage tokens before them keep their values."""
     n = sin.shape[0]
-    patches = x[:, :, -n:].float()
+    patches = x[:, :, -n:].to(sin.dtype)
     first, second = patches.chunk(2, dim=-1)
     patches = patches * cos + torch.cat((-second, first), dim=-1) * sin  # each pair (i, i + head_dim/2) turned
     return torch.cat((x[:, :, :-n], patches.to(x.dtype)), dim=2)
@@ -475,6 +477,8 @@ class CheckpointError(RuntimeError):
 def weights_file(name, path=None, progress=True):
     """(the weights file of `name`, what to do if it turns out unreadable): `path`, a URL's download, or the file
     in torch.hub's cache (a DINOv2 one downloaded there first); a CheckpointError if there is none."""
+    if name not in CONFIGS:
+        raise ValueError(f"unknown model {name!r}; one of: {', '.join(CONFIGS)}")
     if name.startswith("toy"):  # the toy family is shipped in the repo, made by toys.py
         path = path or os.path.join(TOY_WEIGHTS, f"{name}.pt")
         rebuild = "rebuild the toy family with `python toys.py` (~20 min on a 2-core CPU), or use --init random"

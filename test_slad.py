@@ -5,6 +5,7 @@ Tests for the SLAD repo, grouped by concept. All offline, CPU, toy sizes: `pytes
 import math
 import os
 import urllib.error
+from dataclasses import replace
 
 import pytest
 import torch
@@ -294,6 +295,167 @@ def test_toy_weights_missing_says_how_to_rebuild(tmp_path):
         ViT.from_pretrained("toy-s", path=str(tmp_path / "toy-s.pt"))
 
 
+# Sizes of the official DINOv3 hub models' state dicts, buffers included (dinov3.hub.backbones.dinov3_*(
+# pretrained=False) on the meta device; their keys and shapes were checked equal to ours, and their URLs' file names
+# to checkpoint_url's, when this was written).
+OFFICIAL_NUMEL_V3 = {"dinov3_vits16": 21614992, "dinov3_vits16plus": 28711312, "dinov3_vitb16": 85697296,
+                     "dinov3_vitl16": 303227920, "dinov3_vitl16plus": 403989520, "dinov3_vith16plus": 840756496,
+                     "dinov3_vit7b16": 6716043296}
+
+
+@pytest.mark.parametrize("name", list(OFFICIAL_NUMEL_V3))
+def test_dinov3_configs_have_official_shapes_and_file_names(name):
+    with torch.device("meta"):
+        vit = ViT.from_name(name)
+    sd, c = vit.state_dict(), vit.config
+    assert sum(v.numel() for v in sd.values()) == OFFICIAL_NUMEL_V3[name]
+    assert sd["rope_embed.periods"].shape == (c.embed_dim // c.num_heads // 4,) and "pos_embed" not in sd
+    assert sd["storage_tokens"].shape == (1, 4, c.embed_dim) and "register_tokens" not in sd
+    assert ("blocks.0.attn.qkv.bias_mask" in sd) == (name != "dinov3_vit7b16") == ("blocks.0.attn.qkv.bias" in sd)
+    assert ("blocks.0.mlp.w1.weight" in sd) == name.endswith(("plus", "7b16")) and "blocks.0.mlp.w12.weight" not in sd
+    assert ("local_cls_norm.weight" in sd) == (name == "dinov3_vit7b16")
+    assert c.embed_dim // c.num_heads == (128 if name == "dinov3_vit7b16" else 64)
+    file = {"dinov3_vitl16": "dinov3_vitl16_pretrain_lvd1689m-8aa4cbdd.pth",
+            "dinov3_vith16plus": "dinov3_vith16plus_pretrain_lvd1689m-7c1da9a5.pth"}.get(name)
+    if file:  # two of dinov3/hub/backbones.py's, spelled out
+        assert model.checkpoint_url(name) == f"https://dl.fbaipublicfiles.com/dinov3/{name}/{file}"
+
+
+TINY3 = ViTConfig(family="dinov3", patch_size=16, num_register_tokens=4, init_values=1e-5, embed_dim=32, depth=2,
+                  num_heads=2)
+
+
+def test_dinov3_buffers_are_the_official_init_and_are_used():
+    vit = ViT(TINY3).eval()
+    qkv = vit.blocks[0].attn.qkv
+    assert torch.equal(qkv.bias_mask, torch.tensor([1.0] * 32 + [0.0] * 32 + [1.0] * 32))  # q, k, v rows
+    assert torch.allclose(vit.rope_embed.periods, 100 ** (torch.arange(4) / 4))  # base 100, head_dim / 4 of them
+    randomize_(vit)
+    x = torch.randn(1, 3, 32, 48)
+    with torch.no_grad():
+        before = vit(x)
+        qkv.bias[32:64] += 1.0  # the k rows' bias is masked out
+        assert torch.equal(vit(x), before)
+        vit.rope_embed.periods.mul_(1.01)  # the periods come from the buffer (the checkpoint's), not recomputed
+        assert not torch.allclose(vit(x), before, atol=1e-4)
+
+
+def test_rope_rotates_patches_in_float32_and_leaves_cls_and_storage_tokens():
+    rope = model.RoPE(16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sin, cos = rope(2, 3)
+    assert sin.dtype == cos.dtype == torch.float32 and sin.shape == (6, 16)
+    q = torch.randn(2, 2, 5 + 6, 16).bfloat16()  # CLS, 4 storage tokens, 2 x 3 patches
+    turned = model.rotate(q, sin, cos)
+    assert turned.dtype == torch.bfloat16 and torch.equal(turned[:, :, :5], q[:, :, :5])
+    assert torch.equal(turned, model.rotate(q.float(), sin, cos).bfloat16())  # rotated in float32, rounded once
+    # RoPE keeps norms, and q . k of two patches depends on their offset alone: one row down, the same score
+    f = model.rotate(q.float(), sin, cos)
+    assert torch.allclose(f.norm(dim=-1), q.float().norm(dim=-1), atol=1e-5)
+    same = torch.ones(1, 1, 5 + 6, 16)
+    r = model.rotate(same, sin, cos)[0, 0, 5:]  # the same vector at every patch (row-major 2 x 3)
+    assert torch.allclose(r[0] @ r[1], r[3] @ r[4], atol=1e-5) and not torch.allclose(r[0] @ r[1], r[0] @ r[2], atol=1e-3)
+
+
+def test_rope_rescale_is_off_by_default_and_per_block_when_on():
+    x = torch.randn(1, 3, 32, 32)
+    vit = randomize_(ViT(TINY3)).train()  # train mode: where the hub models rescale
+    assert vit.config.rope_rescale == 0 and torch.equal(vit(x), vit(x))
+    jittered = randomize_(ViT(replace(TINY3, rope_rescale=2.0))).train()
+    assert not torch.allclose(jittered(x), jittered(x))
+    assert torch.equal(jittered.eval()(x), jittered.eval()(x))  # eval: never
+
+
+def test_rope_attention_gradients_match_the_math_backend():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    torch.manual_seed(0)
+    attn = randomize_(model.Attention(16, 2, mask_k_bias=True), std=0.2).double()
+    rope = model.RoPE(8).double()(2, 2)  # float64 in a float64 model
+    x = torch.randn(1, 5 + 4, 16, dtype=torch.float64, requires_grad=True)
+    with sdpa_kernel(SDPBackend.MATH):  # attention as plain matmuls: the analytic gradient of RoPE'd attention
+        assert torch.autograd.gradcheck(lambda x: attn(x, rope), (x,), fast_mode=True)
+    vit = randomize_(ViT(TINY3), std=0.1)
+    x = torch.randn(2, 3, 32, 48)
+    grads = []
+    for backend in (None, SDPBackend.MATH):  # the default (fused) kernel against the math one
+        vit.zero_grad()
+        with sdpa_kernel(backend) if backend else torch.enable_grad():
+            vit(x).square().mean().backward()
+        grads.append([p.grad.clone() for p in vit.parameters() if p.grad is not None])  # not the unused mask_token
+    assert len(grads[0]) == len(grads[1]) > 20 and all(torch.allclose(a, b, atol=1e-5) for a, b in zip(*grads))
+
+
+def dinov3_weights(tmp_path, config=TINY3, seed=1):
+    vit = randomize_(ViT(config), seed=seed)
+    path = tmp_path / f"w{seed}.pth"
+    torch.save(vit.state_dict(), path)
+    return path, vit
+
+
+def test_dinov3_weights_missing_say_where_to_request_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("gated: no download"))
+    with pytest.raises(CheckpointError) as e:
+        ViT.from_pretrained("dinov3_vitl16")
+    msg = str(e.value)
+    assert "gated" in msg and "ai.meta.com/resources/models-and-libraries/dinov3-downloads" in msg
+    assert "dinov3_vitl16_pretrain_lvd1689m-8aa4cbdd.pth" in msg and str(tmp_path / "checkpoints") in msg
+    assert "DINOv3 License" in msg and "--teacher_weights" in msg and "\n" not in msg
+
+
+def test_dinov3_weights_load_from_the_hub_cache_a_path_or_a_signed_url(tmp_path, monkeypatch):
+    monkeypatch.setitem(CONFIGS, "dinov3_vits16", TINY3)  # the real name and file name, a tiny model
+    path, vit = dinov3_weights(tmp_path)
+    cache = tmp_path / "hub"
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(cache))
+    same = lambda a: all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), vit.state_dict().values()))
+    assert same(ViT.from_pretrained("dinov3_vits16", path=str(path)))
+    calls = []
+
+    def download(url, dst, progress=True):
+        calls.append(url)
+        open(dst, "wb").write(path.read_bytes())
+    monkeypatch.setattr(torch.hub, "download_url_to_file", download)
+    signed = "https://dl.fbaipublicfiles.com/dinov3/x/dinov3_vits16_pretrain_lvd1689m-08c60483.pth?Policy=abc&Signature=xyz"
+    assert same(ViT.from_pretrained("dinov3_vits16", path=signed))
+    cached = cache / "checkpoints" / "dinov3_vits16_pretrain_lvd1689m-08c60483.pth"  # as torch.hub.load would name it
+    assert calls == [signed] and cached.exists()
+    assert same(ViT.from_pretrained("dinov3_vits16")) and len(calls) == 1  # from the cache, no flag needed
+    cached.write_bytes(cached.read_bytes()[:1000])  # truncated: what to do, and the signature never shown
+    with pytest.raises(CheckpointError) as e:
+        ViT.from_pretrained("dinov3_vits16")
+    assert str(cached) in str(e.value) and "fetch" in str(e.value) and "gated" in str(e.value)
+
+    def offline(url, dst, progress=True):
+        raise urllib.error.HTTPError(url, 403, "Forbidden", None, None)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    cached.unlink()
+    with pytest.raises(CheckpointError) as e:
+        ViT.from_pretrained("dinov3_vits16", path=signed)
+    assert "403" in str(e.value) and "Signature" not in str(e.value) and "expires" in str(e.value)
+
+
+def test_dinov3_weights_of_another_model_say_what_they_look_like(tmp_path, monkeypatch):
+    monkeypatch.setitem(CONFIGS, "dinov3_vits16", TINY3)
+    monkeypatch.setitem(CONFIGS, "dinov3_vitb16", replace(TINY3, embed_dim=64, num_heads=4))
+    path, _ = dinov3_weights(tmp_path)
+    with pytest.raises(CheckpointError) as e:
+        ViT.from_pretrained("dinov3_vitb16", path=str(path))
+    assert "it looks like dinov3_vits16 (32 wide, 2 blocks, 2 heads, mlp FFN, 4 storage tokens)" in str(e.value)
+    toy = tmp_path / "toy.pt"
+    torch.save(ViT.from_name("toy-s").state_dict(), toy)  # a DINOv2-shaped file for a DINOv3 model
+    with pytest.raises(CheckpointError, match="key\\(s\\) missing, the first storage_tokens; it looks like toy-s"):
+        ViT.from_pretrained("dinov3_vits16", path=str(toy))
+
+
+def test_truncated_toy_weights_say_to_run_toys_py(tmp_path):
+    bad = tmp_path / "toy-s.pt"
+    bad.write_bytes(open(os.path.join(model.TOY_WEIGHTS, "toy-s.pt"), "rb").read()[:1000])
+    with pytest.raises(CheckpointError) as e:
+        ViT.from_pretrained("toy-s", path=str(bad))
+    assert "python toys.py" in str(e.value) and "http" not in str(e.value)
+
+
 # -----------------------------------------------------------------------------
 # lora.py: LoRA, merge and SLAD's sharing (Fig. 4)
 
@@ -435,6 +597,36 @@ def test_sharing_mapping_last_on_real_depths():
         g = share_lora(student, teacher, "last")
     assert g == list(range(12, 24))
     assert student.blocks[0].attn.qkv.lora_A is teacher.blocks[12].attn.qkv.lora_A
+
+
+def test_dinov3_sharing_merge_and_export_keep_the_k_masked_bias(tmp_path):
+    """Fig. 4 on DINOv3: LoRA changes the qkv weight, k rows included; the base's bias stays masked on the k rows,
+    in the adapted model, the student sharing the adapters, the merged model and the exported file."""
+    torch.manual_seed(0)
+    teacher = randomize_(ViT(replace(TINY3, embed_dim=64, num_heads=4, depth=4)), seed=1)
+    student = randomize_(ViT(TINY3), seed=2)
+    add_lora(teacher, rank=4, targets=("attn.qkv", "mlp.fc1"))
+    randomize_(teacher, seed=3)  # non-zero B
+    assert share_lora(student, teacher) == [0, 2]
+    qkv = student.blocks[0].attn.qkv
+    assert isinstance(qkv.base, model.KMaskedLinear) and qkv.lora_A is teacher.blocks[0].attn.qkv.lora_A
+    x = torch.randn(2, 3, 32, 48)
+    tokens = torch.randn(2, 11, 32)
+    with torch.no_grad():
+        want = F.linear(tokens, qkv.base.weight + qkv.delta_weight(), qkv.base.bias * qkv.base.bias_mask)
+        assert torch.allclose(qkv(tokens), want, atol=1e-6)
+        assert qkv.delta_weight()[32:64].abs().sum() > 0  # the adapters do move the k rows
+        merged = merge_lora(student).eval()
+        assert list(merged.state_dict()) == list(ViT(TINY3).state_dict())  # official layout, bias_mask included
+        assert (merged(x) - student.eval()(x)).abs().max() <= 1e-5
+        assert torch.equal(merged.blocks[0].attn.qkv.bias_mask, qkv.base.bias_mask)
+        before = merged(x)
+        merged.blocks[0].attn.qkv.bias[32:64] += 1.0
+        assert torch.equal(merged(x), before)  # still masked after the merge
+        clf = Classifier(student, 5).eval()
+        experiment.export(str(tmp_path / "student.pt"), clf)
+        loaded = load_model(str(tmp_path / "student.pt")).eval()
+        assert loaded.vit.config == TINY3 and (loaded(x) - clf(x)).abs().max() <= 1e-5
 
 
 # -----------------------------------------------------------------------------
@@ -1414,22 +1606,28 @@ def test_cka_removes_its_own_earlier_pngs_only(tmp_path):
 import bench
 
 
-@pytest.mark.parametrize("overrides", [{}, {"num_register_tokens": 4}, {"ffn": "swiglu"}])
+DINOV3_TOY = dict(family="dinov3", patch_size=16, num_register_tokens=4)  # toy-s's sizes, DINOv3's layers
+
+
+@pytest.mark.parametrize("overrides", [{}, {"num_register_tokens": 4}, {"ffn": "swiglu"}, DINOV3_TOY,
+                                       dict(DINOV3_TOY, ffn="swiglu", qkv_bias=False)])
 def test_flops_match_torch_flop_counter(overrides):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
     vit = ViT.from_name("toy-s", **overrides).eval()
+    side = 4 * vit.config.patch_size  # 4 x 4 patches
     # the math backend spells attention as matmuls, which the counter sees on every torch: the fused CPU kernel
     # of torch >= 2.14 is not in its table, so under the default backend it would miss q k^T and attn v
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, torch.no_grad():
-        vit(torch.randn(2, 3, 56, 56))
-    assert counter.get_total_flops() == 2 * vit.flops(56)  # per image, matmuls and convolutions
+        vit(torch.randn(2, 3, side, side))
+    assert counter.get_total_flops() == 2 * vit.flops(side)  # per image, matmuls and convolutions
     c, n = vit.config, 1 + vit.config.num_register_tokens + 16
     attention = 2 * c.depth * 2 * 2 * n * n * c.embed_dim  # batch 2, blocks, q k^T and attn v, 2 per multiply-add
     assert counter.get_flop_counts()["Global"][torch.ops.aten.bmm] == attention  # counted, not missed
     with torch.device("meta"):
-        big = ViT.from_name("vitb14")
+        big, big3 = ViT.from_name("vitb14"), ViT.from_name("dinov3_vitb16")
     assert 44e9 < big.flops(224) < 48e9  # ~2 x 86M parameters x 257 tokens, plus attention
+    assert 34e9 < big3.flops(224) < 38e9  # ~2 x 86M parameters x (1 + 4 + 196) tokens: patches of 16, 4 storage
 
 
 def test_grad_checkpointing_gives_the_same_gradients():
@@ -1850,6 +2048,117 @@ def test_miniature_quick_runs_end_to_end(tmp_path):
     for f in ("fig1.png", "fig3.png", "summary.md"):
         assert (tmp_path / f).stat().st_size > 0
     assert Image.open(tmp_path / "fig3.png").width <= 1000 and Image.open(tmp_path / "fig1.png").width == 900
+
+
+# -----------------------------------------------------------------------------
+# DINOv3: the scripts on DINOv3 pairs, end to end on tiny random DINOv3 configs
+
+TOY3 = ["--dataset", "synthetic", "--teacher", "toy3-l", "--student", "toy3-s", "--init", "random", "--device", "cpu",
+        "--batch_size", "8"]
+
+
+@pytest.fixture
+def toy3(monkeypatch):
+    """Two tiny DINOv3 models under names the scripts take, heads 16 wide as the toys', and a tiny synthetic set
+    (4 steps an epoch), for these tests only."""
+    monkeypatch.setitem(CONFIGS, "toy3-l", replace(model.DINOV3, embed_dim=64, depth=4, num_heads=4))
+    monkeypatch.setitem(CONFIGS, "toy3-s", replace(model.DINOV3, embed_dim=32, depth=2, num_heads=2))
+    monkeypatch.setattr(SyntheticTextures, "SIZES", {"train": 32, "val": 16, "test": 16})
+
+
+def test_dinov3_slad_runs_exports_and_measures_cka(tmp_path, monkeypatch, toy3):
+    out = str(tmp_path / "slad3")
+    run_main("train_slad", TOY3 + ["--epochs", "1", "--out_dir", out], monkeypatch)
+    res, cfg = results_of(out), json.load(open(os.path.join(out, "config.json")))
+    assert cfg["img_size"] == 64 and np.isfinite(res["student_acc"])  # synthetic's 56, to a multiple of 16
+    student = load_model(os.path.join(out, "student.pt")).eval()  # adapters merged, DINOv3's official layout
+    assert list(student.vit.state_dict()) == list(ViT.from_name("toy3-s").state_dict())
+    test = make_loader(SyntheticTextures("test"), eval_transform(64), 100, train=False)
+    with torch.no_grad():
+        correct = sum((student(data.normalize(x)).argmax(-1) == y).sum().item() for x, y in test)
+    assert abs(100 * correct / len(test.dataset) - res["student_acc"]) < 0.11
+    with pytest.raises(SystemExit, match="try --token patch"):  # random DINOv3 inits: CLS tokens all alike
+        cka.main(["--runs", out, "--batch_size", "16", "--device", "cpu", "--out_dir", str(tmp_path / "cka")])
+    cka.main(["--runs", out, "--token", "patch", "--batch_size", "16", "--device", "cpu", "--out_dir", str(tmp_path / "cka")])
+    got = json.load(open(tmp_path / "cka" / "cka.json"))
+    assert got["img_size"] == 64 and got["g"] == [0, 2] and torch.tensor(got["runs"]["slad3"]["cka"]).shape == (4, 2)
+
+
+@pytest.mark.parametrize("adapt,extra", [("probe", ["--kd", "taid", "--feat", "ted"]), ("lora", []), ("finetune", [])])
+def test_dinov3_twostep_baselines_run_from_given_weights(tmp_path, monkeypatch, toy3, adapt, extra):
+    weights = {}
+    for role, name in (("teacher", "toy3-l"), ("student", "toy3-s")):  # "official" files given by path
+        weights[role] = tmp_path / f"{name}.pth"
+        torch.save(randomize_(ViT.from_name(name), seed=len(weights)).state_dict(), weights[role])
+    out = str(tmp_path / adapt)
+    argv = [a for a in TOY3 if a not in ("--init", "random")] + ["--init", "dinov2", "--epochs", "1", "--out_dir", out,
+            "--teacher_adapt", adapt, "--teacher_weights", str(weights["teacher"]),
+            "--student_weights", str(weights["student"]), *extra]
+    run_main("train_twostep", argv, monkeypatch)
+    assert {"teacher_acc", "student_acc"} <= set(results_of(out))
+    teacher = torch.load(os.path.join(out, "teacher.pt"), weights_only=True)["vit"]
+    given = torch.load(weights["teacher"], weights_only=True)
+    assert all(torch.equal(teacher[k], v) for k, v in given.items()) == (adapt == "probe")  # a probe keeps them
+
+
+def test_dinov3_resume_continues_exactly(tmp_path, monkeypatch, toy3):
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    argv = TOY3 + ["--epochs", "2", "--img_size", "32"]
+    run_main("train_slad", argv + ["--out_dir", straight], monkeypatch)
+    restore = interrupt_after(monkeypatch, "train_slad", 1)
+    with pytest.raises(Interrupt):
+        run_main("train_slad", argv + ["--out_dir", split], monkeypatch)
+    restore()
+    run_main("train_slad", argv + ["--resume", os.path.join(split, "ckpt.pt")], monkeypatch)
+    assert results_of(straight)["student_acc"] == results_of(split)["student_acc"]
+    assert same_weights(os.path.join(straight, "student.pt"), os.path.join(split, "student.pt"))
+
+
+def test_dinov3_segmentation_by_sliding_window(tmp_path, monkeypatch, toy3):
+    monkeypatch.setattr(SyntheticShapes, "SIZES", {"train": 8, "val": 4, "test": 4})
+    out = str(tmp_path / "seg3")
+    run_main("train_slad", ["--dataset", "synthetic-seg", "--teacher", "toy3-l", "--student", "toy3-s", "--init", "random",
+                            "--epochs", "1", "--device", "cpu", "--out_dir", out], monkeypatch)
+    assert json.load(open(os.path.join(out, "config.json")))["img_size"] == 112  # 7 x 16, synthetic-seg's own
+    assert {"teacher_miou", "student_miou"} <= set(results_of(out))
+    seg = load_model(os.path.join(out, "student.pt")).eval()
+    x = torch.randn(1, 3, 112, 200)  # wider than the window: two windows, the middle averaged
+    with torch.no_grad():
+        assert slide_inference(seg, x, 112, 56).shape == (1, 4, 112, 200)
+
+
+def test_dinov3_defaults_and_refusals():
+    import train_slad
+    v3 = ["--teacher", "dinov3_vitl16", "--student", "dinov3_vits16", "--device", "cpu"]
+    args = train_slad.parse_args(v3)[0]
+    assert (args.img_size, args.rank) == (512, 16)  # the paper's crop, exactly; the paper's rank
+    assert train_slad.parse_args(v3 + ["--dataset", "cityscapes"])[0].img_size == 560
+    assert train_slad.parse_args(["--device", "cpu"])[0].img_size == 518  # DINOv2's, as before
+    assert train_twostep.parse_args(["--teacher", "dinov3_vitl16", "--student", "vits14", "--device", "cpu"])[0].img_size == 560
+    refused = [(train_slad, v3 + ["--img_size", "518"], "not a multiple of the patch size 16 (e.g. 512)"),
+               (train_slad, ["--teacher", "dinov3_vitl16", "--student", "vits14", "--device", "cpu"],
+                "SLAD shares adapters within one family: dinov3_vitl16 is dinov3, vits14 dinov2"),
+               (train_slad, ["--teacher", "dinov3_vit7b16", "--student", "dinov3_vitl16", "--device", "cpu"],
+                "dinov3_vit7b16's heads are 128 wide, dinov3_vitl16's 64"),
+               (train_twostep, ["--teacher", "dinov3_vitl16", "--student", "vits14", "--feat", "ted", "--device", "cpu"],
+                "--feat ted compares the tokens of teacher and student one by one")]
+    for script, argv, says in refused:
+        with pytest.raises(SystemExit) as e:
+            script.parse_args(argv)
+        assert says in str(e.value.code) and "\n" not in str(e.value.code), argv
+    with pytest.raises(ValueError, match="heads are 16 wide, its teacher's 128"):  # the library says it too
+        share_lora(ViT(TINY3), add_lora(ViT(replace(TINY3, num_heads=1, embed_dim=128))))
+
+
+def test_dinov3_run_without_weights_stops_with_the_access_paragraph(tmp_path):
+    env = dict(os.environ, TORCH_HOME=str(tmp_path))  # an empty torch.hub cache
+    r = cli(["train_slad.py", "--dataset", "synthetic", "--teacher", "dinov3_vitb16", "--student", "dinov3_vits16",
+             "--device", "cpu", "--out_dir", str(tmp_path / "out")], env=env)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0
+    for says in ("gated", "dinov3_vitb16_pretrain_lvd1689m-73cec8be.pth", str(tmp_path / "hub" / "checkpoints"),
+                 "--teacher_weights", "DINOv3 License"):
+        assert says in r.stderr, says
+    assert not os.path.exists(tmp_path / "out")
 
 
 # -----------------------------------------------------------------------------
