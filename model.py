@@ -93,15 +93,16 @@ class PatchEmbed(nn.Module):
 
 
 class RoPE(nn.Module):
-    """DINOv3's axial rotary position embedding: in each head, the first half of the dimensions turns with the
-    patch's row, the second half with its column, at head_dim / 4 periods. The periods are a buffer of the
-    checkpoint, loaded rather than recomputed (the released ones are rounded as they were trained)."""
+    """DINOv3's axial rotary position embedding: in each head, each pair of dimensions (i, i + head_dim / 2) turns
+    by an angle, the first head_dim / 4 pairs by the patch's row, the others by its column, at head_dim / 4
+    periods. The periods are a buffer of the checkpoint, loaded rather than recomputed (the released ones are
+    rounded as they were trained)."""
 
     def __init__(self, head_dim, rescale=0.0):
         super().__init__()
         self.rescale = rescale
-        n = head_dim // 4
-        self.register_buffer("periods", 100.0 ** (2 * torch.arange(n, dtype=torch.float32) / (head_dim // 2)))  # base 100
+        exponents = 2 * torch.arange(head_dim // 4, dtype=torch.float32) / (head_dim // 2)
+        self.register_buffer("periods", 100.0 ** exponents)  # base 100, as the hub models
 
     def forward(self, h, w):
         """(sin, cos) of an h x w patch grid in row-major order: two (h * w, head_dim), float32 (float64 in a
@@ -125,7 +126,7 @@ def rotate(x, sin, cos):
     n = sin.shape[0]
     patches = x[:, :, -n:].to(sin.dtype)
     first, second = patches.chunk(2, dim=-1)
-    patches = patches * cos + torch.cat((-second, first), dim=-1) * sin  # each pair (i, i + head_dim/2) turned
+    patches = patches * cos + torch.cat((-second, first), dim=-1) * sin  # each pair (i, i + head_dim / 2) turned
     return torch.cat((x[:, :, :-n], patches.to(x.dtype)), dim=2)
 
 
