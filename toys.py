@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from data import hsv, normalize
 from lora import layer_mapping
-from model import ViT
+from model import CONFIGS, ViT
 
 WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
 SIDE, CROP = 64, 56  # images are drawn at 64 px and randomly cropped to 56 (4 x 4 patches of 14)
@@ -120,7 +120,7 @@ def crop(images, masks, g):
     i, j = torch.randint(0, SIDE - CROP + 1, (2, n), generator=g)
     x = torch.stack([images[k, :, i[k]:i[k] + CROP, j[k]:j[k] + CROP] for k in range(n)])
     m = torch.stack([masks[k, i[k]:i[k] + CROP, j[k]:j[k] + CROP] for k in range(n)])
-    return normalize(x), F.avg_pool2d(m[:, None].float(), 14).flatten(1)
+    return normalize(x), F.avg_pool2d(m[:, None].float(), CONFIGS["toy-l"].patch_size).flatten(1)
 
 
 def lr_at(step, steps, peak, warmup=0.05):
