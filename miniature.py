@@ -14,7 +14,6 @@ an interrupted reproduction continues where it stopped. Writes to --out_dir (out
 summary.md (the premises and the tables), fig1.png and fig3.png (--full also copies them to figures/).
 """
 
-import argparse
 import json
 import math
 import os
@@ -30,7 +29,7 @@ from torch.utils.data import Subset
 
 from cka import BLUE_WHITE_RED, VIRIDIS, ImagesOnly, draw_panel, font, layer_cka, mapped_mean, text
 from data import eval_transform, load_splits, make_loader
-from experiment import TOY_DEFAULTS
+from experiment import POSITIVE_INT, TOY_DEFAULTS, Parser
 from lora import layer_mapping
 from model import CONFIGS, initial_backbone
 
@@ -382,12 +381,12 @@ def tables(runs, tasks, seeds, premise, cka, out):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    p = Parser(description=__doc__.split("\n\n")[0].strip())
     p.add_argument("--full", action="store_true", help="every pair and task: Tables 1-3, Fig. 3, Fig. 1")
     p.add_argument("--quick", action="store_true", help="one seed, synthetic-fine only, 14-px images (one patch), one epoch")
     p.add_argument("--extras", action="store_true", help="with --full: also LoRA +TAID, LoRA +TED and SLAD +TAID (toy-b -> toy-s)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--workers", type=int, default=max(1, os.cpu_count() or 1), help="runs at a time (one CPU thread each)")
+    p.add_argument("--workers", type=POSITIVE_INT, default=max(1, os.cpu_count() or 1), help="runs at a time (one CPU thread each)")
     p.add_argument("--out_dir", default="out/miniature")
     return p.parse_args(argv), p
 

@@ -960,12 +960,14 @@ def test_resume_from_another_config_and_overwrites_are_refused(tmp_path, monkeyp
         run_main("train_slad", TOY + ["--epochs", "1", "--out_dir", out, "--resume", str(truncated)], monkeypatch)
     assert "not a checkpoint" in str(e.value.code)
     assert before == {f: open(os.path.join(out, f), "rb").read() for f in os.listdir(out)}  # nothing overwritten
-    killed = tmp_path / "killed"  # a run killed in its first epoch: a config.json and no checkpoint
+    killed = tmp_path / "killed"  # a run of another config killed in its first epoch: a config.json, no checkpoint
     killed.mkdir()
     (killed / "config.json").write_text("{}")
     with pytest.raises(SystemExit) as e:
         run_main("train_slad", TOY + ["--epochs", "1", "--out_dir", str(killed)], monkeypatch)
-    assert "has no checkpoint" in str(e.value.code) and os.listdir(killed) == ["config.json"]
+    assert f"holds a run of another config that stopped before its first checkpoint: delete that folder (rm -r {killed})" \
+        in str(e.value.code)
+    assert (killed / "config.json").read_text() == "{}"
 
 
 def test_no_network_stops_with_a_paragraph_and_no_traceback(tmp_path):
@@ -985,6 +987,235 @@ def test_random_init_is_rebuildable_from_seed_and_role():
     c = model.initial_backbone("toy-s", "teacher", "random", seed=3)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     assert not torch.equal(a.blocks[0].attn.qkv.weight, c.blocks[0].attn.qkv.weight)
+
+
+# run folders: one run a folder, default names that never collide, failures that leave nothing in the way
+
+import runpy
+
+import train_slad
+from experiment import RunError
+
+
+def run_as_script(script, argv, monkeypatch):
+    """`python script.py argv` in this process: its __main__ block runs, so its one-line exits are what is tested
+    (a patch of the script's own names does not reach it; patch the modules it imports)."""
+    monkeypatch.setattr(sys, "argv", [script + ".py", *argv])
+    runpy.run_path(os.path.join(HERE, script + ".py"), run_name="__main__")
+
+
+def readme_demo_commands():
+    """The README's offline demo, as written: its code block's commands, in order."""
+    text = open(os.path.join(HERE, "README.md")).read()
+    block = text.split("## Offline demo", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    return [shlex.split(line) for line in block.strip().splitlines()]
+
+
+def test_readme_demo_commands_run_one_after_another(tmp_path, monkeypatch, small_synthetic, capsys):
+    """Each command of the README's demo block, as written, in a fresh folder: each gets its own default run
+    folder (none refuses another's), and report.py then tables them all."""
+    commands = readme_demo_commands()
+    assert [c[1] for c in commands] == ["train_slad.py"] + ["train_twostep.py"] * 3 + ["report.py"]
+    monkeypatch.chdir(tmp_path)
+    for python, script, *argv in commands:
+        if script == "report.py":
+            text = report.main(argv)
+        else:
+            run_main(script.removesuffix(".py"), argv, monkeypatch)
+    runs = sorted(os.listdir(tmp_path / "out"))
+    assert len(runs) == 4 and all(os.path.exists(tmp_path / "out" / r / "results.json") for r in runs)
+    for run, name in zip(runs, ("slad-synthetic-toy-b-toy-s-", "twostep-finetune-finetune-synthetic-toy-b-toy-s-",
+                                "twostep-lora-lora-synthetic-toy-b-toy-s-", "twostep-probe-finetune-synthetic-toy-b-toy-s-")):
+        assert run.startswith(name) and run.endswith("-s0"), (run, name)
+    rows = table_rows(text)[0]
+    assert {k[2] for k in rows if k[3] == "ours"} == {"SLAD", "Probing", "Fine-tuning", "LoRA"}
+
+
+def test_default_run_folders_differ_for_every_readme_and_docs_command():
+    """Every training command the README and docs/ give, parsed: two commands share a default --out_dir only if
+    they compute the same thing."""
+    import train_slad
+    import train_twostep
+    folders = {}
+    for doc, line, script, argv in doc_commands():
+        if script in ("train_slad", "train_twostep") and "--out_dir" not in argv and "--resume" not in argv:
+            args, _ = importlib.import_module(script).parse_args(argv)
+            what = experiment.config_id(vars(args)), args.seed, script
+            folders.setdefault(args.out_dir, set()).add(what)
+    assert len(folders) >= 8 and all(len(whats) == 1 for whats in folders.values()), folders
+    # the name carries what the README varies, and a hash of the rest
+    for argv, part in ((["--teacher_adapt", "probe"], "twostep-probe-finetune-dtd-vitb14-vits14-"),
+                       (["--kd", "taid", "--feat", "ted"], "twostep-lora-lora-taid-ted-dtd-vitb14-vits14-")):
+        assert train_twostep.parse_args(argv)[0].out_dir.startswith(os.path.join("out", part))
+    a, b = (train_slad.parse_args(argv)[0].out_dir for argv in ([], ["--mapping", "last"]))
+    assert a != b and a.endswith("-s0") and train_slad.parse_args(["--seed", "1"])[0].out_dir[:-1] == a[:-1]
+
+
+def test_results_record_the_config_and_report_never_averages_different_ones(tmp_path, capsys):
+    run = dict(method="slad", teacher="toy-b", student="toy-s", dataset="synthetic", mapping="even", kd="kl")
+    base = dict(img_size=56, epochs=8, init="dinov2", lr=3e-3)
+    for seed, acc in ((0, 80.0), (1, 82.0)):
+        fake_results(tmp_path / f"a{seed}", **run, seed=seed, student_acc=acc, config_id="aaaaaa", config=dict(base, seed=seed))
+    fake_results(tmp_path / "b0", **run, seed=0, student_acc=10.0, config_id="bbbbbb", config=dict(base, img_size=14, seed=0))
+    fake_results(tmp_path / "c0", **dict(run, dataset="synthetic-fine"), seed=0, student_acc=70.0, config_id="cccccc",
+                 config=dict(base, img_size=56, seed=0))  # another dataset's config: its own column, same row
+    text = report.main([str(tmp_path)])
+    rows = table_rows(text)[0]
+    assert rows[("toy-s", "toy-b", "SLAD [config aaaaaa, img_size 56]", "ours")]["synthetic"] == "81.00 ± 1.41 (n=2)"
+    assert rows[("toy-s", "toy-b", "SLAD [config bbbbbb, img_size 14]", "ours")]["synthetic"] == "10.00 (n=1)"
+    assert rows[("toy-s", "toy-b", "SLAD", "ours")]["synthetic-fine"] == "70.00 (n=1)"
+    assert "never averaged" in text
+
+
+def test_slad_results_hold_the_resolved_config(slad_demo):
+    res, config = results_of(slad_demo), json.load(open(os.path.join(slad_demo, "config.json")))
+    assert res["config"] == config and res["config_id"] == experiment.config_id(config)
+    assert config["img_size"] == 56 and config["lr"] == 3e-3 and config["rank"] == 4  # defaults resolved
+
+
+@pytest.mark.parametrize("bad,says", [
+    (["--device", "tpu"], "--device tpu: these scripts run on cpu, cuda or cuda:N"),
+    (["--rank", "1000"], "--rank 1000 is more than toy-s's width 48"),
+    (["--epochs", "1.5"], "--epochs: must be a positive integer, not 1.5"),
+    (["--grad_accum", "0"], "--grad_accum: must be a positive integer"),
+    (["--grad_accum", "3"], "--batch_size 16 does not split over 1 process(es) x --grad_accum 3 micro-batches"),
+])
+def test_more_bad_flags_are_one_line(monkeypatch, bad, says):
+    for script in ("train_slad", "train_twostep"):
+        with pytest.raises(SystemExit) as e:
+            run_main(script, TOY + ["--out_dir", "unused"] + bad, monkeypatch)
+        assert e.value.code != 0 and says in str(e.value.code) and "\n" not in str(e.value.code), str(e.value.code)
+    assert not os.path.exists("unused")
+
+
+def test_other_commands_refuse_nonsense_counts():
+    for argv, says in ((["cka.py", "--max_images", "-5"], "--max_images: must be a positive integer, not -5"),
+                       (["miniature.py", "--workers", "0"], "--workers: must be a positive integer, not 0")):
+        r = cli(argv)
+        assert r.returncode != 0 and says in r.stderr and "Traceback" not in r.stderr and len(r.stderr.splitlines()) == 1
+
+
+def test_an_out_dir_that_cannot_be_written_is_one_line(tmp_path, monkeypatch, small_synthetic):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("mine")
+    for out, says in ((a_file, f"--out_dir {a_file} is a file, not a folder"),
+                      (a_file / "run", f"cannot write to --out_dir {a_file / 'run'}: Not a directory")):
+        with pytest.raises(SystemExit) as e:
+            run_main("train_slad", TOY + ["--epochs", "1", "--out_dir", str(out)], monkeypatch)
+        assert says in str(e.value.code) and "\n" not in str(e.value.code)
+    assert a_file.read_text() == "mine"
+
+    def denied(path, exist_ok=False):
+        raise PermissionError(13, "Permission denied", path)
+    monkeypatch.setattr(experiment.os, "makedirs", denied)
+    with pytest.raises(SystemExit) as e:
+        run_main("train_slad", TOY + ["--epochs", "1", "--out_dir", str(tmp_path / "locked")], monkeypatch)
+    assert f"cannot write to --out_dir {tmp_path / 'locked'}: Permission denied" in str(e.value.code)
+
+
+def full_disk_after(monkeypatch, n_bytes):
+    """torch.save as on a disk that fills up after n_bytes: it writes them, then fails as torch's zip writer does."""
+    real = torch.save
+
+    def save(obj, path, *args, **kwargs):
+        real(obj, path, *args, **kwargs)
+        with open(path, "r+b") as f:
+            f.truncate(min(n_bytes, os.path.getsize(path)))
+        raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 835200 vs 835088")
+    monkeypatch.setattr(torch, "save", save)
+    return lambda: monkeypatch.setattr(torch, "save", real)
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_partial_file(tmp_path, monkeypatch, small_synthetic):
+    out = str(tmp_path / "run")
+    restore = interrupt_after(monkeypatch, "train_slad", 1)  # a first epoch whose checkpoint is whole
+    with pytest.raises(Interrupt):
+        run_main("train_slad", TOY + ["--epochs", "2", "--out_dir", out], monkeypatch)
+    restore()
+    good = open(os.path.join(out, "ckpt.pt"), "rb").read()
+    full_disk_after(monkeypatch, 1000)  # the second epoch's checkpoint cannot be written
+    with pytest.raises(SystemExit) as e:
+        run_as_script("train_slad", TOY + ["--epochs", "2", "--resume", os.path.join(out, "ckpt.pt")], monkeypatch)
+    msg = str(e.value.code)
+    assert f"cannot write {os.path.join(out, 'ckpt.pt')}: unexpected pos" in msg and "MB free there" in msg and "\n" not in msg
+    assert open(os.path.join(out, "ckpt.pt"), "rb").read() == good and not os.path.exists(os.path.join(out, "ckpt.pt.tmp"))
+
+
+def test_exports_are_atomic(tmp_path, monkeypatch, small_synthetic):
+    """A disk that fills up while the models are exported: one line, no truncated student.pt or teacher.pt, and
+    the run's checkpoint whole, so a --resume finishes it."""
+    out = str(tmp_path / "run")
+    real = experiment.save_model
+
+    def save_model(path, model):
+        if "teacher" in os.path.basename(path):
+            open(path, "wb").write(b"PK\x03\x04 truncated")
+            raise OSError(28, "No space left on device", path)
+        real(path, model)
+    monkeypatch.setattr(experiment, "save_model", save_model)
+    with pytest.raises(SystemExit) as e:
+        run_as_script("train_twostep", TOY + ["--epochs", "1", "--teacher_adapt", "probe", "--out_dir", out], monkeypatch)
+    assert f"cannot write {os.path.join(out, 'teacher.pt')}: No space left on device" in str(e.value.code)
+    assert not os.path.exists(os.path.join(out, "teacher.pt")) and not os.path.exists(os.path.join(out, "teacher.pt.tmp"))
+    assert not os.path.exists(os.path.join(out, "results.json"))
+    monkeypatch.setattr(experiment, "save_model", real)
+    run_main("train_twostep", TOY + ["--epochs", "1", "--teacher_adapt", "probe", "--resume", os.path.join(out, "ckpt.pt")],
+             monkeypatch)
+    assert load_model(os.path.join(out, "teacher.pt")) and results_of(out)["teacher_adapt"] == "probe"
+
+
+def test_a_run_that_died_in_its_first_epoch_is_started_again_by_the_same_command(tmp_path, monkeypatch, small_synthetic):
+    out = str(tmp_path / "run")
+    real, calls = train_slad.slad_loss, []
+
+    def corrupt_image_at_step_3(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise DataError("cannot read data/dtd/images/x.jpg (OSError: image file is truncated)")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(train_slad, "slad_loss", corrupt_image_at_step_3)
+    with pytest.raises(DataError):
+        run_main("train_slad", TOY + ["--epochs", "1", "--out_dir", out], monkeypatch)
+    assert os.path.exists(os.path.join(out, "config.json")) and not os.path.exists(os.path.join(out, "ckpt.pt"))
+    with pytest.raises(SystemExit) as e:  # --resume says what to do
+        run_main("train_slad", TOY + ["--epochs", "1", "--resume", os.path.join(out, "ckpt.pt")], monkeypatch)
+    assert "stopped before its first checkpoint: run the same command without --resume" in str(e.value.code)
+    with pytest.raises(SystemExit) as e:  # another config into that folder: told what to delete
+        run_main("train_slad", TOY + ["--epochs", "2", "--out_dir", out], monkeypatch)
+    assert f"rm -r {out}" in str(e.value.code)
+    monkeypatch.setattr(train_slad, "slad_loss", real)
+    run_main("train_slad", TOY + ["--epochs", "1", "--out_dir", out], monkeypatch)  # the same command: starts again
+    log = open(os.path.join(out, "log.txt")).read()
+    assert results_of(out)["epochs"] == 1 and log.count("slad |") == 1  # the dead run's log went with it
+    assert len(open(os.path.join(out, "metrics.jsonl")).readlines()) == 1
+
+
+LOCK_HOLDER = """
+import os, sys, time
+sys.path.insert(0, {here!r})
+import experiment
+held = experiment.lock({out!r})
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def test_one_run_a_folder_at_a_time_and_no_stale_lock(tmp_path, monkeypatch, small_synthetic):
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER.format(here=HERE, out=str(out))], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"  # another run is writing to the folder
+        with pytest.raises(SystemExit) as e:
+            run_as_script("train_slad", TOY + ["--epochs", "1", "--out_dir", str(out)], monkeypatch)
+        assert f"another run (process {holder.pid}) is writing to {out}" in str(e.value.code)
+        assert sorted(os.listdir(out)) == ["run.lock"]
+    finally:
+        holder.kill()  # as a killed run: its lock file stays behind, its lock does not
+        holder.wait()
+    run_main("train_slad", TOY + ["--epochs", "1", "--out_dir", str(out)], monkeypatch)
+    assert results_of(str(out))["epochs"] == 1
 
 
 # -----------------------------------------------------------------------------
@@ -1356,7 +1587,10 @@ def test_cka_removes_its_own_earlier_pngs_only(tmp_path):
 # -----------------------------------------------------------------------------
 # speed and scale: FLOP counts for MFU, activation checkpointing, torchrun, bench.py
 
+import itertools
+
 import bench
+import train_twostep
 
 
 @pytest.mark.parametrize("overrides", [{}, {"num_register_tokens": 4}, {"ffn": "swiglu"}])
@@ -1391,27 +1625,161 @@ def test_grad_checkpointing_gives_the_same_gradients():
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
 
 
-def test_torchrun_two_processes_match_one(slad_demo, tmp_path):
-    """DDP with gloo on the CPU: 2 processes, each half of every global batch, against the one-process demo.
-    Tolerance: accuracies within 1 point and weights within 1e-3 (seen: identical accuracies, 1.5e-5)."""
-    out = str(tmp_path / "ddp")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = cli(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", "train_slad.py",
-             *DEMO, "--epochs", "1", "--out_dir", out], env=env)
-    assert r.returncode == 0, r.stderr[-2000:]
-    one, two = results_of(slad_demo), results_of(out)
-    assert abs(one["student_acc"] - two["student_acc"]) <= 1.0 and abs(one["teacher_acc"] - two["teacher_acc"]) <= 1.0
-    a = torch.load(os.path.join(slad_demo, "student.pt"), weights_only=True)
-    b = torch.load(os.path.join(out, "student.pt"), weights_only=True)
-    assert max((a["vit"][k] - b["vit"][k]).abs().max() for k in a["vit"]) < 1e-3
-    log = open(os.path.join(out, "log.txt")).read()
-    assert "2 processes" in log and log.count("results:") == 1  # one process writes
+# torchrun on the CPU (gloo): every method gives one process's results, every process takes the same steps
+
+RUNNER = """
+import os, shutil, sys
+sys.path.insert(0, {here!r})
+import data
+data.SyntheticTextures.SIZES = {{"train": 64, "val": 16, "test": 16}}
+data.SyntheticShapes.SIZES = {{"train": 16, "val": 4, "test": 4}}
+
+
+def download(name, root):  # the network, stood in for: a copy of a fake dataset, and who fetched it
+    with open({log!r}, "a") as f:
+        f.write(os.environ.get("RANK", "0") + "\\n")
+    shutil.copytree({source!r}, root, dirs_exist_ok=True)
+
+
+data.download = download
+script, sys.argv = sys.argv[1], [sys.argv[1] + ".py", *sys.argv[2:]]
+__import__(script).main()
+"""
+DDP_TOY = TOY + ["--img_size", "28", "--batch_size", "8", "--epochs", "1"]
+
+
+def weight_difference(run_a, run_b, file):
+    """|a - b| / |a| over all the weights of an exported model of two runs. Float tolerance, over the whole
+    model: sums taken in another order differ in the last bits, and Adam, which divides a step by the gradient's
+    size, turns that into whole steps where the gradient is rounding noise (the k bias of attention, whose exact
+    gradient is 0): one tensor alone can differ by 1e-3 of its size (seen), the whole model by 1e-6."""
+    a, b = (torch.load(os.path.join(d, file), weights_only=True) for d in (run_a, run_b))
+    pairs = [(a[p][k], b[p][k]) for p in ("vit", "head") for k in a[p]]
+    return (sum((x - y).square().sum() for x, y in pairs) / sum(x.square().sum() for x, _ in pairs)).sqrt().item()
+
+
+@pytest.mark.parametrize("script,extra", [
+    ("train_slad", []),
+    ("train_slad", ["--kd", "taid"]),
+    ("train_twostep", ["--teacher_adapt", "probe"]),  # Marrie et al.: a fully trained student
+    ("train_twostep", ["--teacher_adapt", "lora", "--kd", "taid", "--feat", "ted"]),
+    ("train_twostep", ["--dataset", "dtd", "--teacher_adapt", "finetune", "--batch_size", "2"]),  # downloaded once
+    ("train_slad", ["--dataset", "synthetic-seg", "--img_size", "56", "--batch_size", "4"]),
+    ("train_twostep", ["--dataset", "synthetic-seg", "--img_size", "56", "--batch_size", "4", "--teacher_adapt", "finetune"]),
+])
+def test_torchrun_two_processes_match_one(tmp_path, monkeypatch, script, extra):
+    """DDP on gloo, 2 processes, each half of every global batch, against one process: the same weights (a
+    parameter without a gradient, or ranks taking different steps, would crash or hang DDP). Segmentation's
+    BatchNorm head is per process on the CPU (torch's SyncBatchNorm runs on GPUs only): there, it only has to run."""
+    source, log = tmp_path / "source", tmp_path / "downloads.txt"
+    fake_dtd(source, per_split=2)
+    runner = tmp_path / "runner.py"
+    runner.write_text(RUNNER.format(here=HERE, log=str(log), source=str(source)))
+    argv = DDP_TOY + extra + ["--data_dir", str(tmp_path / "data")]
+    two = str(tmp_path / "two")
+    r = cli(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 400),
+             str(runner), script, *argv, "--out_dir", two], env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    log_text = open(os.path.join(two, "log.txt")).read()
+    assert "2 processes" in log_text and log_text.count("results:") == 1  # the first process writes
+    if "dtd" in extra:
+        assert open(log).read() == "0\n"  # the first process downloaded it; the second found it there
+    if "synthetic-seg" in extra:
+        return
+    monkeypatch.setattr(SyntheticTextures, "SIZES", {"train": 64, "val": 16, "test": 16})
+    one = str(tmp_path / "one")
+    run_main(script, argv + ["--out_dir", one], monkeypatch)
+    for f in ("student.pt", "teacher.pt"):
+        assert weight_difference(one, two, f) < 1e-4, f
+    assert abs(results_of(one)["student_acc"] - results_of(two)["student_acc"]) <= 100 / 16  # one test image
+
+
+def test_every_process_takes_the_same_steps_for_any_split_batch_and_world():
+    for n, batch, world, accum in itertools.product(range(1, 40), (2, 4, 8, 12), (1, 2, 3, 4), (1, 2)):
+        if batch % (world * accum):
+            continue
+        ranks = [list(data.make_loader(range(n), None, batch // world // accum, train=True, rank=r, world=world,
+                                       step_batch=batch).sampler) for r in range(world)]
+        one = list(data.make_loader(range(n), None, batch, train=True).sampler)
+        assert len({len(r) for r in ranks}) == 1 and len(ranks[0]) == n // batch * batch // world
+        for step in range(n // batch):  # together, the processes' micro-batches are one process's batch
+            share = batch // world
+            together = sorted(i for r in ranks for i in r[step * share:(step + 1) * share])
+            assert together == sorted(one[step * batch:(step + 1) * batch])
+
+
+def test_sync_batchnorm_on_gpus_and_resume_with_fewer_gpus(monkeypatch):
+    monkeypatch.setattr(experiment.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(experiment, "DDP", lambda module, device_ids: module)  # DDP itself needs a process group
+    seg = experiment.ddp(Segmenter(ViT.from_name("toy-s"), 4), "cuda:0")
+    assert isinstance(seg.head[0], torch.nn.SyncBatchNorm) and list(seg.state_dict()) == list(
+        Segmenter(ViT.from_name("toy-s"), 4).state_dict())  # the same checkpoint keys
+    assert isinstance(experiment.ddp(Segmenter(ViT.from_name("toy-s"), 4), "cpu").head[0], torch.nn.BatchNorm2d)
+    # a checkpoint of an 8-GPU run, resumed where fewer GPUs are visible: this process's own state only
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    restored = []
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append(device))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: [states[i] for i in range(torch.cuda.device_count() + 1)])
+    rng = dict(experiment.rng_state("cpu"), cuda=[torch.zeros(16, dtype=torch.uint8)] * 8)
+    experiment.set_rng_state(rng, "cuda:0")
+    assert restored == ["cuda:0"]
+
+
+def test_finetuned_encoders_train_every_parameter_they_mark_trainable(small_synthetic):
+    """DDP needs a gradient for every parameter that requires one: ViT.mask_token (iBOT's, unused here) must not."""
+    for how in ("finetune", "probe", "lora"):
+        clf = Classifier(ViT.from_name("toy-s"), 4)
+        train_twostep.adapt(clf, how, 4)
+        clf(torch.randn(2, 3, 28, 28)).sum().backward()
+        assert all(p.grad is not None for p in clf.parameters() if p.requires_grad), how
+
+
+@pytest.mark.parametrize("script,extra", [("train_slad", []), ("train_twostep", ["--teacher_adapt", "lora"])])
+def test_grad_accum_steps_as_the_whole_batch(tmp_path, monkeypatch, small_synthetic, script, extra):
+    outs = []
+    for accum in ("1", "4"):
+        outs.append(str(tmp_path / accum))
+        run_main(script, TOY + extra + ["--epochs", "1", "--grad_accum", accum, "--out_dir", outs[-1]], monkeypatch)
+    for f in ("student.pt", "teacher.pt"):
+        assert weight_difference(*outs, f) < 1e-4, f
+    losses = [[json.loads(l)["train_loss"] for l in open(os.path.join(d, "metrics.jsonl"))] for d in outs]
+    assert np.allclose(*losses, rtol=1e-4)  # each micro-batch's loss counts 1/N of the step's
+    log = open(os.path.join(outs[1], "log.txt")).read()
+    assert "step 6/6 |" in log and "step 24/" not in log  # steps of the whole batch: 96 images, batch 16
+
+
+def test_no_host_sync_in_a_training_step(tmp_path, monkeypatch):
+    """What would stall a GPU every step -- a .item(), a float() of a tensor, a new tensor copied from the host --
+    counted where our files call it, over an epoch of 6 steps and one of 12 (no log line but the last): the same
+    number, so none is in the step."""
+    ours = {os.path.join(HERE, f) for f in os.listdir(HERE) if f.endswith(".py") and not f.startswith("test_")}
+    calls = []
+
+    def counted(name, real):
+        def call(*args, **kwargs):
+            code = sys._getframe(1).f_code  # the data pipeline runs in loader workers, on the CPU: left out
+            if code.co_filename in ours and (not code.co_filename.endswith("data.py") or code.co_name == "normalize"):
+                calls.append((name, os.path.basename(code.co_filename), code.co_name))
+            return real(*args, **kwargs)
+        return call
+    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, counted(name, getattr(torch.Tensor, name)))
+    monkeypatch.setattr(torch, "tensor", counted("tensor", torch.tensor))
+    counts = []
+    for n_train in (96, 192):
+        monkeypatch.setattr(SyntheticTextures, "SIZES", {"train": n_train, "val": 32, "test": 32})
+        monkeypatch.setattr(data, "_STATS", {})  # normalize's constants are made once a run
+        calls.clear()
+        run_main("train_slad", TOY + ["--epochs", "1", "--kd", "taid", "--log_every", "1000",
+                                      "--out_dir", str(tmp_path / str(n_train))], monkeypatch)
+        counts.append(sorted(calls))
+    assert counts[0] == counts[1]
 
 
 def test_batch_must_split_over_processes(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")
     monkeypatch.setenv("RANK", "0")
-    with pytest.raises(SystemExit, match="does not split over 3 processes"):
+    with pytest.raises(SystemExit, match=r"does not split over 3 process\(es\)"):
         run_main("train_slad", TOY + ["--epochs", "1", "--out_dir", "unused"], monkeypatch)
 
 
@@ -1491,7 +1859,7 @@ def test_taid_state_round_trips_a_checkpoint(tmp_path):
     for J in (1.9, 2.2, 1.5):
         a.update(torch.tensor(J))
         b.update(torch.tensor(J))
-    assert set(a.state_dict()) == {"t", "momentum", "prev_loss", "step"}
+    assert set(a.state_dict()) == {"t", "momentum", "prev_loss", "steps_done"}
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
@@ -1570,7 +1938,7 @@ def test_twostep_demo_learns_with_probe_taid_and_ted(tmp_path, monkeypatch):
     models = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["models"]
     assert models["teacher"]["ted_filters.heads.2.weight"].shape == (10, 128)  # stage 1's filters are checkpointed
     assert models["student"]["ted_filters.filters.2.weight"].shape == (128, 48)
-    assert set(models["taid"]) == {"t", "momentum", "prev_loss", "step"}
+    assert set(models["taid"]) == {"t", "momentum", "prev_loss", "steps_done"}
 
 
 def test_slad_taid_runs_and_logs_t(tmp_path, monkeypatch, small_synthetic):
