@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import DATASETS, IGNORE, normalize
 from lora import merge_lora
-from model import CONFIGS, save_model, slide_inference
+from model import CONFIGS, ViT, save_model, slide_inference
 
 # defaults that depend on the dataset. Classification: 518 = 37 x 14, the patch-14 size nearest the paper's
 # 512 crop; segmentation: the paper's 560 crop. The synthetic sets are for toy models, which need more steps
@@ -101,6 +101,9 @@ def parser(doc, method):
                         "window too), 56 for synthetic, 112 for synthetic-seg")
     p.add_argument("--rank", type=POSITIVE_INT, default=None,
                    help="LoRA rank (paper: 16; 4 for the toy family, 8 %% of toy-s's width as 16 is 4 %% of ViT-S's)")
+    p.add_argument("--qkv_adapters", default="fused", choices=["fused", "separate"],
+                   help="LoRA on the fused qkv matrix: fused, one rank-r adapter for q, k and v (one A); separate, "
+                        "one each (three A's), as LoRA on separate q, k, v layers (Hugging Face + PEFT) (paper: silent)")
     p.add_argument("--temperature", type=POSITIVE, default=2.0, help="distillation temperature T (paper: 2)")
     p.add_argument("--kd", default="kl", choices=["kl", "taid"],
                    help="the distillation term: kl, the T^2 KL of eq. 2 / eq. 4 (paper); taid, TAID's KL towards an "
@@ -300,12 +303,13 @@ def stop_if_not_finite(first_bad, steps, stage, out_dir):
 
 
 def adamw(groups, weight_decay, device):
-    """AdamW over groups of (params, peak lr): matrices decay, biases and norms do not. Each group keeps its
-    peak as "peak_lr", which the scripts' get_lr scales."""
+    """AdamW over groups of (named parameters, peak lr): matrices decay; biases, norms, LayerScale and the ViT's
+    learned tokens and position embeddings (ViT.NO_WEIGHT_DECAY, as timm and DINOv2) do not. Each group keeps
+    its peak as "peak_lr", which the scripts' get_lr scales."""
     param_groups = []
-    for params, lr in groups:
+    for named, lr in groups:
         for decay in (True, False):
-            ps = [p for p in params if (p.ndim >= 2) == decay]
+            ps = [p for n, p in named if (p.ndim >= 2 and n.rsplit(".", 1)[-1] not in ViT.NO_WEIGHT_DECAY) == decay]
             if ps:
                 param_groups.append(dict(params=ps, lr=lr, peak_lr=lr, weight_decay=weight_decay if decay else 0.0))
     return torch.optim.AdamW(param_groups, fused=device.startswith("cuda"))

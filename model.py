@@ -192,6 +192,8 @@ class Block(nn.Module):
 
 
 class ViT(nn.Module):
+    NO_WEIGHT_DECAY = ("cls_token", "pos_embed", "register_tokens", "mask_token")  # learned tokens, not matrices
+
     def __init__(self, config: ViTConfig, name=None):
         super().__init__()
         if config.ffn not in ("mlp", "swiglu"):

@@ -21,10 +21,10 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from data import SEGMENTATION, DataError, load_splits, make_loaders, normalize
-from experiment import (RunError, adamw, append_line, claim_out_dir, config_id, ddp, ddp_init, ddp_mean, evaluate, export, flat,
-                        hms, load_checkpoint, load_trained_tensors, parser, peak_flops, print0, rank0_first, resolve_flags,
-                        rng_state, save_checkpoint, set_rng_state, stop_if_not_finite, sync_gradients, trained_keys,
-                        trained_tensors, write_json)
+from experiment import (NON_NEGATIVE, RunError, adamw, append_line, claim_out_dir, config_id, ddp, ddp_init, ddp_mean,
+                        evaluate, export, flat, hms, load_checkpoint, load_trained_tensors, parser, peak_flops, print0,
+                        rank0_first, resolve_flags, rng_state, save_checkpoint, set_rng_state, stop_if_not_finite,
+                        sync_gradients, trained_keys, trained_tensors, write_json)
 from kd import TAID, slad_loss
 from lora import MAPPINGS, add_lora, share_lora, trainable_parameters
 from model import CheckpointError, Classifier, Segmenter, initial_backbone
@@ -56,7 +56,14 @@ def parse_args(argv=None):
                    help="which teacher block shares its adapters with student block i (§5.2.1; paper: even)")
     p.add_argument("--kl_into_teacher", action="store_true",
                    help="let eq. 4's KL term send gradients into the teacher's logits too (default: the "
-                        "teacher's logits are the KL's fixed target, as in eq. 2)")
+                        "teacher's logits are the KL's fixed target, as in eq. 2) (paper: silent)")
+    p.add_argument("--shared_init", default="teacher", choices=["teacher", "student"],
+                   help="draw the shared A for the teacher's width (Kaiming, as LoRA on the teacher alone), or for "
+                        "the student's, so that the student's slice starts as a fresh student adapter would (the "
+                        "teacher's A then sqrt(d_t / d_s) larger) (paper: silent)")
+    p.add_argument("--kl_warmup", type=NON_NEGATIVE, default=0.0, metavar="FRACTION",
+                   help="raise eq. 4's KL weight from 0 to 1 over this fraction of the steps, while the teacher "
+                        "learns the task (default 0: the paper's constant weight; the paper is silent)")
     args = p.parse_args(argv)
     args.epochs = args.epochs or 30
     return resolve_flags(args, p, "slad"), p
@@ -93,11 +100,13 @@ def main():
         teacher = Model(initial_backbone(args.teacher, "teacher", args.init, args.seed), num_classes)
         student = Model(initial_backbone(args.student, "student", args.init, args.seed), num_classes)
     teacher.vit.grad_checkpointing = student.vit.grad_checkpointing = args.grad_checkpointing
-    add_lora(teacher.vit, rank=args.rank)  # eq. 3 on every block's qkv; the backbone frozen
+    add_lora(teacher.vit, rank=args.rank, separate=args.qkv_adapters == "separate",  # eq. 3 on every block's qkv;
+             init_width=student.vit.embed_dim if args.shared_init == "student" else None)  # the backbone frozen
     g = share_lora(student.vit, teacher.vit, args.mapping)  # student block i uses teacher block g(i)'s, sliced
     teacher.to(device), student.to(device)
-    params = trainable_parameters(teacher, student)  # each shared adapter once
-    optimizer = adamw([(params, args.lr)], args.weight_decay, device)
+    named = trainable_parameters(teacher, student, named=True)  # each shared adapter once
+    params = [p for _, p in named]
+    optimizer = adamw([(named, args.lr)], args.weight_decay, device)
     taid = TAID(args.epochs * steps).to(device) if args.kd == "taid" else None
     trained = {"teacher": teacher, "student": student, **({"taid": taid} if taid is not None else {})}
     keys = {name: trained_keys(m) for name, m in trained.items()}  # what a checkpoint holds: no frozen backbone
@@ -147,6 +156,7 @@ def main():
                 with autocast:
                     teacher_logits, student_logits = step_model(x)  # the same augmented batch for both (App. C.2)
                     loss = slad_loss(student_logits, teacher_logits, y, T=args.temperature,  # eq. 4, (1, 1, 1)
+                                     alpha_kl=min(1.0, it / (args.kl_warmup * total)) if args.kl_warmup else 1.0,
                                      kl_into_teacher=args.kl_into_teacher, taid=taid) / args.grad_accum
                 scaler.scale(loss).backward()  # reaches the shared adapters from both models
                 loss_sum += loss.detach()

@@ -41,10 +41,10 @@ from lora import MAPPINGS, add_lora, layer_mapping, trainable_parameters
 from model import CheckpointError, Classifier, Segmenter, initial_backbone
 
 
-def adapt(model, how, rank):
+def adapt(model, how, rank, separate=False):
     """Choose what of a Classifier or Segmenter trains: the head always; the encoder's LoRA adapters, all of it, or nothing."""
     if how == "lora":
-        add_lora(model.vit, rank=rank)  # freezes the encoder, adds trainable adapters
+        add_lora(model.vit, rank=rank, separate=separate)  # freezes the encoder, adds trainable adapters
     else:
         model.vit.requires_grad_(how == "finetune")
         model.vit.mask_token.requires_grad_(False)  # unused here (iBOT's masking): nothing would train it
@@ -88,7 +88,7 @@ def parse_args(argv=None):
     p.add_argument("--student_epochs", type=POSITIVE_INT, default=None,
                    help="stage 2 epochs (default --epochs, or 30; 80 after a probed teacher, as the paper)")
     p.add_argument("--backbone_lr", type=POSITIVE, default=None,
-                   help="peak learning rate of a fully fine-tuned encoder (2e-5; 3e-4 for the toy family)")
+                   help="peak learning rate of a fully fine-tuned encoder (2e-5; 1e-3 for the toy family)")
     p.add_argument("--feat", default="none", choices=["none", "ted"],
                    help="a layer-wise term on top of eq. 2: ted, TED's task-aware filters (kd.TaskFilters)")
     p.add_argument("--mapping", default="even", choices=MAPPINGS,
@@ -132,8 +132,8 @@ def main():
         teacher = Model(initial_backbone(args.teacher, "teacher", args.init, args.seed), num_classes)
         student = Model(initial_backbone(args.student, "student", args.init, args.seed), num_classes)
     teacher.vit.grad_checkpointing = student.vit.grad_checkpointing = args.grad_checkpointing
-    adapt(teacher, args.teacher_adapt, args.rank)
-    adapt(student, args.student_adapt, args.rank)
+    adapt(teacher, args.teacher_adapt, args.rank, args.qkv_adapters == "separate")
+    adapt(student, args.student_adapt, args.rank, args.qkv_adapters == "separate")
     g = add_ted_filters(teacher, student, args.mapping, num_classes) if args.feat == "ted" else None
     taid = TAID(args.student_epochs * steps).to(device) if args.kd == "taid" else None
     teacher.to(device), student.to(device)
@@ -163,8 +163,8 @@ def main():
         """Heads, adapters and filters at --lr; a fully fine-tuned encoder at --backbone_lr."""
         is_backbone = lambda n: n.startswith("vit.") and "lora_" not in n
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        return adamw([([p for n, p in named if not is_backbone(n)], args.lr),
-                      ([p for n, p in named if is_backbone(n)], args.backbone_lr)], args.weight_decay, device)
+        return adamw([([(n, p) for n, p in named if not is_backbone(n)], args.lr),
+                      ([(n, p) for n, p in named if is_backbone(n)], args.backbone_lr)], args.weight_decay, device)
 
     def resume(optimizer):
         for name, m in trained.items():
