@@ -282,6 +282,76 @@ def test_lora_forward_is_eq3():
     assert torch.allclose(layer(x), F.linear(x, W, layer.base.bias), atol=1e-5)
 
 
+def test_separate_qkv_adapters_are_three_loras_and_slice_per_projection():
+    """--qkv_adapters separate: q, k and v each with its own rank-r A and B, as LoRA on three separate layers;
+    the student's slice is Fig. 4's, per projection; merged, it is the official layout."""
+    torch.manual_seed(0)
+    teacher, student = ViT.from_name("toy-b"), ViT.from_name("toy-s")
+    add_lora(teacher, rank=4, separate=True)
+    share_lora(student, teacher)
+    t, s = teacher.blocks[0].attn.qkv, student.blocks[0].attn.qkv
+    randomize_(t, seed=3)
+    assert t.lora_A.shape == (3 * 4, 96) and t.lora_B.shape == (3 * 96, 4) and s.lora_A is t.lora_A
+    A, B = t.lora_A.unflatten(0, (3, 4)), t.lora_B.unflatten(0, (3, 96))
+    assert torch.allclose(t.delta_weight(), torch.cat([B[c] @ A[c] for c in range(3)]), atol=1e-6)  # eq. 3 per projection
+    x = torch.randn(5, 96)
+    assert torch.allclose(t(x), F.linear(x, t.base.weight + t.delta_weight(), t.base.bias), atol=1e-5)
+    want = torch.cat([B[c][:48] @ A[c][:, :48] for c in range(3)])  # Fig. 4, each projection's first d_s rows
+    assert torch.allclose(s.delta_weight(), want, atol=1e-6)
+    for vit in (teacher, student):
+        randomize_(vit.blocks[1].attn.qkv, seed=4)
+        merged, x = merge_lora(vit), torch.randn(2, 3, 28, 28)
+        assert torch.allclose(merged(x), vit(x), atol=1e-4) and list(merged.state_dict()) == list(ViT.from_name(vit.name).state_dict())
+
+
+def test_shared_a_drawn_for_the_students_width():
+    for width, bound in ((None, 1 / 96 ** 0.5), (48, 1 / 48 ** 0.5)):  # Kaiming for the teacher's width, or the student's
+        A = add_lora(ViT.from_name("toy-b"), rank=4, init_width=width).blocks[0].attn.qkv.lora_A
+        assert 0.9 * bound < A.abs().max() <= bound
+
+
+def test_kl_warmup_raises_eq4_kl_weight_from_0_to_1(tmp_path, monkeypatch, small_synthetic):
+    weights = []
+    real = train_slad.slad_loss
+
+    def recording(*args, alpha_kl=1.0, **kwargs):
+        weights.append(alpha_kl)
+        return real(*args, alpha_kl=alpha_kl, **kwargs)
+    monkeypatch.setattr(train_slad, "slad_loss", recording)
+    run_main("train_slad", TOY + ["--epochs", "2", "--kl_warmup", "0.5", "--out_dir", str(tmp_path / "w")], monkeypatch)
+    assert len(weights) == 12 and weights[0] == 0 and weights[3] == 0.5 and weights[6:] == [1.0] * 6
+    assert all(a < b for a, b in zip(weights[:7], weights[1:7]))
+    weights.clear()
+    run_main("train_slad", TOY + ["--epochs", "1", "--out_dir", str(tmp_path / "none")], monkeypatch)
+    assert weights == [1.0] * 6  # the paper's constant weight by default
+
+
+def test_adamw_decays_matrices_only_not_the_vits_tokens():
+    """A fully trained encoder (Fine-tuning, Marrie et al.'s students): weight decay on its matrices, none on its
+    learned tokens and position embeddings (timm's and DINOv2's no_weight_decay), biases, norms or LayerScale."""
+    clf = Classifier(ViT.from_name("vits14_reg"), 4)
+    train_twostep.adapt(clf, "finetune", 4)
+    named = [(n, p) for n, p in clf.named_parameters() if p.requires_grad]
+    opt = experiment.adamw([(named, 1e-3)], 0.05, "cpu")
+    decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    names = {n for n, p in named if id(p) in decayed}
+    assert {"vit.cls_token", "vit.pos_embed", "vit.register_tokens"}.isdisjoint(names)
+    assert "vit.blocks.0.attn.qkv.weight" in names and "head.0.weight" in names
+    assert all(p.ndim >= 2 for n, p in named if n in names)
+
+
+def test_toys_schedule_is_the_scripts_one_step_late_in_the_warmup():
+    import toys
+    lrs = [toys.lr_at(s, 100, 1.0) for s in range(100)]
+    assert lrs == pytest.approx([0.0] + [train_slad.get_lr(s - 1, 100) for s in range(1, 5)]
+                                + [train_slad.get_lr(s, 100) for s in range(5, 100)])
+
+
+def test_twostep_help_gives_the_toys_encoder_lr():
+    args, p = train_twostep.parse_args(["--teacher", "toy-b", "--student", "toy-s", "--device", "cpu"])
+    assert f"{args.backbone_lr:g} for the toy family" in " ".join(p.format_help().split())
+
+
 def test_lora_bad_target_is_a_clear_error():
     with pytest.raises(ValueError, match="no linear layer 'mlp.w12'"):
         add_lora(ViT.from_name("toy-s"), targets=("mlp.w12",))
@@ -2163,6 +2233,67 @@ def test_miniature_quick_runs_end_to_end(tmp_path):
     for f in ("fig1.png", "fig3.png", "summary.md"):
         assert (tmp_path / f).stat().st_size > 0
     assert Image.open(tmp_path / "fig3.png").width <= 1000 and Image.open(tmp_path / "fig1.png").width == 900
+
+
+
+def fake_run_folder(d, dataset, val, teacher_val=None, config_id="abc123"):
+    """What a training run leaves that miniature.py reads: results.json and metrics.jsonl with final val values."""
+    os.makedirs(d, exist_ok=True)
+    json.dump(dict(method="slad", dataset=dataset, teacher="toy-b", student="toy-s", seed=0, student_acc=val,
+                   teacher_acc=val, train_seconds=1.0, config_id=config_id), open(os.path.join(d, "results.json"), "w"))
+    rows = [{"stage": "slad", "epoch": 1, "val_teacher_acc": teacher_val or val, "val_student_acc": val}]
+    open(os.path.join(d, "metrics.jsonl"), "w").write("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_miniature_convergence_doubles_until_every_model_moves_less_than_half_a_point(tmp_path, monkeypatch):
+    import miniature
+    curve = {8: 80.0, 16: 85.0, 32: 85.4, 64: 85.5}  # SLAD's student: +5 from 8 to 16, +0.4 from 16 to 32
+    ran = []
+
+    def run_all(jobs, workers, log):
+        for d, cmd in jobs:
+            ran.append(os.path.basename(d))
+            epochs = int(cmd[cmd.index("--epochs" if "--epochs" in cmd else "--teacher_epochs") + 1])
+            fake_run_folder(d, "synthetic-fine", curve[epochs] if "slad" in d else 90.0)
+    monkeypatch.setattr(miniature, "run_all", run_all)
+    args, _ = miniature.parse_args(["--convergence", "--tasks", "synthetic-fine", "--seeds", "0", "1",
+                                    "--out_dir", str(tmp_path)])
+    table, chosen = miniature.convergence(args, print)
+    assert chosen == {"synthetic-fine": 16}  # 8 -> 16 moves SLAD's student 5 points; 16 -> 32, 0.4
+    assert "| synthetic-fine | 8 → 16 |" in table and "+5.0" in table and "| 16 → 32 |" in table
+    assert len(ran) == len(set(ran)) == 3 * 4 * 2  # three schedules, four methods, two seeds: each run once
+    args.max_epochs = 16
+    assert miniature.convergence(args, print)[1] == {"synthetic-fine": None}  # the cap: not reached, said so
+
+
+def test_miniature_ablation_rule_needs_more_than_the_seed_spread(tmp_path, monkeypatch):
+    import miniature
+    gains = {"kl-into-the-teacher": [0.2, 0.4, 0.3], "separate-qkv-adapters": [2.0, 2.5, 1.5],
+             "a-drawn-for-the-student": [3.0, -2.0, 2.0], "kl-warm-up-20": [0.0, 0.0, 0.0]}
+
+    def run_all(jobs, workers, log):
+        for d, cmd in jobs:
+            seed = int(d[-1])
+            gain = next((g[seed] for k, g in gains.items() if k in d), 0.0)
+            fake_run_folder(d, "synthetic-fine", 80.0 + seed + gain)
+    monkeypatch.setattr(miniature, "run_all", run_all)
+    args, _ = miniature.parse_args(["--ablation", "--out_dir", str(tmp_path)])
+    rows = {tuple(c.strip() for c in line.split("|")[1:3]): line for line in miniature.ablation(args, print).splitlines()[2:]}
+    assert "**better**" in rows[("SLAD", "separate q/k/v adapters")] and "**better**" in rows[("LoRA", "separate q/k/v adapters")]
+    for choice in ("KL into the teacher", "A drawn for the student", "KL warm-up 20 %"):  # too small, too noisy, none
+        assert "no change" in rows[("SLAD", choice)], choice
+
+
+def test_miniature_reuses_a_run_only_for_its_own_config(tmp_path):
+    import miniature
+    d = str(tmp_path / "run")
+    cmd = miniature.command("synthetic-fine", "SLAD", "toy-b", "toy-s", 0, miniature.TASKS["synthetic-fine"], d)
+    args, _ = train_slad.parse_args(cmd[2:])
+    fake_run_folder(d, "synthetic-fine", 80.0, config_id=experiment.config_id(vars(args)))
+    assert miniature.finished(d, cmd)
+    quick = miniature.command("synthetic-fine", "SLAD", "toy-b", "toy-s", 0, miniature.QUICK, d)
+    assert not miniature.finished(d, quick)  # --quick's 14-px, one-epoch run is not the headline's
+    assert miniature.parse_args(["--quick"])[0].out_dir == "out/miniature-quick" != miniature.parse_args([])[0].out_dir
 
 
 # -----------------------------------------------------------------------------

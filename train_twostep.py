@@ -32,10 +32,11 @@ import torch
 import torch.distributed as dist
 
 from data import SEGMENTATION, DataError, load_splits, make_loaders, normalize
-from experiment import (NON_NEGATIVE, POSITIVE, POSITIVE_INT, RunError, adamw, append_line, claim_out_dir, config_id,
-                        ddp, ddp_init, ddp_mean, evaluate, export, flat, hms, load_checkpoint, load_trained_tensors,
-                        parser, peak_flops, print0, rank0_first, resolve_flags, rng_state, save_checkpoint,
-                        set_rng_state, stop_if_not_finite, sync_gradients, trained_keys, trained_tensors, write_json)
+from experiment import (NON_NEGATIVE, POSITIVE, POSITIVE_INT, REAL_MODEL_DEFAULTS, TOY_DEFAULTS, RunError, adamw,
+                        append_line, claim_out_dir, config_id, ddp, ddp_init, ddp_mean, evaluate, export, flat, hms,
+                        load_checkpoint, load_trained_tensors, parser, peak_flops, print0, rank0_first, resolve_flags,
+                        rng_state, save_checkpoint, set_rng_state, stop_if_not_finite, sync_gradients, trained_keys,
+                        trained_tensors, write_json)
 from kd import TAID, TaskFilters, distill_loss, task_loss, ted_loss
 from lora import MAPPINGS, add_lora, layer_mapping, trainable_parameters
 from model import CheckpointError, Classifier, Segmenter, initial_backbone
@@ -88,7 +89,8 @@ def parse_args(argv=None):
     p.add_argument("--student_epochs", type=POSITIVE_INT, default=None,
                    help="stage 2 epochs (default --epochs, or 30; 80 after a probed teacher, as the paper)")
     p.add_argument("--backbone_lr", type=POSITIVE, default=None,
-                   help="peak learning rate of a fully fine-tuned encoder (2e-5; 1e-3 for the toy family)")
+                   help=f"peak learning rate of a fully fine-tuned encoder ({REAL_MODEL_DEFAULTS['backbone_lr']:g}; "
+                        f"{TOY_DEFAULTS['backbone_lr']:g} for the toy family)")
     p.add_argument("--feat", default="none", choices=["none", "ted"],
                    help="a layer-wise term on top of eq. 2: ted, TED's task-aware filters (kd.TaskFilters)")
     p.add_argument("--mapping", default="even", choices=MAPPINGS,
