@@ -70,7 +70,7 @@ METHODS = ("slad", "probe", "finetune", "lora", "distill")
 # FLOPs of a training step per image, as multiples of the teacher's and the student's forward (F_t, F_s): see above
 STEP_FLOPS = {"slad": (2, 2), "probe": (1, 0), "lora": (2, 0), "finetune": (3, 0), "distill": (1, 2)}
 PAIRS = (("vitb14", "vits14"), ("vitl14", "vitb14"))  # the paper's teacher -> student pairs that bench.py reports
-TARGET_MFU = 0.4  # what a well-fed step should reach on an H100 (nanoGPT's ballpark)
+TARGET_MFU = 0.4  # issue 24's goal for a SLAD step on an H100
 PREFETCH = 4  # batches each DataLoader worker keeps ready (data.make_loader)
 # training images per epoch (train split; CUB and Cityscapes after holding out 10 % for validation)
 TRAIN_SIZES = {"dtd": 1880, "aircraft": 3334, "cub": 5395}
@@ -242,13 +242,13 @@ def cmd_schedule(args):
 
 
 class LiveBytes(TorchDispatchMode):
-    """The bytes of the tensors alive, and their peak, counted as torch.cuda.max_memory_allocated counts them:
-    every storage an op makes adds its size, rounded up to the caching allocator's 512-byte blocks, until it is
-    freed (a weakref callback); views and in-place results add nothing. Left out, as by max_memory_allocated:
-    the CUDA context (~0.5 GiB a process), the blocks the allocator caches and its fragmentation (nvidia-smi
-    shows them). Left out unlike it: workspaces kernels allocate inside themselves (cuBLAS's, FlashAttention's
-    backward accumulators), which fake tensors never see. With block=1 it is MemTracker's count
-    (torch.distributed._tools, torch >= 2.5), which we do not use: it refuses frozen parameters."""
+    """Counts the bytes of the tensors alive, and their peak, as torch.cuda.max_memory_allocated counts them:
+    each storage an op makes adds its size, rounded up to the CUDA caching allocator's 512-byte blocks, until a
+    weakref callback sees it freed; views and in-place results make no storage. Like max_memory_allocated it
+    leaves out the CUDA context (~0.5 GiB a process) and what the allocator caches or fragments (nvidia-smi shows
+    both); unlike it, the workspaces kernels allocate inside themselves (cuBLAS's, FlashAttention's backward
+    accumulators), which a trace never sees. With block=1 this is the count of PyTorch's MemTracker (torch >= 2.5),
+    which we cannot use: it refuses frozen parameters, i.e. every method but fine-tuning."""
 
     def __init__(self, block=512):
         super().__init__()
@@ -257,13 +257,14 @@ class LiveBytes(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.device.type != "meta" and id(t.untyped_storage()) not in self.live:
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
                 storage = t.untyped_storage()
-                size = -(-storage.nbytes() // self.block) * self.block
-                self.live.add(id(storage))
-                self.now += size
-                self.peak = max(self.peak, self.now)
-                weakref.finalize(storage, self.free, id(storage), size)
+                if id(storage) not in self.live:
+                    size = -(-storage.nbytes() // self.block) * self.block
+                    self.live.add(id(storage))
+                    self.now += size
+                    self.peak = max(self.peak, self.now)
+                    weakref.finalize(storage, self.free, id(storage), size)
         return out
 
     def free(self, key, size):
@@ -271,18 +272,18 @@ class LiveBytes(TorchDispatchMode):
         self.now -= size
 
 
-def traced_peak(method, args, batch_size, block=512):
-    """Peak bytes of two training steps of `method` (the second holds AdamW's state), traced on fake tensors:
-    the real ops, autograd and fused AdamW run on shapes and dtypes alone, with no memory and no arithmetic, so
-    ViT-L at 518 px traces in seconds on a laptop. Fake CPU tensors, not fake CUDA ones: without a GPU, SDPA
-    on fake CUDA tensors cannot pick FlashAttention and falls back to the math kernel, which keeps each N x N
-    attention matrix in fp32 (~3 GiB a block for ViT-B at batch 32), and autograd refuses their backward
-    (torch 2.4 aborts). The CPU's fused SDPA kernel keeps for backward what FlashAttention keeps (q, k, v, the
-    output, a logsumexp), and CPU autocast runs the ops CUDA's does in bf16 (matmuls, convolutions, attention)
-    in bf16 -- all but the first LayerNorm, which CUDA's runs in fp32: B x N x D x 2 bytes more a model there."""
-    tracker = LiveBytes(block)
+def traced_peak(method, args, batch_size):
+    """Peak bytes of two training steps of `method` (the second holds AdamW's state), traced on fake tensors: the
+    real ops, autograd and fused AdamW run on shapes and dtypes alone, with no memory and no arithmetic, so ViT-L
+    at 518 px traces in seconds on a laptop. Fake CPU tensors, not fake CUDA ones: without a GPU, SDPA on fake CUDA
+    tensors cannot pick FlashAttention and falls back to the math kernel, which keeps every N x N attention matrix
+    in fp32 (2.7 GiB a block of ViT-B at batch 32), and autograd will not run their backward (torch 2.4 aborts).
+    On the CPU, SDPA's fused kernel keeps for backward what FlashAttention keeps (q, k, v, the output, a
+    logsumexp), and autocast puts the same ops in bf16 as CUDA's (matmuls, convolutions, attention) but the first
+    LayerNorm, which CUDA's runs in fp32: one B x N x D bf16 tensor more a model there."""
+    tracker = LiveBytes()
     dtype = getattr(torch, args.dtype)
-    # fake tensors hold no values: DINOv2's init is skipped (torch >= 2.9's trunc_normal_ reads values)
+    # fake tensors hold no values: skip DINOv2's init (newer torch's trunc_normal_ reads them)
     with FakeTensorMode(), tracker, mock.patch.object(ViT, "init_weights", lambda self: None):
         model, loss_fn, params, _ = build(method, args)
         optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
@@ -301,12 +302,12 @@ def measured_peak(method, args, batch_size):
     """torch.cuda.max_memory_allocated over two training steps on this GPU, in bytes; None if they do not fit."""
     run = argparse.Namespace(**{**vars(args), "batch_size": batch_size, "warmup": 1, "iters": 1})
     try:
-        return bench_step(method, run)["mem_gib"] * 2**30
+        peak = bench_step(method, run)["mem_gib"] * 2**30
     except torch.cuda.OutOfMemoryError:
-        return None
-    finally:
-        gc.collect()
-        torch.cuda.empty_cache()
+        peak = None
+    gc.collect()  # what the failed step held, before the next one starts
+    torch.cuda.empty_cache()
+    return peak
 
 
 def largest_batch(peak_full, peak_half, batch_size, gib):
@@ -355,15 +356,16 @@ def cmd_fit(args):
         sys.exit("bench.py fit: needs a CUDA device (running out of its memory is the measurement); "
                  "`python bench.py memory` estimates the largest batch without one")
     header(args, "largest batch, doubling from --batch_size until out of memory")
-    batch, fits = args.batch_size, None
-    while batch <= 2**14:
+    batch, fits, too_many = args.batch_size, None, None
+    while batch <= 2**14 and too_many is None:
         peak = measured_peak(args.method, args, batch)
         if peak is None:
-            break
-        fits, batch = (batch, peak), 2 * batch
+            too_many = batch
+        else:
+            fits, batch = (batch, peak), 2 * batch
     total = torch.cuda.get_device_properties(args.device).total_memory
     print(f"  {args.method}: largest batch that fits: " + (f"{fits[0]} (peak {gib(fits[1])} of {gib(total)})"
-          if fits else f"none from {args.batch_size} up") + f"; batch {batch}: out of memory")
+          if fits else f"none from {args.batch_size} up") + (f"; batch {too_many}: out of memory" if too_many else ""))
 
 
 # -----------------------------------------------------------------------------

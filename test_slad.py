@@ -1487,6 +1487,8 @@ def test_bench_memory_prints_peaks_and_largest_batches(capsys):
         assert float(peak.split()[0]) > 0 and peak.split()[1] in ("MiB", "GiB")
         fits, fits_checkpointed = [int(b) for b in fits.split(" / ")], [int(b) for b in fits_checkpointed.split(" / ")]
         assert 0 < fits[0] < fits[1] < fits[2] and all(a <= b for a, b in zip(fits, fits_checkpointed))
+    with pytest.raises(SystemExit, match="needs a CUDA device"):  # the measured largest batch: on a GPU only
+        bench.main(["fit", "--device", "cpu"])
 
 
 def test_bench_data_prints_per_worker_rate_requirements_and_shm(capsys):
@@ -1498,6 +1500,7 @@ def test_bench_data_prints_per_worker_rate_requirements_and_shm(capsys):
     assert f"| vitb14 -> vits14 | slad | " in out and f"| {need:,.0f} | " in out
     shm = 16 * 4 * 4 * 3 * 112 * 112  # workers x prefetch x batch x uint8 image bytes
     assert f"{shm / 1e6:,.0f} MB with 16 workers" in out and "--shm-size" in out
+    assert make_loader(range(8), None, 4, train=True, num_workers=1).prefetch_factor == bench.PREFETCH  # the loaders'
 
 
 def test_proof_steps_are_capped_and_a_failure_keeps_its_last_line(tmp_path):
