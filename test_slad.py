@@ -1657,7 +1657,10 @@ def test_cka_removes_its_own_earlier_pngs_only(tmp_path):
 # -----------------------------------------------------------------------------
 # speed and scale: FLOP counts for MFU, activation checkpointing, torchrun, bench.py
 
+import argparse
 import itertools
+import re
+import time
 
 import bench
 import train_twostep
@@ -1866,6 +1869,119 @@ def test_bench_prints_figures_on_cpu(capsys):
     for dataset, size in (("synthetic", "56"), ("synthetic-seg", "112")):
         bench.main(["data", "--dataset", dataset, "--img_size", size, "--batch_size", "8", "--iters", "2", "--warmup", "1"])
         assert "img/s" in capsys.readouterr().out
+
+
+# bench.py memory, data and proof: the figures users need before they rent a GPU, and the GPU check in one command
+
+
+def test_bench_memory_trace_grows_with_batch_and_shrinks_with_checkpointing():
+    args, _ = bench.parse_args(["memory", "--img_size", "112"])
+    toy = lambda method, batch, checkpointing: bench.traced_peak(method, argparse.Namespace(**{
+        **vars(args), "teacher": "toy-b", "student": "toy-s", "grad_checkpointing": checkpointing}), batch)
+    c, n = CONFIGS["toy-b"], 1 + (112 // 14) ** 2
+    for method in ("slad", "finetune"):
+        p4, p8, p8_checkpointed = toy(method, 4, False), toy(method, 8, False), toy(method, 8, True)
+        assert p8_checkpointed < p8
+        # each image keeps at least every block's GELU input (bf16) for the backward pass
+        assert (p8 - p4) / 4 >= c.depth * n * int(c.embed_dim * c.mlp_ratio) * 2
+    params = sum(p.numel() for p in ViT.from_name("toy-b").parameters()) * 4
+    assert toy("finetune", 4, False) > 4 * params  # weights, gradients and AdamW's two moments, all fp32
+    assert toy("probe", 8, False) < toy("lora", 8, False) < toy("finetune", 8, False)
+
+
+def test_live_bytes_counts_what_pytorchs_memtracker_counts():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    mem_tracker = pytest.importorskip("torch.distributed._tools.mem_tracker")  # torch >= 2.5
+
+    def step(net, optimizer):
+        F.cross_entropy(net(torch.randn(32, 64)), torch.randint(0, 10, (32,))).backward()
+        optimizer.step()
+
+    def model():
+        net = torch.nn.Sequential(torch.nn.Linear(64, 512), torch.nn.GELU(), torch.nn.Linear(512, 10))
+        return net, torch.optim.AdamW(net.parameters(), fused=True)
+
+    ours = bench.LiveBytes(block=1)  # MemTracker does not round to the CUDA allocator's blocks on a CPU
+    with FakeTensorMode(), ours:
+        step(*model())
+    with FakeTensorMode():
+        net, optimizer = model()
+        theirs = mem_tracker.MemTracker()
+        theirs.track_external(net, optimizer)
+        with theirs:
+            step(net, optimizer)
+    assert ours.peak == theirs.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"] > 0
+
+
+def test_bench_memory_prints_peaks_and_largest_batches(capsys):
+    bench.main(["memory", "--pairs", "toy-b:toy-s", "--methods", "slad", "lora", "--img_size", "56", "--batch_size", "4",
+                "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "traced on fake tensors" in out and "largest batch in 24 / 40 / 80 GiB" in out
+    rows = {r[2]: r[3:7] for r in (line.split("|") for line in out.splitlines() if line.startswith("| toy-b -> toy-s"))}
+    assert set(rows) == {" slad ", " lora "}
+    for peak, peak_checkpointed, fits, fits_checkpointed in rows.values():
+        assert float(peak.split()[0]) > 0 and peak.split()[1] in ("MiB", "GiB")
+        fits, fits_checkpointed = [int(b) for b in fits.split(" / ")], [int(b) for b in fits_checkpointed.split(" / ")]
+        assert 0 < fits[0] < fits[1] < fits[2] and all(a <= b for a, b in zip(fits, fits_checkpointed))
+    with pytest.raises(SystemExit, match="needs a CUDA device"):  # the measured largest batch: on a GPU only
+        bench.main(["fit", "--device", "cpu"])
+
+
+def test_bench_data_prints_per_worker_rate_requirements_and_shm(capsys):
+    bench.main(["data", "--img_size", "112", "--batch_size", "4", "--iters", "2", "--warmup", "1", "--num_workers", "0"])
+    out = capsys.readouterr().out
+    rate = re.search(r"fake DTD .*: ([\d.]+) img/s, ([\d.]+) img/s a worker", out)
+    assert rate and float(rate.group(1)) == float(rate.group(2)) > 0  # 0 workers: the main process is the one
+    need = 0.4 * 989e12 / (2 * bench.forward_flops("vitb14", 112) + 2 * bench.forward_flops("vits14", 112))
+    assert f"| vitb14 -> vits14 | slad | " in out and f"| {need:,.0f} | " in out
+    shm = 16 * 4 * 4 * 3 * 112 * 112  # workers x prefetch x batch x uint8 image bytes
+    assert f"{shm / 1e6:,.0f} MB with 16 workers" in out and "--shm-size" in out
+    assert make_loader(range(8), None, 4, train=True, num_workers=1).prefetch_factor == bench.PREFETCH  # the loaders'
+
+
+def test_proof_steps_are_capped_and_a_failure_keeps_its_last_line(tmp_path):
+    log = str(tmp_path / "step.log")
+    sleeper = "import subprocess, sys, time; print(subprocess.Popen([sys.executable, '-c', 'import time; " \
+              "time.sleep(60)']).pid, flush=True); time.sleep(60)"
+    status, seconds = bench.run_capped([sys.executable, "-c", sleeper], 2, log)
+    assert status == "timed out after 2 s" and seconds < 15
+    child = int(open(log).read().split()[0])  # a worker the step started (as torchrun does) is killed with it
+    for _ in range(50):
+        try:
+            os.kill(child, 0)
+            time.sleep(0.1)
+        except ProcessLookupError:
+            break
+    else:
+        pytest.fail("the step's child process outlived its time cap")
+    status, _ = bench.run_capped([sys.executable, "-c", "print('working'); raise SystemExit('error: no such thing')"],
+                                 30, log)
+    assert status == "failed: error: no such thing"
+    assert bench.run_capped([sys.executable, "-c", "print('fine')"], 30, log)[0] == "ok"
+
+
+def test_bench_proof_tiny_runs_every_step_on_the_cpu(tmp_path):
+    """The GPU proof's one command, on toy sizes: a row per step, the training scripts ok, nothing failed."""
+    out = tmp_path / "proof.md"
+    r = cli(["bench.py", "proof", "--tiny", "--out", str(out)], env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    lines = out.read_text().splitlines()
+    assert lines[4] == "| step | command | figure | status | s |"
+    rows = {cells[0]: cells[1:] for cells in ([c.strip() for c in line[1:-1].split(" | ")] for line in lines[6:])}
+    steps = bench.proof_steps(True, False, "dtd", "cityscapes", "runs")
+    assert set(rows) == {"device", "versions", "fake data"} | {name for name, *_ in steps}
+    for name, argv, cap, pattern, skip in steps:
+        command, figure, status = rows[name][0], rows[name][1], rows[name][2]
+        assert status == (f"skipped: {skip}" if skip else "ok"), (name, status)
+        if not skip:
+            assert figure and command.startswith("`python "), name
+    for name in ("SLAD, the defaults", "SLAD under torchrun, 1 process", "two-step, finetune teacher", "segmentation, SLAD"):
+        assert "ms/step" in rows[name][1]
+    assert "teacher:" in rows["two-step, lora teacher"][1] and "student:" in rows["two-step, lora teacher"][1]
+    logs = os.listdir(tmp_path / "proof")
+    assert sum(f.endswith(".log") for f in logs) == sum(skip is None for *_, skip in steps)
+    assert os.path.exists(tmp_path / "proof" / "runs" / "twostep-probe" / "results.json")
 
 
 # -----------------------------------------------------------------------------
