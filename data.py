@@ -74,10 +74,15 @@ def eval_transform(img_size):
     ])
 
 
+_STATS = {}  # device -> (mean, std), made once a device: no host-to-device copy in a training step
+
+
 def normalize(x):
     """uint8 images (B, 3, H, W) -> float, ImageNet mean / std normalised, on x's device."""
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    if x.device not in _STATS:
+        _STATS[x.device] = (torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1),
+                            torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1))
+    mean, std = _STATS[x.device]
     return (x.float() / 255 - mean) / std
 
 
@@ -467,22 +472,24 @@ def load_splits(name, root="./data"):
 class EpochSampler(Sampler):
     """Yields (index, augmentation seed) for one epoch: a shuffled order (train) or the natural one (eval),
     every world-th item from rank on (rank r of a world of w processes; together they make the batches one
-    process would). Call set_epoch(e) before each epoch."""
+    process would). With `batch` (a training step's images over all processes), the order is cut to whole
+    steps first, so every process takes the same number of steps. Call set_epoch(e) before each epoch."""
 
-    def __init__(self, n, seed=0, shuffle=True, rank=0, world=1):
+    def __init__(self, n, seed=0, shuffle=True, rank=0, world=1, batch=None):
         self.n, self.seed, self.shuffle, self.rank, self.world, self.epoch = n, seed, shuffle, rank, world, 0
+        self.used = n // batch * batch if batch else n  # the incomplete last step is dropped, on every process
 
     def set_epoch(self, epoch):
         self.epoch = epoch
 
     def __len__(self):
-        return len(range(self.rank, self.n, self.world))
+        return len(range(self.rank, self.used, self.world))
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)
         seeds = torch.randint(2**62, (self.n,), generator=g)
-        for i in order[self.rank::self.world].tolist():
+        for i in order[:self.used][self.rank::self.world].tolist():
             yield i, int(seeds[i])
 
 
@@ -509,10 +516,11 @@ class Transformed(Dataset):
             rng.set_state(state)  # leave the caller's RNG as it was
 
 
-def make_loader(dataset, transform, batch_size, train, seed=0, num_workers=0, device="cpu", rank=0, world=1):
-    """A DataLoader over dataset; batch_size is per process. Train loaders shuffle and drop the last
-    incomplete batch."""
-    sampler = EpochSampler(len(dataset), seed, shuffle=train, rank=rank, world=world)
+def make_loader(dataset, transform, batch_size, train, seed=0, num_workers=0, device="cpu", rank=0, world=1, step_batch=None):
+    """A DataLoader over dataset; batch_size is per process. Train loaders shuffle and keep whole steps of
+    `step_batch` images over all processes (default batch_size x world)."""
+    sampler = EpochSampler(len(dataset), seed, shuffle=train, rank=rank, world=world,
+                           batch=(step_batch or batch_size * world) if train else None)
     return DataLoader(Transformed(dataset, transform), batch_size=batch_size, sampler=sampler, drop_last=train,
                       num_workers=num_workers, pin_memory=device.startswith("cuda"),
                       persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None)
@@ -521,9 +529,10 @@ def make_loader(dataset, transform, batch_size, train, seed=0, num_workers=0, de
 SEG_BASE_RATIO = 640 / 560  # segmentation resizes around a short side of 640 for a 560 crop (App. C.2)
 
 
-def make_loaders(name, splits, img_size, batch_size, seed=0, num_workers=0, device="cpu", rank=0, world=1):
+def make_loaders(name, splits, img_size, batch_size, seed=0, num_workers=0, device="cpu", rank=0, world=1, grad_accum=1):
     """(train, val, test) loaders of dataset `name`'s splits with App. C.2's transforms for its task,
-    batch_size images a step over all `world` processes."""
+    batch_size images a step over all `world` processes; the train loader yields each process's share in
+    `grad_accum` micro-batches a step."""
     kw = dict(seed=seed, num_workers=num_workers, device=device, rank=rank, world=world)
     if name in SEGMENTATION:
         base = round(img_size * SEG_BASE_RATIO)
@@ -531,6 +540,6 @@ def make_loaders(name, splits, img_size, batch_size, seed=0, num_workers=0, devi
     else:
         train_tf, eval_tf = train_transform(img_size), eval_transform(img_size)
     batch = batch_size // world
-    return (make_loader(splits["train"], train_tf, batch, train=True, **kw),
+    return (make_loader(splits["train"], train_tf, batch // grad_accum, train=True, step_batch=batch_size, **kw),
             make_loader(splits["val"], eval_tf, batch, train=False, **kw),
             make_loader(splits["test"], eval_tf, batch, train=False, **kw))

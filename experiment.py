@@ -1,25 +1,38 @@
 """
 Plain functions the two training scripts share, none of them the method: the flags and their per-dataset
-defaults, torchrun's set-up, evaluation (accuracy, sliding-window mIoU), the checkpoint that --resume
-continues exactly (atomic save, load with the config check, RNG states), MFU, and printing on the first
-process. Each script owns its loop: AMP, the LR schedule, the loss, the log line and what it saves.
+defaults; the run folder (its default name, its lock, what a fresh run or a resume may find in it) and atomic
+writes that fail with one line; torchrun's set-up (DDP, a download on the first process first, gradient
+accumulation); evaluation (accuracy, sliding-window mIoU); the checkpoint that --resume continues exactly (load
+with the config check, RNG states); MFU; printing on the first process. Each script owns its loop: AMP, the LR
+schedule, the loss, the log line and what it saves.
 """
 
 import argparse
+import contextlib
+import hashlib
 import json
 import math
 import os
 import random
+import re
+import shutil
 import sys
+
+try:
+    import fcntl  # the run folder's lock (Linux, macOS)
+except ImportError:  # Windows: no lock, one run per folder is then up to the user
+    fcntl = None
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import DATASETS, IGNORE, normalize
 from lora import merge_lora
-from model import CONFIGS, save_model, slide_inference
+from model import CONFIGS, ViT, save_model, slide_inference
 
 # defaults that depend on the dataset. Classification: 518 = 37 x 14, the patch-14 size nearest the paper's
 # 512 crop (512 itself for DINOv3's 16: default_img_size); segmentation: the paper's 560 crop. The synthetic sets are for toy models, which need more steps
@@ -36,7 +49,7 @@ REAL_MODEL_DEFAULTS = dict(rank=16, backbone_lr=2e-5)
 TOY_DEFAULTS = dict(rank=4, backbone_lr=1e-3)
 # flags that may change between a run and its --resume: where things are, not what is computed
 RESUMABLE_CHANGES = {"resume", "out_dir", "data_dir", "device", "num_workers", "compile", "log_every", "grad_checkpointing",
-                     "teacher_weights", "student_weights"}
+                     "grad_accum", "teacher_weights", "student_weights"}
 # dense bf16 peaks, FLOP/s, by a substring of torch.cuda.get_device_name(): MFU's denominator
 PEAK_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12,
               "L4": 121e12, "A10": 125e12, "V100": 125e12, "4090": 165e12}
@@ -55,8 +68,9 @@ def _number(cast, ok, what):
     def parse(text):
         try:
             value = cast(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        except ValueError:  # "1.5" for an integer flag is told what it must be
+            raise argparse.ArgumentTypeError(f"must be {what}, not {text}" if cast is int else
+                                             f"{text!r} is not a number") from None
         if not ok(value):
             raise argparse.ArgumentTypeError(f"must be {what}, not {text}")
         return value
@@ -93,6 +107,9 @@ def parser(doc, method):
                         "560 for cityscapes (the sliding window too), 56 for synthetic (DINOv3 64), 112 for synthetic-seg")
     p.add_argument("--rank", type=POSITIVE_INT, default=None,
                    help="LoRA rank (paper: 16; 4 for the toy family, 8 %% of toy-s's width as 16 is 4 %% of ViT-S's)")
+    p.add_argument("--qkv_adapters", default="fused", choices=["fused", "separate"],
+                   help="LoRA on the fused qkv matrix: fused, one rank-r adapter for q, k and v (one A); separate, "
+                        "one each (three A's), as LoRA on separate q, k, v layers (Hugging Face + PEFT) (paper: silent)")
     p.add_argument("--temperature", type=POSITIVE, default=2.0, help="distillation temperature T (paper: 2)")
     p.add_argument("--kd", default="kl", choices=["kl", "taid"],
                    help="the distillation term: kl, the T^2 KL of eq. 2 / eq. 4 (paper); taid, TAID's KL towards an "
@@ -103,8 +120,12 @@ def parser(doc, method):
     p.add_argument("--compile", action="store_true", help="torch.compile the teacher and the student")
     p.add_argument("--grad_checkpointing", action="store_true",
                    help="recompute each block in the backward pass: less memory (ViT-L/g at 518), ~1/3 more compute")
+    p.add_argument("--grad_accum", type=POSITIVE_INT, default=1, metavar="N",
+                   help="split each step's batch into N micro-batches whose gradients add up: the same step in less "
+                        "memory (--batch_size stays the step's batch)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out_dir", default=None, help=f"default out/{method}-DATASET-TEACHER-STUDENT-sSEED")
+    p.add_argument("--out_dir", default=None,
+                   help=f"default out/{method}[-...]-DATASET-TEACHER-STUDENT-ID-sSEED, ID a hash of the config")
     p.add_argument("--resume", default=None, metavar="CKPT",
                    help="continue the run of a ckpt.pt this script wrote, in that checkpoint's folder")
     p.add_argument("--num_workers", type=COUNT, default=None,
@@ -139,17 +160,28 @@ def resolve_flags(args, p, method):
     if getattr(args, "feat", "none") == "ted" and (t.patch_size, t.num_register_tokens) != (s.patch_size, s.num_register_tokens):
         p.error(f"--feat ted compares the tokens of teacher and student one by one: {args.teacher} and {args.student} "
                 f"differ in patch size or registers")
+    lora_models = [name for name, how in ((args.student, getattr(args, "student_adapt", "lora")),
+                                          (args.teacher, getattr(args, "teacher_adapt", "lora"))) if how == "lora"]
+    for name in lora_models:  # A is rank x width: a rank past the width adds nothing but cost
+        if args.rank > CONFIGS[name].embed_dim:
+            p.error(f"--rank {args.rank} is more than {name}'s width {CONFIGS[name].embed_dim}: a LoRA rank is at "
+                    f"most the width of the matrix it adapts")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
+        p.error(f"--device {args.device}: these scripts run on cpu, cuda or cuda:N")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {args.device}, but torch sees no CUDA device here (use --device cpu)")
-    if args.batch_size % world:
-        p.error(f"--batch_size {args.batch_size} does not split over {world} processes")
+    if args.device.startswith("cuda:") and int(args.device[5:]) >= torch.cuda.device_count():
+        p.error(f"--device {args.device}, but torch sees {torch.cuda.device_count()} CUDA device(s) here")
+    if args.batch_size % (world * args.grad_accum):
+        p.error(f"--batch_size {args.batch_size} does not split over {world} process(es) x --grad_accum "
+                f"{args.grad_accum} micro-batches")
     if args.dtype is None:
         args.dtype = "float32" if args.device == "cpu" else "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
     if args.num_workers is None:  # a 518-px image costs ~11 ms of a CPU core to decode, resize and jitter
         args.num_workers = min(16, max(1, (os.cpu_count() or 1) // world)) if args.device.startswith("cuda") else 0
     if args.resume and not args.out_dir:  # a resume continues in its checkpoint's folder (load_checkpoint)
         args.out_dir = os.path.dirname(os.path.abspath(args.resume))
-    args.out_dir = args.out_dir or f"out/{method}-{args.dataset}-{args.teacher}-{args.student}-s{args.seed}"
+    args.out_dir = args.out_dir or os.path.join("out", run_name(vars(args), method))
     return args
 
 
@@ -157,6 +189,24 @@ def default_img_size(dataset, patch_size):
     """The dataset's default crop rounded to the nearest multiple of the patch size: 518 and 560 stay for
     DINOv2's 14; DINOv3's 16 gives 512 (the paper's crop exactly) and 560; 112 across the two families."""
     return max(1, round(DATASET_DEFAULTS[dataset]["img_size"] / patch_size)) * patch_size
+
+
+def config_id(config):
+    """Six hex digits that differ for configs that compute different things: a hash of every resolved flag but
+    the seed and those that only say where or how fast (RESUMABLE_CHANGES). Seeds of one config share it."""
+    what = {k: v for k, v in config.items() if k not in RESUMABLE_CHANGES | {"seed"}}
+    return hashlib.sha1(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:6]
+
+
+def run_name(config, method):
+    """The default run folder's name: the method and what the README varies, readable, then config_id, so that
+    runs of different configs never share a folder: e.g. twostep-probe-finetune-dtd-vitb14-vits14-1a2b3c-s0."""
+    parts = [method]
+    if method == "twostep":
+        parts += [config["teacher_adapt"], config["student_adapt"]]
+    parts += [k for k in (config["kd"], config.get("feat", "none")) if k not in ("kl", "none")]
+    parts += [config["dataset"], config["teacher"], config["student"], config_id(config), f"s{config['seed']}"]
+    return "-".join(parts)
 
 
 # -----------------------------------------------------------------------------
@@ -175,6 +225,36 @@ def ddp_init(device):
     return rank, world, device
 
 
+@contextlib.contextmanager
+def rank0_first():
+    """Run the block on the first process, then on the others: a download (data, weights) happens once, and
+    the others find it done."""
+    if dist.is_initialized() and dist.get_rank() > 0:
+        dist.barrier()
+    yield
+    if dist.is_initialized() and dist.get_rank() == 0:
+        dist.barrier()
+
+
+def ddp(module, device):
+    """`module` as each training step calls it: under torchrun, in DistributedDataParallel, which averages its
+    gradients over the processes, its BatchNorm (the segmentation head's) made SyncBatchNorm so that it normalises
+    over the global batch -- on GPUs: torch's SyncBatchNorm has no CPU kernel, so on gloo each process keeps its own.
+    Alone, `module` itself."""
+    if not dist.is_initialized():
+        return module
+    if device.startswith("cuda"):
+        module = nn.SyncBatchNorm.convert_sync_batchnorm(module)  # in place below the top: the same Parameters
+    return DDP(module, device_ids=[device] if device.startswith("cuda") else None)
+
+
+def sync_gradients(module, now):
+    """--grad_accum: let DDP average gradients only on a step's last micro-batch (nanoGPT's
+    require_backward_grad_sync); the others add up locally. No-op without DDP."""
+    if isinstance(module, DDP):
+        module.require_backward_grad_sync = now
+
+
 def ddp_mean(x, device):
     """A number summed on this process, averaged over torchrun's processes (a host sync: for log lines)."""
     x = torch.as_tensor(x, dtype=torch.float32, device=device)
@@ -184,12 +264,48 @@ def ddp_mean(x, device):
     return float(x)
 
 
+class RunError(RuntimeError):
+    """A run that cannot go on: its folder is taken, or a file cannot be written. The message is one line."""
+
+
+def append_line(path, line):
+    try:
+        with open(path, "a") as f:
+            f.write(line + "\n")
+    except OSError as e:
+        raise RunError(f"cannot write {path}: {e.strerror or e}{free_space(path)}") from None
+
+
+def free_space(path):
+    try:
+        return f" ({shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free / 2**20:.0f} MB free there)"
+    except OSError:
+        return ""
+
+
+def atomic_write(path, write):
+    """write(temporary path), then rename it to `path`: a kill or a full disk mid-write leaves the previous file
+    whole and no partial one. A failed write is one line that names the file."""
+    tmp = path + ".tmp"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError of its zip writer
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, OSError) and e.strerror:
+            reason = e.strerror
+        else:  # e.g. "[enforce fail at inline_container.cc:626] . unexpected pos 835200 vs 835088"
+            reason = re.sub(r"^\[enforce fail at [^]]*\][ .]*", "", str(e).strip().splitlines()[0])[:120] + " (a full disk?)"
+        raise RunError(f"cannot write {path}: {reason}{free_space(path)}; free space or fix the folder's permissions, "
+                       f"then continue with --resume if a ckpt.pt was written") from None
+
+
 def print0(msg, out_dir):
     """Print and append to out_dir/log.txt, on the first process only."""
     if int(os.environ.get("RANK", 0)) == 0:
         print(msg, flush=True)
-        with open(os.path.join(out_dir, "log.txt"), "a") as f:
-            f.write(msg + "\n")
+        append_line(os.path.join(out_dir, "log.txt"), msg)
 
 
 def peak_flops(device):
@@ -212,12 +328,13 @@ def stop_if_not_finite(first_bad, steps, stage, out_dir):
 
 
 def adamw(groups, weight_decay, device):
-    """AdamW over groups of (params, peak lr): matrices decay, biases and norms do not. Each group keeps its
-    peak as "peak_lr", which the scripts' get_lr scales."""
+    """AdamW over groups of (named parameters, peak lr): matrices decay; biases, norms, LayerScale and the ViT's
+    learned tokens and position embeddings (ViT.NO_WEIGHT_DECAY, as timm and DINOv2) do not. Each group keeps
+    its peak as "peak_lr", which the scripts' get_lr scales."""
     param_groups = []
-    for params, lr in groups:
+    for named, lr in groups:
         for decay in (True, False):
-            ps = [p for p in params if (p.ndim >= 2) == decay]
+            ps = [p for n, p in named if (p.ndim >= 2 and n.rsplit(".", 1)[-1] not in ViT.NO_WEIGHT_DECAY) == decay]
             if ps:
                 param_groups.append(dict(params=ps, lr=lr, peak_lr=lr, weight_decay=weight_decay if decay else 0.0))
     return torch.optim.AdamW(param_groups, fused=device.startswith("cuda"))
@@ -296,15 +413,15 @@ def load_trained_tensors(model, state, keys, path):
 
 def rng_state(device):
     np_state = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if device.startswith("cuda") else [],
+    return {"torch": torch.get_rng_state(), "cuda": [torch.cuda.get_rng_state(device)] if device.startswith("cuda") else [],
             "numpy": torch.from_numpy(np_state[1].astype(np.int64)), "numpy_pos": list(np_state[2:]),
             "python": random.getstate()}
 
 
 def set_rng_state(rng, device):
     torch.set_rng_state(rng["torch"])
-    if device.startswith("cuda") and rng["cuda"]:
-        torch.cuda.set_rng_state_all(rng["cuda"])
+    if device.startswith("cuda") and rng["cuda"]:  # this process's device only: a host may have fewer GPUs now
+        torch.cuda.set_rng_state(rng["cuda"][0], device)
     np.random.set_state(("MT19937", rng["numpy"].numpy(), *rng["numpy_pos"]))
     random.setstate(rng["python"])
 
@@ -312,19 +429,20 @@ def set_rng_state(rng, device):
 def save_checkpoint(path, state):
     """torch.save through a temporary file and a rename: a kill mid-write leaves the previous checkpoint whole."""
     if int(os.environ.get("RANK", 0)) == 0:
-        torch.save(state, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(args, config, method, p):
-    """The --resume checkpoint, after checking it came from this script and this config. A run killed while
-    writing a checkpoint left a ckpt.pt.tmp and, maybe, metrics rows past the checkpoint's epoch: both go."""
+    """The --resume checkpoint, after checking it came from this script and this config; nothing is written."""
     path = args.resume
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        assert isinstance(ckpt, dict) and {"method", "config", "stage", "epoch", "models"} <= set(ckpt)
+        assert isinstance(ckpt, dict) and {"method", "config", "stage", "epoch", "models", "history"} <= set(ckpt)
     except FileNotFoundError:
-        p.error(f"--resume {path}: no such file")
+        folder = os.path.dirname(path) or "."
+        killed = os.path.exists(os.path.join(folder, "config.json"))  # a run that stopped before its first epoch ended
+        p.error(f"--resume {path}: no such file" + (f"; {folder} holds a run that stopped before its first checkpoint: "
+                                                    f"run the same command without --resume to start it again" if killed else ""))
     except Exception as e:
         p.error(f"--resume {path} is not a checkpoint written by these scripts (truncated?): {type(e).__name__}")
     if ckpt["method"] != method:
@@ -338,50 +456,100 @@ def load_checkpoint(args, config, method, p):
     if os.path.abspath(args.out_dir) != folder:  # a resume continues in its checkpoint's folder, nowhere else
         p.error(f"--resume {path} continues the run in {folder}, not in --out_dir {args.out_dir}: drop --out_dir "
                 f"(to continue elsewhere, copy the whole run folder there first)")
-    if int(os.environ.get("RANK", 0)) == 0:
-        if os.path.exists(path + ".tmp"):
-            os.remove(path + ".tmp")
-        metrics = os.path.join(os.path.dirname(path), "metrics.jsonl")
-        if os.path.exists(metrics):
-            rows = [json.loads(line) for line in open(metrics) if line.strip()]
-            keep = [r for r in rows if (r["stage"], r["epoch"]) in done_epochs(ckpt)]
-            if len(keep) < len(rows):
-                with open(metrics + ".tmp", "w") as f:
-                    f.writelines(json.dumps(r) + "\n" for r in keep)
-                os.replace(metrics + ".tmp", metrics)
     return ckpt
 
 
-def done_epochs(ckpt):
-    """The (stage, epoch) pairs a checkpoint has behind it: a two-step student stage follows a whole teacher stage."""
-    done = {(ckpt["stage"], e) for e in range(1, ckpt["epoch"] + 1)}
-    if ckpt["stage"] == "student":
-        done |= {("teacher", e) for e in range(1, ckpt["config"]["teacher_epochs"] + 1)}
-    return done
+LOCKS = {}  # folder -> this process's lock on it
 
 
-def check_out_dir(args, p):
-    """A fresh run must not write into a folder that holds another run."""
-    ckpt = os.path.join(args.out_dir, "ckpt.pt")
-    if args.resume or not any(os.path.exists(os.path.join(args.out_dir, f)) for f in ("config.json", "results.json", "ckpt.pt")):
-        return
-    if os.path.exists(ckpt):
-        p.error(f"{args.out_dir} already holds a run: continue it with --resume {ckpt}, or choose another --out_dir")
-    p.error(f"{args.out_dir} already holds a run that has no checkpoint (stopped in its first epoch?): "
-            f"choose another --out_dir, or delete that folder first")
+def lock(out_dir):
+    """Hold out_dir/run.lock for as long as this process lives: a second run into the folder is refused while
+    this one runs. The OS lets go of the lock when the process ends, however it ends, so none is ever stale; a
+    process that starts another run in the folder (a test, a notebook) lets go of its own first."""
+    path = os.path.realpath(os.path.join(out_dir, "run.lock"))
+    if path in LOCKS:
+        LOCKS.pop(path).close()
+    f = open(path, "a+")
+    if fcntl is None:
+        return f
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        raise RunError(f"another run (process {f.read().strip() or '?'}) is writing to {out_dir}: wait for it to end, "
+                       f"or choose another --out_dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    LOCKS[path] = f
+    return f
+
+
+RUN_FILES = ("config.json", "log.txt", "metrics.jsonl", "ckpt.pt.tmp")  # what a run writes before its first checkpoint
+
+
+def claim_out_dir(args, config, ckpt, p):
+    """On the first process: make --out_dir this run's and only this run's, then write config.json. Returns the
+    lock (keep it). A fresh run refuses a folder that holds another run's checkpoint or results; a folder left by
+    a run that stopped before its first checkpoint (its config.json, no ckpt.pt) is started again if it was this
+    config, and refused with what to delete if not. A resume drops what the killed run wrote after its checkpoint."""
+    if int(os.environ.get("RANK", 0)) > 0:
+        return None
+    out = args.out_dir
+    if os.path.exists(out) and not os.path.isdir(out):
+        p.error(f"--out_dir {out} is a file, not a folder: choose another --out_dir")
+    try:
+        os.makedirs(out, exist_ok=True)
+        held = lock(out)
+    except OSError as e:
+        p.error(f"cannot write to --out_dir {out}: {e.strerror or e}: choose another --out_dir")
+    has = lambda f: os.path.exists(os.path.join(out, f))
+    if ckpt is not None:  # the rows and a partial checkpoint of the epoch the kill interrupted go
+        if has("ckpt.pt.tmp"):
+            os.remove(os.path.join(out, "ckpt.pt.tmp"))
+        keep = ckpt["history"]["metrics_rows"]
+        lines = open(os.path.join(out, "metrics.jsonl")).readlines() if has("metrics.jsonl") else []
+        if len(lines) > keep:
+            atomic_write(os.path.join(out, "metrics.jsonl"), lambda tmp: write_text(tmp, "".join(lines[:keep])))
+        return held
+    if has("results.json"):
+        p.error(f"{out} already holds a run, finished (its results.json is there): choose another --out_dir, or delete "
+                f"that folder to run it again")
+    if has("ckpt.pt"):
+        p.error(f"{out} already holds a run: continue it with --resume {os.path.join(out, 'ckpt.pt')}, or choose "
+                f"another --out_dir")
+    if has("config.json"):  # a run that stopped in its first epoch (a kill, a bad image, a full disk)
+        try:
+            before = json.load(open(os.path.join(out, "config.json")))
+        except (OSError, ValueError):
+            before = None
+        if not isinstance(before, dict) or config_id(before) != config_id(config) or before.get("seed") != config["seed"]:
+            p.error(f"{out} holds a run of another config that stopped before its first checkpoint: delete that "
+                    f"folder (rm -r {out}) or choose another --out_dir")
+        for f in RUN_FILES:
+            if has(f):
+                os.remove(os.path.join(out, f))
+        print(f"{out}: starting again the run that stopped before its first checkpoint", flush=True)
+    write_json(os.path.join(out, "config.json"), config)
+    return held
 
 
 def export(path, model):
-    """A Classifier or Segmenter with its adapters merged into the official layout (model.load_model reads it)."""
+    """A Classifier or Segmenter with its adapters merged into the official DINOv2 or DINOv3 layout
+    (model.load_model reads it), written atomically."""
     merged = type(model)(merge_lora(model.vit), model.num_classes)
     merged.head.load_state_dict(model.head.state_dict())
-    save_model(path, merged)
+    atomic_write(path, lambda tmp: save_model(tmp, merged))
+
+
+def write_text(path, text):
+    with open(path, "w") as f:
+        f.write(text)
 
 
 def write_json(path, obj):
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(path + ".tmp", path)
+    atomic_write(path, lambda tmp: write_text(tmp, json.dumps(obj, indent=2)))
 
 
 def hms(seconds):

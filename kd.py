@@ -94,13 +94,21 @@ class TAID(nn.Module):
         self.register_buffer("t", torch.tensor(float(t_start)))
         self.register_buffer("momentum", torch.tensor(0.0))
         self.register_buffer("prev_loss", torch.tensor(float("inf")))  # none yet: the first step only records J
-        self.register_buffer("step", torch.tensor(0))
+        self.register_buffer("steps_done", torch.tensor(0))
+        self.objective = []  # the term's values since the last step()
 
     def forward(self, student_logits, teacher_logits, T, labels=None):
-        """The term at the current t, then t updated from it (as the official code, once per training step)."""
+        """The term at the current t; its value is kept for step()."""
         loss = kl_term(student_logits, taid_target(student_logits, teacher_logits, self.t), T, labels)
-        self.update(loss.detach())
+        self.objective.append(loss.detach())
         return loss
+
+    def step(self):
+        """Once after each optimizer step (as the official code): t moves on from the step's objective J, the
+        mean over its micro-batches (--grad_accum)."""
+        if self.objective:
+            self.update(torch.stack(self.objective).mean())
+            self.objective = []
 
     @torch.no_grad()
     def update(self, loss):
@@ -112,13 +120,13 @@ class TAID(nn.Module):
         skip = first | ~torch.isfinite(loss)  # a non-finite loss (an fp16 overflow) leaves the state as it is
         delta = (self.prev_loss - loss) / (self.prev_loss + 1e-15)
         momentum = torch.where(skip, self.momentum, self.beta * self.momentum + (1 - self.beta) * delta)
-        t_linear = self.t_start + (self.t_end - self.t_start) * self.step / self.total_steps
+        t_linear = self.t_start + (self.t_end - self.t_start) * self.steps_done / self.total_steps
         t = torch.clamp(torch.maximum(self.t + self.alpha * torch.sigmoid(momentum) * (1 - self.t), t_linear), max=self.t_end)
         # new tensors rather than in-place updates: the step's graph still holds the t it was computed with
         self.t = torch.where(skip, self.t, t)
         self.momentum = momentum
         self.prev_loss = torch.where(torch.isfinite(loss), loss.float(), self.prev_loss)
-        self.step = self.step + 1
+        self.steps_done = self.steps_done + 1
 
 
 # -----------------------------------------------------------------------------

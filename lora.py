@@ -22,11 +22,14 @@ class LoRALinear(nn.Module):
 
     A and B may belong to a wider layer (the teacher's): this layer then uses the slice that fits it,
     A[:, :d_in] and the first rows of B (Fig. 4). They are the same Parameter objects as the teacher's,
-    so both models train them. `chunks` is the number of outputs fused in one matrix (3 for q|k|v)."""
+    so both models train them. `chunks` is the number of outputs fused in one matrix (3 for q|k|v). With one
+    adapter per output (add_lora's separate=True), A stacks the chunks' own A's, (chunks r, in): output chunk c
+    reads only its rank-r part, as three LoRA adapters on separate q, k and v matrices would."""
 
     def __init__(self, base: nn.Linear, lora_A: nn.Parameter, lora_B: nn.Parameter, scale: float, chunks=1):
         super().__init__()
         self.base, self.lora_A, self.lora_B, self.scale, self.chunks = base, lora_A, lora_B, scale, chunks
+        self.separate = lora_A.shape[0] != lora_B.shape[1]  # one A per output chunk
 
     def sliced(self):
         """(A, B) cut to this layer: the whole of them for the teacher, a top-left part for the student."""
@@ -38,12 +41,20 @@ class LoRALinear(nn.Module):
 
     def delta_weight(self):  # Delta W = scale B A, (out, in)
         A, B = self.sliced()
+        if self.separate:  # chunk c: B_c A_c
+            per_chunk = torch.bmm(B.unflatten(0, (self.chunks, -1)), A.unflatten(0, (self.chunks, -1)))
+            return self.scale * per_chunk.flatten(0, 1)
         return self.scale * B @ A
 
     def forward(self, x):
         A, B = self.sliced()
         # the low-rank path costs 2r(in+out) per token and needs no gradient of the full (out, in) matrix
-        return self.base(x) + self.scale * F.linear(F.linear(x, A), B)
+        h = F.linear(x, A)
+        if self.separate:  # output chunk c from its own rank-r part of h
+            h = h.unflatten(-1, (self.chunks, -1))
+            y = torch.einsum("...cr,cor->...co", h, B.unflatten(0, (self.chunks, -1))).flatten(-2)
+            return self.base(x) + self.scale * y
+        return self.base(x) + self.scale * F.linear(h, B)
 
 
 def _chunks(target):
@@ -61,19 +72,24 @@ def _swap(block, target, make):
     setattr(parent, attr, make(base))
 
 
-def add_lora(vit, rank=16, alpha=None, targets=("attn.qkv",)):
+def add_lora(vit, rank=16, alpha=None, targets=("attn.qkv",), separate=False, init_width=None):
     """Freeze the whole backbone and put fresh adapters on `targets` of every block. alpha defaults to
-    the rank, i.e. W = W0 + B A exactly as eq. 3."""
+    the rank, i.e. W = W0 + B A exactly as eq. 3. separate=True: a fused matrix (q|k|v) gets one rank-r adapter
+    per output (its own A) instead of one for all (a shared A), as LoRA on separate q, k, v layers would.
+    init_width: draw A as for a layer that wide (Kaiming's bound 1/sqrt(width)) rather than its own input's."""
     for p in vit.parameters():
         p.requires_grad_(False)
     for block in vit.blocks:
         for target in targets:
             def make(base):
-                w = base.weight
-                A = nn.Parameter(torch.empty(rank, base.in_features, device=w.device, dtype=w.dtype))
+                w, chunks = base.weight, _chunks(target)
+                A = nn.Parameter(torch.empty((chunks if separate else 1) * rank, base.in_features, device=w.device,
+                                             dtype=w.dtype))
                 nn.init.kaiming_uniform_(A, a=math.sqrt(5))  # as nn.Linear's init, as Hu et al.'s code
+                if init_width:
+                    A.data.mul_(math.sqrt(base.in_features / init_width))
                 B = nn.Parameter(torch.zeros(base.out_features, rank, device=w.device, dtype=w.dtype))  # Delta W = 0
-                return LoRALinear(base, A, B, (alpha or rank) / rank, _chunks(target))
+                return LoRALinear(base, A, B, (alpha or rank) / rank, chunks)
             _swap(block, target, make)
     return vit
 
@@ -129,13 +145,14 @@ def merge_lora(vit):
     return merged
 
 
-def trainable_parameters(*modules):
+def trainable_parameters(*modules, named=False):
     """Every parameter that requires grad across `modules`, each once: the shared adapters appear in both
-    the teacher and the student, and an optimizer must not see a tensor twice."""
+    the teacher and the student, and an optimizer must not see a tensor twice. named=True: (name, parameter)
+    pairs, the name as the first module that holds it calls it."""
     seen, params = set(), []
     for m in modules:
-        for p in m.parameters():
+        for n, p in m.named_parameters():
             if p.requires_grad and id(p) not in seen:
                 seen.add(id(p))
-                params.append(p)
+                params.append((n, p) if named else p)
     return params

@@ -14,7 +14,7 @@ an interrupted reproduction continues where it stopped. Writes to --out_dir (out
 summary.md (the premises and the tables), fig1.png and fig3.png (--full also copies them to figures/).
 """
 
-import argparse
+import importlib
 import json
 import math
 import os
@@ -30,7 +30,8 @@ from torch.utils.data import Subset
 
 from cka import BLUE_WHITE_RED, VIRIDIS, ImagesOnly, draw_panel, font, layer_cka, mapped_mean, text
 from data import eval_transform, load_splits, make_loader
-from experiment import TOY_DEFAULTS
+import experiment
+from experiment import POSITIVE_INT, TOY_DEFAULTS, Parser
 from lora import layer_mapping
 from model import CONFIGS, initial_backbone
 
@@ -48,6 +49,7 @@ TASKS = {
                            lr={"Probing": 1e-2, "Fine-tuning": 3e-3, "LoRA": 1e-2, "SLAD": 1e-2}),
     "synthetic-seg": dict(img_size=112, batch_size=8, epochs=1, backbone_lr=3e-4, lr=3e-3),  # not tuned: 4x the tokens
 }
+QUICK = dict(TASKS["synthetic-fine"], img_size=14, epochs=1)  # --quick: 14-px images (one patch), one epoch
 ROLES = {"synthetic": "DTD", "synthetic-fine": "CUB / Aircraft", "synthetic-seg": "Cityscapes"}
 
 # Every method: the script and its flags. Every two-step stage runs as many epochs as SLAD (the paper's 30 +
@@ -64,7 +66,20 @@ METHODS = {
     "LoRA +TED": ("train_twostep.py", ["--teacher_adapt", "lora", "--feat", "ted"]),
     "SLAD +TAID": ("train_slad.py", ["--kd", "taid"]),
     "Probing, random init": ("train_twostep.py", ["--teacher_adapt", "probe", "--init", "random"]),
+    # the ablation (--ablation): one choice the paper leaves open at a time, from the defaults
+    "SLAD, KL into the teacher": ("train_slad.py", ["--kl_into_teacher"]),
+    "SLAD, separate q/k/v adapters": ("train_slad.py", ["--qkv_adapters", "separate"]),
+    "SLAD, A drawn for the student": ("train_slad.py", ["--shared_init", "student"]),
+    "SLAD, KL warm-up 20 %": ("train_slad.py", ["--kl_warmup", "0.2"]),
+    "LoRA, separate q/k/v adapters": ("train_twostep.py", ["--teacher_adapt", "lora", "--qkv_adapters", "separate"]),
 }
+ABLATION = {"SLAD": ["SLAD, KL into the teacher", "SLAD, separate q/k/v adapters", "SLAD, A drawn for the student",
+                     "SLAD, KL warm-up 20 %"],
+            "LoRA": ["LoRA, separate q/k/v adapters"]}
+# --convergence: the methods whose every stage must converge, and the first schedule tried (epochs a stage)
+CONVERGED = {"synthetic-fine": ["Probing", "Fine-tuning", "LoRA", "SLAD"], "synthetic": ["Probing", "Fine-tuning", "LoRA", "SLAD"],
+             "synthetic-seg": ["Probing", "LoRA", "SLAD"]}
+FIRST_SCHEDULE = {"synthetic-fine": 8, "synthetic": 3, "synthetic-seg": 1}
 TABLE1 = ["Probing", "Fine-tuning", "LoRA", "SLAD", "LoRA +TAID", "LoRA +TED", "SLAD +TAID"]
 MAPPINGS = {"even": "SLAD", "first": "SLAD, first mapping", "last": "SLAD, last mapping"}
 
@@ -90,7 +105,7 @@ VIT = {"toy-s": "ViT-S", "toy-b": "ViT-B", "toy-l": "ViT-L"}
 def plan(full, quick, extras, seeds):
     """The runs, as (task, method, teacher, student, seed), and the tasks' settings."""
     if quick:  # the pipeline end to end, on 14-px images (one patch), one epoch
-        tasks = {"synthetic-fine": dict(TASKS["synthetic-fine"], img_size=14, epochs=1)}
+        tasks = {"synthetic-fine": QUICK}
         return tasks, [(t, m, "toy-b", "toy-s", seeds[0]) for t in tasks
                        for m in ("Probing", "Fine-tuning", "LoRA", "SLAD", "Probing, random init")]
     if not full:  # the headline: one pair, one task, the paper's Fig. 3 methods, every seed
@@ -112,9 +127,9 @@ def plan(full, quick, extras, seeds):
     return dict(TASKS), runs
 
 
-def run_dir(out, task, method, teacher, student, seed):
-    slug = method.lower().replace(" +", "-").replace(", ", "-").replace(" ", "-")
-    return os.path.join(out, "runs", f"{task}-{teacher}-{student}-{slug}-s{seed}")
+def run_dir(out, task, method, teacher, student, seed, epochs):
+    slug = method.lower().replace(" +", "-").replace(", ", "-").replace(" %", "").replace("/", "").replace(" ", "-")
+    return os.path.join(out, "runs", f"{task}-{teacher}-{student}-{slug}-e{epochs}-s{seed}")
 
 
 def command(task, method, teacher, student, seed, settings, out_dir):
@@ -136,9 +151,20 @@ def cost(task, method, teacher):
     return (4 if task == "synthetic-seg" else 1) * (3 if teacher == "toy-l" else 1) * (1.5 if "train_twostep" in METHODS[method][0] else 1)
 
 
+def finished(d, cmd):
+    """Whether run folder d holds the finished run of cmd: its results.json, of the config cmd resolves to (a run
+    of other flags -- --quick's, an older version's -- is run again)."""
+    try:
+        config_id = json.load(open(os.path.join(d, "results.json")))["config_id"]
+    except (OSError, ValueError, KeyError):
+        return False
+    script = os.path.basename(cmd[1]).removesuffix(".py")
+    return config_id == experiment.config_id(vars(importlib.import_module(script).parse_args(cmd[2:])[0]))
+
+
 def run_all(jobs, workers, log):
     """Run (out_dir, cmd) jobs, `workers` at a time, one CPU thread each; skip those already done."""
-    todo = [(d, c) for d, c in jobs if not os.path.exists(os.path.join(d, "results.json"))]
+    todo = [(d, c) for d, c in jobs if not finished(d, c)]
     log(f"{len(jobs) - len(todo)} of {len(jobs)} runs already done; {len(todo)} to run, {workers} at a time")
     env = dict(os.environ, OMP_NUM_THREADS="1")  # one thread a run: tiny models gain little from a second one
     running, done, t0 = [], 0, time.time()
@@ -164,14 +190,16 @@ def run_all(jobs, workers, log):
 
 
 def read(d):
-    """A run's results.json, and from metrics.jsonl every epoch's val accuracy of each model: curves[(stage, model)]."""
+    """A run's results.json, and from metrics.jsonl every epoch's val accuracy of each model: curves[(stage, model)];
+    r["val_MODEL"]: the final val accuracy (mIoU for segmentation) of each model."""
     r = json.load(open(os.path.join(d, "results.json")))
     r["curves"] = {}
+    metric = "miou" if r["dataset"] == "synthetic-seg" else "acc"
     for line in open(os.path.join(d, "metrics.jsonl")):
         m = json.loads(line)
         for k, v in m.items():
-            if k.startswith("val_") and k.endswith("_acc"):
-                r["curves"].setdefault(f"{m['stage']} {k[4:-4]}", []).append(v)
+            if k.startswith("val_") and k.endswith(f"_{metric}"):
+                r["curves"].setdefault(f"{m['stage']} {k[4:-len(metric) - 1]}", []).append(v)
     for key, curve in r["curves"].items():  # the final val accuracy of each model
         r[f"val_{key.split()[1]}_acc"] = curve[-1]
     return r
@@ -381,27 +409,116 @@ def tables(runs, tasks, seeds, premise, cka, out):
     return md
 
 
+# -----------------------------------------------------------------------------
+# --convergence and --ablation
+
+
+def val_means(runs, task, method, epochs, seeds, role):
+    return mean([runs[(task, method, "toy-b", "toy-s", s, epochs)][f"val_{role}_acc"] for s in seeds])
+
+
+def convergence(args, log):
+    """Per task (toy-b -> toy-s), double the schedule from FIRST_SCHEDULE until doubling it moves the mean val
+    (over the seeds) of every model of every method -- each two-step stage's, SLAD's teacher and student -- by
+    less than 0.5 points; --max_epochs caps it. Returns the markdown table and {task: the shortest schedule}."""
+    lines, chosen = [], {}
+    for task in args.tasks:
+        settings, epochs, runs = TASKS[task], FIRST_SCHEDULE[task], {}
+        if args.quick:  # the search's machinery, in seconds
+            settings, epochs = dict(settings, img_size=14), 1
+        methods = CONVERGED[task]
+        while True:
+            keys = [(task, m, "toy-b", "toy-s", s, e) for e in (epochs, 2 * epochs) for m in methods for s in args.seeds]
+            jobs = [(run_dir(args.out_dir, *k), command(*k[:5], dict(settings, epochs=k[5]), run_dir(args.out_dir, *k)))
+                    for k in keys if k not in runs]
+            run_all(jobs, args.workers, log)
+            runs.update({k: read(run_dir(args.out_dir, *k)) for k in keys})
+            moves = {(m, role): val_means(runs, task, m, 2 * epochs, args.seeds, role)
+                     - val_means(runs, task, m, epochs, args.seeds, role) for m in methods for role in ("teacher", "student")}
+            lines.append(row([task, f"{epochs} → {2 * epochs}", *[f"{moves[(m, role)]:+.1f}" for m in methods
+                                                                     for role in ("teacher", "student")]]))
+            if all(abs(v) < 0.5 for v in moves.values()):
+                chosen[task] = epochs
+                break
+            if 2 * epochs >= args.max_epochs:
+                chosen[task] = None  # not reached within the cap: the table says by how much each still moves
+                break
+            epochs *= 2
+        log(lines[-1])
+    head = [f"{m} {role}" for m in CONVERGED[args.tasks[0]] for role in ("teacher", "student")]
+    table = [row(["task", "epochs a stage", *head]), row(["---"] * (len(head) + 2)), *lines]
+    return "\n".join(table) + "\n", chosen
+
+
+def ablation(args, log):
+    """The choices the paper leaves open, one at a time from the defaults, on val (seeds, toy-b -> toy-s, the
+    fine-grained task at its schedule): each against the default of its method, with the rule decided before
+    the runs (docs/miniature.md): a choice wins when it raises the student's mean val by more than the seed
+    spread of the per-seed differences (and at least 0.5 points) without lowering the teacher's by as much."""
+    task = "synthetic-fine"
+    settings = QUICK if args.quick else TASKS[task]
+    methods = [m for base, variants in ABLATION.items() for m in [base, *variants]]
+    keys = [(task, m, "toy-b", "toy-s", s, settings["epochs"]) for m in methods for s in args.seeds]
+    keys.sort(key=lambda k: -cost(k[0], k[1], k[2]))
+    run_all([(run_dir(args.out_dir, *k), command(*k[:5], settings, run_dir(args.out_dir, *k))) for k in keys],
+            args.workers, log)
+    runs = {k: read(run_dir(args.out_dir, *k)) for k in keys}
+    per_seed = lambda m, role: [runs[(task, m, "toy-b", "toy-s", s, settings["epochs"])][f"val_{role}_acc"]
+                                for s in args.seeds]
+    lines = [row(["method", "choice", "student val", "minus the default (per-seed spread)", "teacher val",
+                  "minus the default", "verdict"]), row(["---"] * 7)]
+    for base, variants in ABLATION.items():
+        lines.append(row([base, "default", mean_std(per_seed(base, "student")), "", mean_std(per_seed(base, "teacher")),
+                          "", ""]))
+        for m in variants:
+            ds = [v - d for v, d in zip(per_seed(m, "student"), per_seed(base, "student"))]
+            dt = [v - d for v, d in zip(per_seed(m, "teacher"), per_seed(base, "teacher"))]
+            spread = max(0.5, statistics.stdev(ds) if len(ds) > 1 else 0.0)
+            wins = mean(ds) > spread and mean(dt) > -spread
+            lines.append(row([base, m.split(", ", 1)[1], mean_std(per_seed(m, "student")), f"{mean(ds):+.1f} ({spread:.1f})",
+                              mean_std(per_seed(m, "teacher")), f"{mean(dt):+.1f}", "**better**" if wins else "no change"]))
+    return "\n".join(lines) + "\n"
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    p = Parser(description=__doc__.split("\n\n")[0].strip())
     p.add_argument("--full", action="store_true", help="every pair and task: Tables 1-3, Fig. 3, Fig. 1")
-    p.add_argument("--quick", action="store_true", help="one seed, synthetic-fine only, 14-px images (one patch), one epoch")
+    p.add_argument("--quick", action="store_true",
+                   help="one seed, synthetic-fine only, 14-px images (one patch), one epoch (into out/miniature-quick)")
     p.add_argument("--extras", action="store_true", help="with --full: also LoRA +TAID, LoRA +TED and SLAD +TAID (toy-b -> toy-s)")
+    p.add_argument("--convergence", action="store_true",
+                   help="find each task's shortest schedule that doubling moves by < 0.5 points of mean val, per model")
+    p.add_argument("--ablation", action="store_true", help="the choices the paper leaves open, one at a time, on val")
+    p.add_argument("--tasks", nargs="+", default=list(FIRST_SCHEDULE), choices=list(FIRST_SCHEDULE),
+                   help="with --convergence: the tasks to search")
+    p.add_argument("--max_epochs", type=POSITIVE_INT, default=64, help="with --convergence: the longest schedule tried")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--workers", type=int, default=max(1, os.cpu_count() or 1), help="runs at a time (one CPU thread each)")
-    p.add_argument("--out_dir", default="out/miniature")
-    return p.parse_args(argv), p
+    p.add_argument("--workers", type=POSITIVE_INT, default=max(1, os.cpu_count() or 1), help="runs at a time (one CPU thread each)")
+    p.add_argument("--out_dir", default=None, help="default out/miniature (--quick: out/miniature-quick)")
+    args = p.parse_args(argv)
+    args.out_dir = args.out_dir or ("out/miniature-quick" if args.quick else "out/miniature")
+    return args, p
 
 
 def main():
     args, p = parse_args()
     t0 = time.time()
     log = lambda msg: print(f"[{time.time() - t0:5.0f}s] {msg}", flush=True)
+    os.makedirs(args.out_dir, exist_ok=True)
+    if args.convergence or args.ablation:
+        md = convergence(args, log)[0] if args.convergence else ablation(args, log)
+        name = "convergence.md" if args.convergence else "ablation.md"
+        with open(os.path.join(args.out_dir, name), "w") as f:
+            f.write(md)
+        print(md)
+        log(f"wrote {os.path.join(args.out_dir, name)}")
+        return
     tasks, keys = plan(args.full, args.quick, args.extras, args.seeds)
+    keys = [(*k, tasks[k[0]]["epochs"]) for k in keys]
     keys.sort(key=lambda k: -cost(k[0], k[1], k[2]))  # the longest first
-    jobs = [(run_dir(args.out_dir, *k), command(*k, tasks[k[0]], run_dir(args.out_dir, *k))) for k in keys]
+    jobs = [(run_dir(args.out_dir, *k), command(*k[:5], tasks[k[0]], run_dir(args.out_dir, *k))) for k in keys]
     run_all(jobs, args.workers, log)
-    runs = {k: read(d) for k, (d, _) in zip(keys, jobs)}
-
+    runs = {k[:5]: read(d) for k, (d, _) in zip(keys, jobs)}
     # the premises: the pretrained pairs' alignment on every classification task, against random-init pairs
     torch.set_num_threads(args.workers)
     pairs = [p for p in PAIRS if any(k[2:4] == p for k in keys)] if not args.full else PAIRS
@@ -412,7 +529,8 @@ def main():
     task, (t, s) = "synthetic-fine", PAIRS[0]
     cka_dir = os.path.join(args.out_dir, "cka")
     subprocess.run([sys.executable, os.path.join(HERE, "cka.py"), "--runs",
-                    *[run_dir(args.out_dir, task, m, t, s, args.seeds[0]) for m in ("Fine-tuning", "LoRA", "SLAD")],
+                    *[run_dir(args.out_dir, task, m, t, s, args.seeds[0], tasks[task]["epochs"])
+                      for m in ("Fine-tuning", "LoRA", "SLAD")],
                     "--device", "cpu", "--img_size", str(tasks[task]["img_size"]), "--out_dir", cka_dir],
                    check=True, cwd=HERE, env=dict(os.environ, OMP_NUM_THREADS=str(args.workers)))
     cka = json.load(open(os.path.join(cka_dir, "cka.json")))

@@ -219,6 +219,9 @@ class Block(nn.Module):
 
 
 class ViT(nn.Module):
+    # learned tokens, not matrices (DINOv3's storage tokens too)
+    NO_WEIGHT_DECAY = ("cls_token", "pos_embed", "register_tokens", "storage_tokens", "mask_token")
+
     def __init__(self, config: ViTConfig, name=None):
         super().__init__()
         if config.ffn not in ("mlp", "swiglu") or config.family not in NORM_EPS:

@@ -12,7 +12,9 @@ over seeds -- with the paper's published numbers next to the rows they belong to
     python report.py out/ --out table.md   # and writes it to a file
 
 A run is a results.json (train_slad.py and train_twostep.py write one), found at any depth, symlinked folders
-followed; of re-runs of one seed, the newest counts (the table says how many were left out). Its method is
+followed; of re-runs of one seed, the newest counts (the table says how many were left out). Seeds are
+averaged only over runs of one config (results.json's config_id, a hash of every flag but the seed and those
+that say where or how fast): runs of one method and dataset with different configs get a row each. Its method is
 read from it: "Probing", "Fine-tuning" or "LoRA" for train_twostep.py's --teacher_adapt, "SLAD" for
 train_slad.py, then what sets it apart: "+TED" (--feat ted), "+TAID" (--kd taid), a fine-tuned student, a
 mapping other than even.
@@ -31,6 +33,9 @@ METHOD_ORDER = ["Probing", "Fine-tuning", "LoRA", "SLAD"]
 CLASSIFICATION = ["cub", "aircraft", "dtd"]  # averaged in "Avg.", as Table 1
 COLUMN_NAMES = {"cub": "CUB", "aircraft": "Aircraft", "dtd": "DTD", "avg": "Avg.", "cityscapes": "Cityscapes"}
 PAPER_COLUMNS = ["cub", "aircraft", "dtd", "avg", "cityscapes"]
+# flags that say where or how fast, not what is computed (experiment.RESUMABLE_CHANGES), and the seed
+IGNORED = {"resume", "out_dir", "data_dir", "device", "num_workers", "compile", "log_every", "grad_checkpointing",
+           "grad_accum", "seed"}
 
 # The paper's numbers (DINOv2; student test accuracy %, Cityscapes mIoU %), Table 1 and Table 4's fine-tuned
 # teacher: (student, teacher, the method it belongs to here, the paper's label, source, values by PAPER_COLUMNS).
@@ -107,6 +112,13 @@ def score(r):
     return r["student_miou"] if "student_miou" in r else r["student_acc"]
 
 
+def difference(config, cid, configs):
+    """What sets one config apart from the others of its cell: its id, then each flag whose value differs."""
+    others = [c for k, (c, _) in configs.items() if k != cid]
+    keys = sorted(k for k in config if k not in IGNORED and any(o.get(k) != config[k] for o in others))
+    return ", ".join([f"config {cid or 'unknown'}"] + [f"{k} {config[k]}" for k in keys])
+
+
 def cell(values):
     if len(values) == 1:
         return f"{values[0]:.2f} (n=1)"
@@ -115,12 +127,19 @@ def cell(values):
 
 def table(runs):
     """The Markdown table of the runs (and of the paper's rows for the model pairs they cover)."""
-    groups = {}  # (student, teacher, base, label) -> {dataset: {seed: score}}
+    cells = {}  # (student, teacher, base, label, dataset) -> {config id: (config, {seed: score})}
     for r in runs:  # oldest first: a re-run of a seed replaces the earlier one
-        key = (MODEL_NAMES.get(r["student"], r["student"]), MODEL_NAMES.get(r["teacher"], r["teacher"]), *method_of(r))
-        groups.setdefault(key, {}).setdefault(r["dataset"], {})[r["seed"]] = score(r)
-    reruns = len(runs) - sum(len(seeds) for ds in groups.values() for seeds in ds.values())
-    groups = {k: {d: list(seeds.values()) for d, seeds in ds.items()} for k, ds in groups.items()}
+        key = (MODEL_NAMES.get(r["student"], r["student"]), MODEL_NAMES.get(r["teacher"], r["teacher"]), *method_of(r),
+               r["dataset"])
+        config, seeds = cells.setdefault(key, {}).setdefault(r.get("config_id", ""), (r.get("config") or {}, {}))
+        seeds[r["seed"]] = score(r)
+    reruns = len(runs) - sum(len(seeds) for configs in cells.values() for _, seeds in configs.values())
+    groups, split = {}, False  # (student, teacher, base, label) -> {dataset: [score of each seed]}
+    for (student, teacher, base, label, dataset), configs in cells.items():
+        for cid, (config, seeds) in configs.items():  # runs of different configs are never averaged together
+            name = label if len(configs) == 1 else f"{label} [{difference(config, cid, configs)}]"
+            split |= len(configs) > 1
+            groups.setdefault((student, teacher, base, name), {})[dataset] = list(seeds.values())
     pairs = {k[:2] for k in groups}
     paper = [p for p in PAPER if p[:2] in pairs]
 
@@ -151,6 +170,9 @@ def table(runs):
     if reruns:
         note += (f" {reruns} re-run(s) of a seed already counted left out: of the runs of one seed, the newest "
                  f"results.json counts.")
+    if split:
+        note += (" Runs of one method and dataset with different configs are reported apart, never averaged: "
+                 "[...] says what sets each apart (its config id, and the flags that differ).")
     if "avg" in columns:
         note += " Avg.: the mean of CUB, Aircraft and DTD."
     if paper:

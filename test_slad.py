@@ -499,6 +499,78 @@ def test_lora_forward_is_eq3():
     assert torch.allclose(layer(x), F.linear(x, W, layer.base.bias), atol=1e-5)
 
 
+def test_separate_qkv_adapters_are_three_loras_and_slice_per_projection():
+    """--qkv_adapters separate: q, k and v each with its own rank-r A and B, as LoRA on three separate layers;
+    the student's slice is Fig. 4's, per projection; merged, it is the official layout."""
+    torch.manual_seed(0)
+    teacher, student = ViT.from_name("toy-b"), ViT.from_name("toy-s")
+    add_lora(teacher, rank=4, separate=True)
+    share_lora(student, teacher)
+    t, s = teacher.blocks[0].attn.qkv, student.blocks[0].attn.qkv
+    randomize_(t, seed=3)
+    assert t.lora_A.shape == (3 * 4, 96) and t.lora_B.shape == (3 * 96, 4) and s.lora_A is t.lora_A
+    A, B = t.lora_A.unflatten(0, (3, 4)), t.lora_B.unflatten(0, (3, 96))
+    assert torch.allclose(t.delta_weight(), torch.cat([B[c] @ A[c] for c in range(3)]), atol=1e-6)  # eq. 3 per projection
+    x = torch.randn(5, 96)
+    assert torch.allclose(t(x), F.linear(x, t.base.weight + t.delta_weight(), t.base.bias), atol=1e-5)
+    want = torch.cat([B[c][:48] @ A[c][:, :48] for c in range(3)])  # Fig. 4, each projection's first d_s rows
+    assert torch.allclose(s.delta_weight(), want, atol=1e-6)
+    for vit in (teacher, student):
+        randomize_(vit.blocks[1].attn.qkv, seed=4)
+        merged, x = merge_lora(vit), torch.randn(2, 3, 28, 28)
+        assert torch.allclose(merged(x), vit(x), atol=1e-4) and list(merged.state_dict()) == list(ViT.from_name(vit.name).state_dict())
+
+
+def test_shared_a_drawn_for_the_students_width():
+    for width, bound in ((None, 1 / 96 ** 0.5), (48, 1 / 48 ** 0.5)):  # Kaiming for the teacher's width, or the student's
+        A = add_lora(ViT.from_name("toy-b"), rank=4, init_width=width).blocks[0].attn.qkv.lora_A
+        assert 0.9 * bound < A.abs().max() <= bound
+
+
+def test_kl_warmup_raises_eq4_kl_weight_from_0_to_1(tmp_path, monkeypatch, small_synthetic):
+    weights = []
+    real = train_slad.slad_loss
+
+    def recording(*args, alpha_kl=1.0, **kwargs):
+        weights.append(alpha_kl)
+        return real(*args, alpha_kl=alpha_kl, **kwargs)
+    monkeypatch.setattr(train_slad, "slad_loss", recording)
+    run_main("train_slad", TOY + ["--epochs", "2", "--kl_warmup", "0.5", "--out_dir", str(tmp_path / "w")], monkeypatch)
+    assert len(weights) == 12 and weights[0] == 0 and weights[3] == 0.5 and weights[6:] == [1.0] * 6
+    assert all(a < b for a, b in zip(weights[:7], weights[1:7]))
+    weights.clear()
+    run_main("train_slad", TOY + ["--epochs", "1", "--out_dir", str(tmp_path / "none")], monkeypatch)
+    assert weights == [1.0] * 6  # the paper's constant weight by default
+
+
+@pytest.mark.parametrize("family", ["dinov2", "dinov3"])
+def test_adamw_decays_matrices_only_not_the_vits_tokens(family):
+    """A fully trained encoder (Fine-tuning, Marrie et al.'s students): weight decay on its matrices, none on its
+    learned tokens and position embeddings (timm's and DINOv2's no_weight_decay), biases, norms or LayerScale."""
+    clf = Classifier(ViT.from_name("vits14_reg") if family == "dinov2" else ViT(TINY3), 4)
+    train_twostep.adapt(clf, "finetune", 4)
+    named = [(n, p) for n, p in clf.named_parameters() if p.requires_grad]
+    opt = experiment.adamw([(named, 1e-3)], 0.05, "cpu")
+    decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    names = {n for n, p in named if id(p) in decayed}
+    assert {"vit.cls_token", "vit.pos_embed", "vit.register_tokens", "vit.storage_tokens"}.isdisjoint(names)
+    assert ("vit.storage_tokens" in dict(named)) == (family == "dinov3")
+    assert "vit.blocks.0.attn.qkv.weight" in names and "head.0.weight" in names
+    assert all(p.ndim >= 2 for n, p in named if n in names)
+
+
+def test_toys_schedule_is_the_scripts_one_step_late_in_the_warmup():
+    import toys
+    lrs = [toys.lr_at(s, 100, 1.0) for s in range(100)]
+    assert lrs == pytest.approx([0.0] + [train_slad.get_lr(s - 1, 100) for s in range(1, 5)]
+                                + [train_slad.get_lr(s, 100) for s in range(5, 100)])
+
+
+def test_twostep_help_gives_the_toys_encoder_lr():
+    args, p = train_twostep.parse_args(["--teacher", "toy-b", "--student", "toy-s", "--device", "cpu"])
+    assert f"{args.backbone_lr:g} for the toy family" in " ".join(p.format_help().split())
+
+
 def test_lora_bad_target_is_a_clear_error():
     with pytest.raises(ValueError, match="no linear layer 'mlp.w12'"):
         add_lora(ViT.from_name("toy-s"), targets=("mlp.w12",))
@@ -1207,12 +1279,14 @@ def test_resume_from_another_config_and_overwrites_are_refused(tmp_path, monkeyp
         run_main("train_slad", TOY + ["--epochs", "1", "--out_dir", out, "--resume", str(truncated)], monkeypatch)
     assert "not a checkpoint" in str(e.value.code)
     assert before == {f: open(os.path.join(out, f), "rb").read() for f in os.listdir(out)}  # nothing overwritten
-    killed = tmp_path / "killed"  # a run killed in its first epoch: a config.json and no checkpoint
+    killed = tmp_path / "killed"  # a run of another config killed in its first epoch: a config.json, no checkpoint
     killed.mkdir()
     (killed / "config.json").write_text("{}")
     with pytest.raises(SystemExit) as e:
         run_main("train_slad", TOY + ["--epochs", "1", "--out_dir", str(killed)], monkeypatch)
-    assert "has no checkpoint" in str(e.value.code) and os.listdir(killed) == ["config.json"]
+    assert f"holds a run of another config that stopped before its first checkpoint: delete that folder (rm -r {killed})" \
+        in str(e.value.code)
+    assert (killed / "config.json").read_text() == "{}"
 
 
 def test_no_network_stops_with_a_paragraph_and_no_traceback(tmp_path):
@@ -1232,6 +1306,235 @@ def test_random_init_is_rebuildable_from_seed_and_role():
     c = model.initial_backbone("toy-s", "teacher", "random", seed=3)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     assert not torch.equal(a.blocks[0].attn.qkv.weight, c.blocks[0].attn.qkv.weight)
+
+
+# run folders: one run a folder, default names that never collide, failures that leave nothing in the way
+
+import runpy
+
+import train_slad
+from experiment import RunError
+
+
+def run_as_script(script, argv, monkeypatch):
+    """`python script.py argv` in this process: its __main__ block runs, so its one-line exits are what is tested
+    (a patch of the script's own names does not reach it; patch the modules it imports)."""
+    monkeypatch.setattr(sys, "argv", [script + ".py", *argv])
+    runpy.run_path(os.path.join(HERE, script + ".py"), run_name="__main__")
+
+
+def readme_demo_commands():
+    """The README's offline demo, as written: its code block's commands, in order."""
+    text = open(os.path.join(HERE, "README.md")).read()
+    block = text.split("## Offline demo", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    return [shlex.split(line) for line in block.strip().splitlines()]
+
+
+def test_readme_demo_commands_run_one_after_another(tmp_path, monkeypatch, small_synthetic, capsys):
+    """Each command of the README's demo block, as written, in a fresh folder: each gets its own default run
+    folder (none refuses another's), and report.py then tables them all."""
+    commands = readme_demo_commands()
+    assert [c[1] for c in commands] == ["train_slad.py"] + ["train_twostep.py"] * 3 + ["report.py"]
+    monkeypatch.chdir(tmp_path)
+    for python, script, *argv in commands:
+        if script == "report.py":
+            text = report.main(argv)
+        else:
+            run_main(script.removesuffix(".py"), argv, monkeypatch)
+    runs = sorted(os.listdir(tmp_path / "out"))
+    assert len(runs) == 4 and all(os.path.exists(tmp_path / "out" / r / "results.json") for r in runs)
+    for run, name in zip(runs, ("slad-synthetic-toy-b-toy-s-", "twostep-finetune-finetune-synthetic-toy-b-toy-s-",
+                                "twostep-lora-lora-synthetic-toy-b-toy-s-", "twostep-probe-finetune-synthetic-toy-b-toy-s-")):
+        assert run.startswith(name) and run.endswith("-s0"), (run, name)
+    rows = table_rows(text)[0]
+    assert {k[2] for k in rows if k[3] == "ours"} == {"SLAD", "Probing", "Fine-tuning", "LoRA"}
+
+
+def test_default_run_folders_differ_for_every_readme_and_docs_command():
+    """Every training command the README and docs/ give, parsed: two commands share a default --out_dir only if
+    they compute the same thing."""
+    import train_slad
+    import train_twostep
+    folders = {}
+    for doc, line, script, argv in doc_commands():
+        if script in ("train_slad", "train_twostep") and "--out_dir" not in argv and "--resume" not in argv:
+            args, _ = importlib.import_module(script).parse_args(argv)
+            what = experiment.config_id(vars(args)), args.seed, script
+            folders.setdefault(args.out_dir, set()).add(what)
+    assert len(folders) >= 8 and all(len(whats) == 1 for whats in folders.values()), folders
+    # the name carries what the README varies, and a hash of the rest
+    for argv, part in ((["--teacher_adapt", "probe"], "twostep-probe-finetune-dtd-vitb14-vits14-"),
+                       (["--kd", "taid", "--feat", "ted"], "twostep-lora-lora-taid-ted-dtd-vitb14-vits14-")):
+        assert train_twostep.parse_args(argv)[0].out_dir.startswith(os.path.join("out", part))
+    a, b = (train_slad.parse_args(argv)[0].out_dir for argv in ([], ["--mapping", "last"]))
+    assert a != b and a.endswith("-s0") and train_slad.parse_args(["--seed", "1"])[0].out_dir[:-1] == a[:-1]
+
+
+def test_results_record_the_config_and_report_never_averages_different_ones(tmp_path, capsys):
+    run = dict(method="slad", teacher="toy-b", student="toy-s", dataset="synthetic", mapping="even", kd="kl")
+    base = dict(img_size=56, epochs=8, init="dinov2", lr=3e-3)
+    for seed, acc in ((0, 80.0), (1, 82.0)):
+        fake_results(tmp_path / f"a{seed}", **run, seed=seed, student_acc=acc, config_id="aaaaaa", config=dict(base, seed=seed))
+    fake_results(tmp_path / "b0", **run, seed=0, student_acc=10.0, config_id="bbbbbb", config=dict(base, img_size=14, seed=0))
+    fake_results(tmp_path / "c0", **dict(run, dataset="synthetic-fine"), seed=0, student_acc=70.0, config_id="cccccc",
+                 config=dict(base, img_size=56, seed=0))  # another dataset's config: its own column, same row
+    text = report.main([str(tmp_path)])
+    rows = table_rows(text)[0]
+    assert rows[("toy-s", "toy-b", "SLAD [config aaaaaa, img_size 56]", "ours")]["synthetic"] == "81.00 ± 1.41 (n=2)"
+    assert rows[("toy-s", "toy-b", "SLAD [config bbbbbb, img_size 14]", "ours")]["synthetic"] == "10.00 (n=1)"
+    assert rows[("toy-s", "toy-b", "SLAD", "ours")]["synthetic-fine"] == "70.00 (n=1)"
+    assert "never averaged" in text
+
+
+def test_slad_results_hold_the_resolved_config(slad_demo):
+    res, config = results_of(slad_demo), json.load(open(os.path.join(slad_demo, "config.json")))
+    assert res["config"] == config and res["config_id"] == experiment.config_id(config)
+    assert config["img_size"] == 56 and config["lr"] == 3e-3 and config["rank"] == 4  # defaults resolved
+
+
+@pytest.mark.parametrize("bad,says", [
+    (["--device", "tpu"], "--device tpu: these scripts run on cpu, cuda or cuda:N"),
+    (["--rank", "1000"], "--rank 1000 is more than toy-s's width 48"),
+    (["--epochs", "1.5"], "--epochs: must be a positive integer, not 1.5"),
+    (["--grad_accum", "0"], "--grad_accum: must be a positive integer"),
+    (["--grad_accum", "3"], "--batch_size 16 does not split over 1 process(es) x --grad_accum 3 micro-batches"),
+])
+def test_more_bad_flags_are_one_line(monkeypatch, bad, says):
+    for script in ("train_slad", "train_twostep"):
+        with pytest.raises(SystemExit) as e:
+            run_main(script, TOY + ["--out_dir", "unused"] + bad, monkeypatch)
+        assert e.value.code != 0 and says in str(e.value.code) and "\n" not in str(e.value.code), str(e.value.code)
+    assert not os.path.exists("unused")
+
+
+def test_other_commands_refuse_nonsense_counts():
+    for argv, says in ((["cka.py", "--max_images", "-5"], "--max_images: must be a positive integer, not -5"),
+                       (["miniature.py", "--workers", "0"], "--workers: must be a positive integer, not 0")):
+        r = cli(argv)
+        assert r.returncode != 0 and says in r.stderr and "Traceback" not in r.stderr and len(r.stderr.splitlines()) == 1
+
+
+def test_an_out_dir_that_cannot_be_written_is_one_line(tmp_path, monkeypatch, small_synthetic):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("mine")
+    for out, says in ((a_file, f"--out_dir {a_file} is a file, not a folder"),
+                      (a_file / "run", f"cannot write to --out_dir {a_file / 'run'}: Not a directory")):
+        with pytest.raises(SystemExit) as e:
+            run_main("train_slad", TOY + ["--epochs", "1", "--out_dir", str(out)], monkeypatch)
+        assert says in str(e.value.code) and "\n" not in str(e.value.code)
+    assert a_file.read_text() == "mine"
+
+    def denied(path, exist_ok=False):
+        raise PermissionError(13, "Permission denied", path)
+    monkeypatch.setattr(experiment.os, "makedirs", denied)
+    with pytest.raises(SystemExit) as e:
+        run_main("train_slad", TOY + ["--epochs", "1", "--out_dir", str(tmp_path / "locked")], monkeypatch)
+    assert f"cannot write to --out_dir {tmp_path / 'locked'}: Permission denied" in str(e.value.code)
+
+
+def full_disk_after(monkeypatch, n_bytes):
+    """torch.save as on a disk that fills up after n_bytes: it writes them, then fails as torch's zip writer does."""
+    real = torch.save
+
+    def save(obj, path, *args, **kwargs):
+        real(obj, path, *args, **kwargs)
+        with open(path, "r+b") as f:
+            f.truncate(min(n_bytes, os.path.getsize(path)))
+        raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 835200 vs 835088")
+    monkeypatch.setattr(torch, "save", save)
+    return lambda: monkeypatch.setattr(torch, "save", real)
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_partial_file(tmp_path, monkeypatch, small_synthetic):
+    out = str(tmp_path / "run")
+    restore = interrupt_after(monkeypatch, "train_slad", 1)  # a first epoch whose checkpoint is whole
+    with pytest.raises(Interrupt):
+        run_main("train_slad", TOY + ["--epochs", "2", "--out_dir", out], monkeypatch)
+    restore()
+    good = open(os.path.join(out, "ckpt.pt"), "rb").read()
+    full_disk_after(monkeypatch, 1000)  # the second epoch's checkpoint cannot be written
+    with pytest.raises(SystemExit) as e:
+        run_as_script("train_slad", TOY + ["--epochs", "2", "--resume", os.path.join(out, "ckpt.pt")], monkeypatch)
+    msg = str(e.value.code)
+    assert f"cannot write {os.path.join(out, 'ckpt.pt')}: unexpected pos" in msg and "MB free there" in msg and "\n" not in msg
+    assert open(os.path.join(out, "ckpt.pt"), "rb").read() == good and not os.path.exists(os.path.join(out, "ckpt.pt.tmp"))
+
+
+def test_exports_are_atomic(tmp_path, monkeypatch, small_synthetic):
+    """A disk that fills up while the models are exported: one line, no truncated student.pt or teacher.pt, and
+    the run's checkpoint whole, so a --resume finishes it."""
+    out = str(tmp_path / "run")
+    real = experiment.save_model
+
+    def save_model(path, model):
+        if "teacher" in os.path.basename(path):
+            open(path, "wb").write(b"PK\x03\x04 truncated")
+            raise OSError(28, "No space left on device", path)
+        real(path, model)
+    monkeypatch.setattr(experiment, "save_model", save_model)
+    with pytest.raises(SystemExit) as e:
+        run_as_script("train_twostep", TOY + ["--epochs", "1", "--teacher_adapt", "probe", "--out_dir", out], monkeypatch)
+    assert f"cannot write {os.path.join(out, 'teacher.pt')}: No space left on device" in str(e.value.code)
+    assert not os.path.exists(os.path.join(out, "teacher.pt")) and not os.path.exists(os.path.join(out, "teacher.pt.tmp"))
+    assert not os.path.exists(os.path.join(out, "results.json"))
+    monkeypatch.setattr(experiment, "save_model", real)
+    run_main("train_twostep", TOY + ["--epochs", "1", "--teacher_adapt", "probe", "--resume", os.path.join(out, "ckpt.pt")],
+             monkeypatch)
+    assert load_model(os.path.join(out, "teacher.pt")) and results_of(out)["teacher_adapt"] == "probe"
+
+
+def test_a_run_that_died_in_its_first_epoch_is_started_again_by_the_same_command(tmp_path, monkeypatch, small_synthetic):
+    out = str(tmp_path / "run")
+    real, calls = train_slad.slad_loss, []
+
+    def corrupt_image_at_step_3(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise DataError("cannot read data/dtd/images/x.jpg (OSError: image file is truncated)")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(train_slad, "slad_loss", corrupt_image_at_step_3)
+    with pytest.raises(DataError):
+        run_main("train_slad", TOY + ["--epochs", "1", "--out_dir", out], monkeypatch)
+    assert os.path.exists(os.path.join(out, "config.json")) and not os.path.exists(os.path.join(out, "ckpt.pt"))
+    with pytest.raises(SystemExit) as e:  # --resume says what to do
+        run_main("train_slad", TOY + ["--epochs", "1", "--resume", os.path.join(out, "ckpt.pt")], monkeypatch)
+    assert "stopped before its first checkpoint: run the same command without --resume" in str(e.value.code)
+    with pytest.raises(SystemExit) as e:  # another config into that folder: told what to delete
+        run_main("train_slad", TOY + ["--epochs", "2", "--out_dir", out], monkeypatch)
+    assert f"rm -r {out}" in str(e.value.code)
+    monkeypatch.setattr(train_slad, "slad_loss", real)
+    run_main("train_slad", TOY + ["--epochs", "1", "--out_dir", out], monkeypatch)  # the same command: starts again
+    log = open(os.path.join(out, "log.txt")).read()
+    assert results_of(out)["epochs"] == 1 and log.count("slad |") == 1  # the dead run's log went with it
+    assert len(open(os.path.join(out, "metrics.jsonl")).readlines()) == 1
+
+
+LOCK_HOLDER = """
+import os, sys, time
+sys.path.insert(0, {here!r})
+import experiment
+held = experiment.lock({out!r})
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def test_one_run_a_folder_at_a_time_and_no_stale_lock(tmp_path, monkeypatch, small_synthetic):
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER.format(here=HERE, out=str(out))], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"  # another run is writing to the folder
+        with pytest.raises(SystemExit) as e:
+            run_as_script("train_slad", TOY + ["--epochs", "1", "--out_dir", str(out)], monkeypatch)
+        assert f"another run (process {holder.pid}) is writing to {out}" in str(e.value.code)
+        assert sorted(os.listdir(out)) == ["run.lock"]
+    finally:
+        holder.kill()  # as a killed run: its lock file stays behind, its lock does not
+        holder.wait()
+    run_main("train_slad", TOY + ["--epochs", "1", "--out_dir", str(out)], monkeypatch)
+    assert results_of(str(out))["epochs"] == 1
 
 
 # -----------------------------------------------------------------------------
@@ -1603,7 +1906,13 @@ def test_cka_removes_its_own_earlier_pngs_only(tmp_path):
 # -----------------------------------------------------------------------------
 # speed and scale: FLOP counts for MFU, activation checkpointing, torchrun, bench.py
 
+import argparse
+import itertools
+import re
+import time
+
 import bench
+import train_twostep
 
 
 DINOV3_TOY = dict(family="dinov3", patch_size=16, num_register_tokens=4)  # toy-s's sizes, DINOv3's layers
@@ -1644,27 +1953,161 @@ def test_grad_checkpointing_gives_the_same_gradients():
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
 
 
-def test_torchrun_two_processes_match_one(slad_demo, tmp_path):
-    """DDP with gloo on the CPU: 2 processes, each half of every global batch, against the one-process demo.
-    Tolerance: accuracies within 1 point and weights within 1e-3 (seen: identical accuracies, 1.5e-5)."""
-    out = str(tmp_path / "ddp")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = cli(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", "train_slad.py",
-             *DEMO, "--epochs", "1", "--out_dir", out], env=env)
-    assert r.returncode == 0, r.stderr[-2000:]
-    one, two = results_of(slad_demo), results_of(out)
-    assert abs(one["student_acc"] - two["student_acc"]) <= 1.0 and abs(one["teacher_acc"] - two["teacher_acc"]) <= 1.0
-    a = torch.load(os.path.join(slad_demo, "student.pt"), weights_only=True)
-    b = torch.load(os.path.join(out, "student.pt"), weights_only=True)
-    assert max((a["vit"][k] - b["vit"][k]).abs().max() for k in a["vit"]) < 1e-3
-    log = open(os.path.join(out, "log.txt")).read()
-    assert "2 processes" in log and log.count("results:") == 1  # one process writes
+# torchrun on the CPU (gloo): every method gives one process's results, every process takes the same steps
+
+RUNNER = """
+import os, shutil, sys
+sys.path.insert(0, {here!r})
+import data
+data.SyntheticTextures.SIZES = {{"train": 64, "val": 16, "test": 16}}
+data.SyntheticShapes.SIZES = {{"train": 16, "val": 4, "test": 4}}
+
+
+def download(name, root):  # the network, stood in for: a copy of a fake dataset, and who fetched it
+    with open({log!r}, "a") as f:
+        f.write(os.environ.get("RANK", "0") + "\\n")
+    shutil.copytree({source!r}, root, dirs_exist_ok=True)
+
+
+data.download = download
+script, sys.argv = sys.argv[1], [sys.argv[1] + ".py", *sys.argv[2:]]
+__import__(script).main()
+"""
+DDP_TOY = TOY + ["--img_size", "28", "--batch_size", "8", "--epochs", "1"]
+
+
+def weight_difference(run_a, run_b, file):
+    """|a - b| / |a| over all the weights of an exported model of two runs. Float tolerance, over the whole
+    model: sums taken in another order differ in the last bits, and Adam, which divides a step by the gradient's
+    size, turns that into whole steps where the gradient is rounding noise (the k bias of attention, whose exact
+    gradient is 0): one tensor alone can differ by 1e-3 of its size (seen), the whole model by 1e-6."""
+    a, b = (torch.load(os.path.join(d, file), weights_only=True) for d in (run_a, run_b))
+    pairs = [(a[p][k], b[p][k]) for p in ("vit", "head") for k in a[p]]
+    return (sum((x - y).square().sum() for x, y in pairs) / sum(x.square().sum() for x, _ in pairs)).sqrt().item()
+
+
+@pytest.mark.parametrize("script,extra", [
+    ("train_slad", []),
+    ("train_slad", ["--kd", "taid"]),
+    ("train_twostep", ["--teacher_adapt", "probe"]),  # Marrie et al.: a fully trained student
+    ("train_twostep", ["--teacher_adapt", "lora", "--kd", "taid", "--feat", "ted"]),
+    ("train_twostep", ["--dataset", "dtd", "--teacher_adapt", "finetune", "--batch_size", "2"]),  # downloaded once
+    ("train_slad", ["--dataset", "synthetic-seg", "--img_size", "56", "--batch_size", "4"]),
+    ("train_twostep", ["--dataset", "synthetic-seg", "--img_size", "56", "--batch_size", "4", "--teacher_adapt", "finetune"]),
+])
+def test_torchrun_two_processes_match_one(tmp_path, monkeypatch, script, extra):
+    """DDP on gloo, 2 processes, each half of every global batch, against one process: the same weights (a
+    parameter without a gradient, or ranks taking different steps, would crash or hang DDP). Segmentation's
+    BatchNorm head is per process on the CPU (torch's SyncBatchNorm runs on GPUs only): there, it only has to run."""
+    source, log = tmp_path / "source", tmp_path / "downloads.txt"
+    fake_dtd(source, per_split=2)
+    runner = tmp_path / "runner.py"
+    runner.write_text(RUNNER.format(here=HERE, log=str(log), source=str(source)))
+    argv = DDP_TOY + extra + ["--data_dir", str(tmp_path / "data")]
+    two = str(tmp_path / "two")
+    r = cli(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 400),
+             str(runner), script, *argv, "--out_dir", two], env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    log_text = open(os.path.join(two, "log.txt")).read()
+    assert "2 processes" in log_text and log_text.count("results:") == 1  # the first process writes
+    if "dtd" in extra:
+        assert open(log).read() == "0\n"  # the first process downloaded it; the second found it there
+    if "synthetic-seg" in extra:
+        return
+    monkeypatch.setattr(SyntheticTextures, "SIZES", {"train": 64, "val": 16, "test": 16})
+    one = str(tmp_path / "one")
+    run_main(script, argv + ["--out_dir", one], monkeypatch)
+    for f in ("student.pt", "teacher.pt"):
+        assert weight_difference(one, two, f) < 1e-4, f
+    assert abs(results_of(one)["student_acc"] - results_of(two)["student_acc"]) <= 100 / 16  # one test image
+
+
+def test_every_process_takes_the_same_steps_for_any_split_batch_and_world():
+    for n, batch, world, accum in itertools.product(range(1, 40), (2, 4, 8, 12), (1, 2, 3, 4), (1, 2)):
+        if batch % (world * accum):
+            continue
+        ranks = [list(data.make_loader(range(n), None, batch // world // accum, train=True, rank=r, world=world,
+                                       step_batch=batch).sampler) for r in range(world)]
+        one = list(data.make_loader(range(n), None, batch, train=True).sampler)
+        assert len({len(r) for r in ranks}) == 1 and len(ranks[0]) == n // batch * batch // world
+        for step in range(n // batch):  # together, the processes' micro-batches are one process's batch
+            share = batch // world
+            together = sorted(i for r in ranks for i in r[step * share:(step + 1) * share])
+            assert together == sorted(one[step * batch:(step + 1) * batch])
+
+
+def test_sync_batchnorm_on_gpus_and_resume_with_fewer_gpus(monkeypatch):
+    monkeypatch.setattr(experiment.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(experiment, "DDP", lambda module, device_ids: module)  # DDP itself needs a process group
+    seg = experiment.ddp(Segmenter(ViT.from_name("toy-s"), 4), "cuda:0")
+    assert isinstance(seg.head[0], torch.nn.SyncBatchNorm) and list(seg.state_dict()) == list(
+        Segmenter(ViT.from_name("toy-s"), 4).state_dict())  # the same checkpoint keys
+    assert isinstance(experiment.ddp(Segmenter(ViT.from_name("toy-s"), 4), "cpu").head[0], torch.nn.BatchNorm2d)
+    # a checkpoint of an 8-GPU run, resumed where fewer GPUs are visible: this process's own state only
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    restored = []
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append(device))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: [states[i] for i in range(torch.cuda.device_count() + 1)])
+    rng = dict(experiment.rng_state("cpu"), cuda=[torch.zeros(16, dtype=torch.uint8)] * 8)
+    experiment.set_rng_state(rng, "cuda:0")
+    assert restored == ["cuda:0"]
+
+
+def test_finetuned_encoders_train_every_parameter_they_mark_trainable(small_synthetic):
+    """DDP needs a gradient for every parameter that requires one: ViT.mask_token (iBOT's, unused here) must not."""
+    for how in ("finetune", "probe", "lora"):
+        clf = Classifier(ViT.from_name("toy-s"), 4)
+        train_twostep.adapt(clf, how, 4)
+        clf(torch.randn(2, 3, 28, 28)).sum().backward()
+        assert all(p.grad is not None for p in clf.parameters() if p.requires_grad), how
+
+
+@pytest.mark.parametrize("script,extra", [("train_slad", []), ("train_twostep", ["--teacher_adapt", "lora"])])
+def test_grad_accum_steps_as_the_whole_batch(tmp_path, monkeypatch, small_synthetic, script, extra):
+    outs = []
+    for accum in ("1", "4"):
+        outs.append(str(tmp_path / accum))
+        run_main(script, TOY + extra + ["--epochs", "1", "--grad_accum", accum, "--out_dir", outs[-1]], monkeypatch)
+    for f in ("student.pt", "teacher.pt"):
+        assert weight_difference(*outs, f) < 1e-4, f
+    losses = [[json.loads(l)["train_loss"] for l in open(os.path.join(d, "metrics.jsonl"))] for d in outs]
+    assert np.allclose(*losses, rtol=1e-4)  # each micro-batch's loss counts 1/N of the step's
+    log = open(os.path.join(outs[1], "log.txt")).read()
+    assert "step 6/6 |" in log and "step 24/" not in log  # steps of the whole batch: 96 images, batch 16
+
+
+def test_no_host_sync_in_a_training_step(tmp_path, monkeypatch):
+    """What would stall a GPU every step -- a .item(), a float() of a tensor, a new tensor copied from the host --
+    counted where our files call it, over an epoch of 6 steps and one of 12 (no log line but the last): the same
+    number, so none is in the step."""
+    ours = {os.path.join(HERE, f) for f in os.listdir(HERE) if f.endswith(".py") and not f.startswith("test_")}
+    calls = []
+
+    def counted(name, real):
+        def call(*args, **kwargs):
+            code = sys._getframe(1).f_code  # the data pipeline runs in loader workers, on the CPU: left out
+            if code.co_filename in ours and (not code.co_filename.endswith("data.py") or code.co_name == "normalize"):
+                calls.append((name, os.path.basename(code.co_filename), code.co_name))
+            return real(*args, **kwargs)
+        return call
+    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, counted(name, getattr(torch.Tensor, name)))
+    monkeypatch.setattr(torch, "tensor", counted("tensor", torch.tensor))
+    counts = []
+    for n_train in (96, 192):
+        monkeypatch.setattr(SyntheticTextures, "SIZES", {"train": n_train, "val": 32, "test": 32})
+        monkeypatch.setattr(data, "_STATS", {})  # normalize's constants are made once a run
+        calls.clear()
+        run_main("train_slad", TOY + ["--epochs", "1", "--kd", "taid", "--log_every", "1000",
+                                      "--out_dir", str(tmp_path / str(n_train))], monkeypatch)
+        counts.append(sorted(calls))
+    assert counts[0] == counts[1]
 
 
 def test_batch_must_split_over_processes(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")
     monkeypatch.setenv("RANK", "0")
-    with pytest.raises(SystemExit, match="does not split over 3 processes"):
+    with pytest.raises(SystemExit, match=r"does not split over 3 process\(es\)"):
         run_main("train_slad", TOY + ["--epochs", "1", "--out_dir", "unused"], monkeypatch)
 
 
@@ -1681,6 +2124,119 @@ def test_bench_prints_figures_on_cpu(capsys):
     for dataset, size in (("synthetic", "56"), ("synthetic-seg", "112")):
         bench.main(["data", "--dataset", dataset, "--img_size", size, "--batch_size", "8", "--iters", "2", "--warmup", "1"])
         assert "img/s" in capsys.readouterr().out
+
+
+# bench.py memory, data and proof: the figures users need before they rent a GPU, and the GPU check in one command
+
+
+def test_bench_memory_trace_grows_with_batch_and_shrinks_with_checkpointing():
+    args, _ = bench.parse_args(["memory", "--img_size", "112"])
+    toy = lambda method, batch, checkpointing: bench.traced_peak(method, argparse.Namespace(**{
+        **vars(args), "teacher": "toy-b", "student": "toy-s", "grad_checkpointing": checkpointing}), batch)
+    c, n = CONFIGS["toy-b"], 1 + (112 // 14) ** 2
+    for method in ("slad", "finetune"):
+        p4, p8, p8_checkpointed = toy(method, 4, False), toy(method, 8, False), toy(method, 8, True)
+        assert p8_checkpointed < p8
+        # each image keeps at least every block's GELU input (bf16) for the backward pass
+        assert (p8 - p4) / 4 >= c.depth * n * int(c.embed_dim * c.mlp_ratio) * 2
+    params = sum(p.numel() for p in ViT.from_name("toy-b").parameters()) * 4
+    assert toy("finetune", 4, False) > 4 * params  # weights, gradients and AdamW's two moments, all fp32
+    assert toy("probe", 8, False) < toy("lora", 8, False) < toy("finetune", 8, False)
+
+
+def test_live_bytes_counts_what_pytorchs_memtracker_counts():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    mem_tracker = pytest.importorskip("torch.distributed._tools.mem_tracker")  # torch >= 2.5
+
+    def step(net, optimizer):
+        F.cross_entropy(net(torch.randn(32, 64)), torch.randint(0, 10, (32,))).backward()
+        optimizer.step()
+
+    def model():
+        net = torch.nn.Sequential(torch.nn.Linear(64, 512), torch.nn.GELU(), torch.nn.Linear(512, 10))
+        return net, torch.optim.AdamW(net.parameters(), fused=True)
+
+    ours = bench.LiveBytes(block=1)  # MemTracker does not round to the CUDA allocator's blocks on a CPU
+    with FakeTensorMode(), ours:
+        step(*model())
+    with FakeTensorMode():
+        net, optimizer = model()
+        theirs = mem_tracker.MemTracker()
+        theirs.track_external(net, optimizer)
+        with theirs:
+            step(net, optimizer)
+    assert ours.peak == theirs.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"] > 0
+
+
+def test_bench_memory_prints_peaks_and_largest_batches(capsys):
+    bench.main(["memory", "--pairs", "toy-b:toy-s", "--methods", "slad", "lora", "--img_size", "56", "--batch_size", "4",
+                "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "traced on fake tensors" in out and "largest batch in 24 / 40 / 80 GiB" in out
+    rows = {r[2]: r[3:7] for r in (line.split("|") for line in out.splitlines() if line.startswith("| toy-b -> toy-s"))}
+    assert set(rows) == {" slad ", " lora "}
+    for peak, peak_checkpointed, fits, fits_checkpointed in rows.values():
+        assert float(peak.split()[0]) > 0 and peak.split()[1] in ("MiB", "GiB")
+        fits, fits_checkpointed = [int(b) for b in fits.split(" / ")], [int(b) for b in fits_checkpointed.split(" / ")]
+        assert 0 < fits[0] < fits[1] < fits[2] and all(a <= b for a, b in zip(fits, fits_checkpointed))
+    with pytest.raises(SystemExit, match="needs a CUDA device"):  # the measured largest batch: on a GPU only
+        bench.main(["fit", "--device", "cpu"])
+
+
+def test_bench_data_prints_per_worker_rate_requirements_and_shm(capsys):
+    bench.main(["data", "--img_size", "112", "--batch_size", "4", "--iters", "2", "--warmup", "1", "--num_workers", "0"])
+    out = capsys.readouterr().out
+    rate = re.search(r"fake DTD .*: ([\d.]+) img/s, ([\d.]+) img/s a worker", out)
+    assert rate and float(rate.group(1)) == float(rate.group(2)) > 0  # 0 workers: the main process is the one
+    need = 0.4 * 989e12 / (2 * bench.forward_flops("vitb14", 112) + 2 * bench.forward_flops("vits14", 112))
+    assert f"| vitb14 -> vits14 | slad | " in out and f"| {need:,.0f} | " in out
+    shm = 16 * 4 * 4 * 3 * 112 * 112  # workers x prefetch x batch x uint8 image bytes
+    assert f"{shm / 1e6:,.0f} MB with 16 workers" in out and "--shm-size" in out
+    assert make_loader(range(8), None, 4, train=True, num_workers=1).prefetch_factor == bench.PREFETCH  # the loaders'
+
+
+def test_proof_steps_are_capped_and_a_failure_keeps_its_last_line(tmp_path):
+    log = str(tmp_path / "step.log")
+    sleeper = "import subprocess, sys, time; print(subprocess.Popen([sys.executable, '-c', 'import time; " \
+              "time.sleep(60)']).pid, flush=True); time.sleep(60)"
+    status, seconds = bench.run_capped([sys.executable, "-c", sleeper], 2, log)
+    assert status == "timed out after 2 s" and seconds < 15
+    child = int(open(log).read().split()[0])  # a worker the step started (as torchrun does) is killed with it
+    for _ in range(50):
+        try:
+            os.kill(child, 0)
+            time.sleep(0.1)
+        except ProcessLookupError:
+            break
+    else:
+        pytest.fail("the step's child process outlived its time cap")
+    status, _ = bench.run_capped([sys.executable, "-c", "print('working'); raise SystemExit('error: no such thing')"],
+                                 30, log)
+    assert status == "failed: error: no such thing"
+    assert bench.run_capped([sys.executable, "-c", "print('fine')"], 30, log)[0] == "ok"
+
+
+def test_bench_proof_tiny_runs_every_step_on_the_cpu(tmp_path):
+    """The GPU proof's one command, on toy sizes: a row per step, the training scripts ok, nothing failed."""
+    out = tmp_path / "proof.md"
+    r = cli(["bench.py", "proof", "--tiny", "--out", str(out)], env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    lines = out.read_text().splitlines()
+    assert lines[4] == "| step | command | figure | status | s |"
+    rows = {cells[0]: cells[1:] for cells in ([c.strip() for c in line[1:-1].split(" | ")] for line in lines[6:])}
+    steps = bench.proof_steps(True, False, "dtd", "cityscapes", "runs")
+    assert set(rows) == {"device", "versions", "fake data"} | {name for name, *_ in steps}
+    for name, argv, cap, pattern, skip in steps:
+        command, figure, status = rows[name][0], rows[name][1], rows[name][2]
+        assert status == (f"skipped: {skip}" if skip else "ok"), (name, status)
+        if not skip:
+            assert figure and command.startswith("`python "), name
+    for name in ("SLAD, the defaults", "SLAD under torchrun, 1 process", "two-step, finetune teacher", "segmentation, SLAD"):
+        assert "ms/step" in rows[name][1]
+    assert "teacher:" in rows["two-step, lora teacher"][1] and "student:" in rows["two-step, lora teacher"][1]
+    logs = os.listdir(tmp_path / "proof")
+    assert sum(f.endswith(".log") for f in logs) == sum(skip is None for *_, skip in steps)
+    assert os.path.exists(tmp_path / "proof" / "runs" / "twostep-probe" / "results.json")
 
 
 # -----------------------------------------------------------------------------
@@ -1744,7 +2300,7 @@ def test_taid_state_round_trips_a_checkpoint(tmp_path):
     for J in (1.9, 2.2, 1.5):
         a.update(torch.tensor(J))
         b.update(torch.tensor(J))
-    assert set(a.state_dict()) == {"t", "momentum", "prev_loss", "step"}
+    assert set(a.state_dict()) == {"t", "momentum", "prev_loss", "steps_done"}
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
@@ -1823,7 +2379,7 @@ def test_twostep_demo_learns_with_probe_taid_and_ted(tmp_path, monkeypatch):
     models = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["models"]
     assert models["teacher"]["ted_filters.heads.2.weight"].shape == (10, 128)  # stage 1's filters are checkpointed
     assert models["student"]["ted_filters.filters.2.weight"].shape == (128, 48)
-    assert set(models["taid"]) == {"t", "momentum", "prev_loss", "step"}
+    assert set(models["taid"]) == {"t", "momentum", "prev_loss", "steps_done"}
 
 
 def test_slad_taid_runs_and_logs_t(tmp_path, monkeypatch, small_synthetic):
@@ -2048,6 +2604,67 @@ def test_miniature_quick_runs_end_to_end(tmp_path):
     for f in ("fig1.png", "fig3.png", "summary.md"):
         assert (tmp_path / f).stat().st_size > 0
     assert Image.open(tmp_path / "fig3.png").width <= 1000 and Image.open(tmp_path / "fig1.png").width == 900
+
+
+
+def fake_run_folder(d, dataset, val, teacher_val=None, config_id="abc123"):
+    """What a training run leaves that miniature.py reads: results.json and metrics.jsonl with final val values."""
+    os.makedirs(d, exist_ok=True)
+    json.dump(dict(method="slad", dataset=dataset, teacher="toy-b", student="toy-s", seed=0, student_acc=val,
+                   teacher_acc=val, train_seconds=1.0, config_id=config_id), open(os.path.join(d, "results.json"), "w"))
+    rows = [{"stage": "slad", "epoch": 1, "val_teacher_acc": teacher_val or val, "val_student_acc": val}]
+    open(os.path.join(d, "metrics.jsonl"), "w").write("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_miniature_convergence_doubles_until_every_model_moves_less_than_half_a_point(tmp_path, monkeypatch):
+    import miniature
+    curve = {8: 80.0, 16: 85.0, 32: 85.4, 64: 85.5}  # SLAD's student: +5 from 8 to 16, +0.4 from 16 to 32
+    ran = []
+
+    def run_all(jobs, workers, log):
+        for d, cmd in jobs:
+            ran.append(os.path.basename(d))
+            epochs = int(cmd[cmd.index("--epochs" if "--epochs" in cmd else "--teacher_epochs") + 1])
+            fake_run_folder(d, "synthetic-fine", curve[epochs] if "slad" in d else 90.0)
+    monkeypatch.setattr(miniature, "run_all", run_all)
+    args, _ = miniature.parse_args(["--convergence", "--tasks", "synthetic-fine", "--seeds", "0", "1",
+                                    "--out_dir", str(tmp_path)])
+    table, chosen = miniature.convergence(args, print)
+    assert chosen == {"synthetic-fine": 16}  # 8 -> 16 moves SLAD's student 5 points; 16 -> 32, 0.4
+    assert "| synthetic-fine | 8 → 16 |" in table and "+5.0" in table and "| 16 → 32 |" in table
+    assert len(ran) == len(set(ran)) == 3 * 4 * 2  # three schedules, four methods, two seeds: each run once
+    args.max_epochs = 16
+    assert miniature.convergence(args, print)[1] == {"synthetic-fine": None}  # the cap: not reached, said so
+
+
+def test_miniature_ablation_rule_needs_more_than_the_seed_spread(tmp_path, monkeypatch):
+    import miniature
+    gains = {"kl-into-the-teacher": [0.2, 0.4, 0.3], "separate-qkv-adapters": [2.0, 2.5, 1.5],
+             "a-drawn-for-the-student": [3.0, -2.0, 2.0], "kl-warm-up-20": [0.0, 0.0, 0.0]}
+
+    def run_all(jobs, workers, log):
+        for d, cmd in jobs:
+            seed = int(d[-1])
+            gain = next((g[seed] for k, g in gains.items() if k in d), 0.0)
+            fake_run_folder(d, "synthetic-fine", 80.0 + seed + gain)
+    monkeypatch.setattr(miniature, "run_all", run_all)
+    args, _ = miniature.parse_args(["--ablation", "--out_dir", str(tmp_path)])
+    rows = {tuple(c.strip() for c in line.split("|")[1:3]): line for line in miniature.ablation(args, print).splitlines()[2:]}
+    assert "**better**" in rows[("SLAD", "separate q/k/v adapters")] and "**better**" in rows[("LoRA", "separate q/k/v adapters")]
+    for choice in ("KL into the teacher", "A drawn for the student", "KL warm-up 20 %"):  # too small, too noisy, none
+        assert "no change" in rows[("SLAD", choice)], choice
+
+
+def test_miniature_reuses_a_run_only_for_its_own_config(tmp_path):
+    import miniature
+    d = str(tmp_path / "run")
+    cmd = miniature.command("synthetic-fine", "SLAD", "toy-b", "toy-s", 0, miniature.TASKS["synthetic-fine"], d)
+    args, _ = train_slad.parse_args(cmd[2:])
+    fake_run_folder(d, "synthetic-fine", 80.0, config_id=experiment.config_id(vars(args)))
+    assert miniature.finished(d, cmd)
+    quick = miniature.command("synthetic-fine", "SLAD", "toy-b", "toy-s", 0, miniature.QUICK, d)
+    assert not miniature.finished(d, quick)  # --quick's 14-px, one-epoch run is not the headline's
+    assert miniature.parse_args(["--quick"])[0].out_dir == "out/miniature-quick" != miniature.parse_args([])[0].out_dir
 
 
 # -----------------------------------------------------------------------------

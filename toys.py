@@ -124,12 +124,16 @@ def crop(images, masks, g):
 
 
 def lr_at(step, steps, peak, warmup=0.05):
-    """Linear warm-up, then cosine to 0 (as the training scripts)."""
+    """Linear warm-up from 0, then cosine to 0: the training scripts' get_lr one step later during the warm-up
+    (it starts at 0 where get_lr starts at peak / warm-up steps), the same after it. Kept as the shipped family
+    was built with it, so that `python toys.py` rebuilds weights/ byte for byte."""
     w = max(1, int(warmup * steps))
     return peak * step / w if step < w else peak * 0.5 * (1 + math.cos(math.pi * (step - w) / max(1, steps - w)))
 
 
 def optimizer(params, lr, weight_decay=0.05):
+    """AdamW, matrices decayed: by shape alone, so the ViT's tokens and position embeddings decay too, unlike
+    experiment.adamw's (kept as the shipped family was built with it)."""
     params = [p for p in params if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]  # matrices only, not biases, norms or LayerScale
     rest = [p for p in params if p.ndim < 2]

@@ -8,7 +8,7 @@ With --kd taid, TAID's KL towards an interpolated target, whose t rises to 1, re
     python train_slad.py --dataset dtd          # DINOv2 ViT-B/14 -> ViT-S/14, 30 epochs
     python train_slad.py --dataset dtd --teacher dinov3_vitl16 --student dinov3_vits16  # DINOv3, at 512 px
     python train_slad.py --dataset synthetic --teacher toy-b --student toy-s --epochs 1 --device cpu
-                                                # the offline demo, on the pretrained toy family: ~30 s on a CPU
+                                                # the offline demo, on the pretrained toy family: ~25 s on a CPU
 """
 
 import json
@@ -20,12 +20,12 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import SEGMENTATION, DataError, load_splits, make_loaders, normalize
-from experiment import (adamw, check_out_dir, ddp_init, ddp_mean, evaluate, export, flat, hms, load_checkpoint,
-                        load_trained_tensors, parser, peak_flops, print0, resolve_flags, rng_state, save_checkpoint,
-                        set_rng_state, stop_if_not_finite, trained_keys, trained_tensors, write_json)
+from experiment import (NON_NEGATIVE, RunError, adamw, append_line, claim_out_dir, config_id, ddp, ddp_init, ddp_mean,
+                        evaluate, export, flat, hms, load_checkpoint, load_trained_tensors, parser, peak_flops, print0,
+                        rank0_first, resolve_flags, rng_state, save_checkpoint, set_rng_state, stop_if_not_finite,
+                        sync_gradients, trained_keys, trained_tensors, write_json)
 from kd import TAID, slad_loss
 from lora import MAPPINGS, add_lora, share_lora, trainable_parameters
 from model import CheckpointError, Classifier, Segmenter, initial_backbone
@@ -57,7 +57,14 @@ def parse_args(argv=None):
                    help="which teacher block shares its adapters with student block i (§5.2.1; paper: even)")
     p.add_argument("--kl_into_teacher", action="store_true",
                    help="let eq. 4's KL term send gradients into the teacher's logits too (default: the "
-                        "teacher's logits are the KL's fixed target, as in eq. 2)")
+                        "teacher's logits are the KL's fixed target, as in eq. 2) (paper: silent)")
+    p.add_argument("--shared_init", default="teacher", choices=["teacher", "student"],
+                   help="draw the shared A for the teacher's width (Kaiming, as LoRA on the teacher alone), or for "
+                        "the student's, so that the student's slice starts as a fresh student adapter would (the "
+                        "teacher's A then sqrt(d_t / d_s) larger) (paper: silent)")
+    p.add_argument("--kl_warmup", type=NON_NEGATIVE, default=0.0, metavar="FRACTION",
+                   help="raise eq. 4's KL weight from 0 to 1 over this fraction of the steps, while the teacher "
+                        "learns the task (default 0: the paper's constant weight; the paper is silent)")
     args = p.parse_args(argv)
     args.epochs = args.epochs or 30
     return resolve_flags(args, p, "slad"), p
@@ -67,7 +74,6 @@ def main():
     args, p = parse_args()
     config = dict(vars(args))
     ckpt = load_checkpoint(args, config, "slad", p) if args.resume else None
-    check_out_dir(args, p)
 
     # device, raw torch AMP (autocast for the forward passes, a GradScaler only for float16), torchrun
     rank, world, device = ddp_init(args.device)
@@ -79,39 +85,41 @@ def main():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    # data: each process loads its share of every global batch
-    splits, num_classes = load_splits(args.dataset, args.data_dir)
+    # data: each process loads its share of every global batch, in --grad_accum micro-batches
+    with rank0_first():  # a download happens once
+        splits, num_classes = load_splits(args.dataset, args.data_dir)
     train_loader, val_loader, test_loader = make_loaders(args.dataset, splits, args.img_size, args.batch_size, args.seed,
-                                                         args.num_workers, device, rank, world)
-    steps = len(train_loader)
+                                                         args.num_workers, device, rank, world, args.grad_accum)
+    steps = len(train_loader) // args.grad_accum  # optimizer steps an epoch, the same on every process
     if steps == 0:
         p.error(f"--batch_size {args.batch_size} is more than the {len(splits['train'])} training images: no step to take")
 
     # models: a teacher with LoRA adapters on qkv, a student whose adapters are the teacher's (Fig. 4)
     torch.manual_seed(args.seed)  # the heads' init
     Model = Segmenter if args.dataset in SEGMENTATION else Classifier  # the heads of App. C.1
-    teacher = Model(initial_backbone(args.teacher, "teacher", args.init, args.seed, args.teacher_weights), num_classes)
-    student = Model(initial_backbone(args.student, "student", args.init, args.seed, args.student_weights), num_classes)
+    with rank0_first():
+        teacher = Model(initial_backbone(args.teacher, "teacher", args.init, args.seed, args.teacher_weights), num_classes)
+        student = Model(initial_backbone(args.student, "student", args.init, args.seed, args.student_weights), num_classes)
     teacher.vit.grad_checkpointing = student.vit.grad_checkpointing = args.grad_checkpointing
-    add_lora(teacher.vit, rank=args.rank)  # eq. 3 on every block's qkv; the backbone frozen
+    add_lora(teacher.vit, rank=args.rank, separate=args.qkv_adapters == "separate",  # eq. 3 on every block's qkv;
+             init_width=student.vit.embed_dim if args.shared_init == "student" else None)  # the backbone frozen
     g = share_lora(student.vit, teacher.vit, args.mapping)  # student block i uses teacher block g(i)'s, sliced
     teacher.to(device), student.to(device)
-    params = trainable_parameters(teacher, student)  # each shared adapter once
-    optimizer = adamw([(params, args.lr)], args.weight_decay, device)
+    named = trainable_parameters(teacher, student, named=True)  # each shared adapter once
+    params = [p for _, p in named]
+    optimizer = adamw([(named, args.lr)], args.weight_decay, device)
     taid = TAID(args.epochs * steps).to(device) if args.kd == "taid" else None
     trained = {"teacher": teacher, "student": student, **({"taid": taid} if taid is not None else {})}
     keys = {name: trained_keys(m) for name, m in trained.items()}  # what a checkpoint holds: no frozen backbone
 
-    # the output folder, and --resume
-    if rank == 0:
-        os.makedirs(args.out_dir, exist_ok=True)
-        if ckpt is None:
-            write_json(os.path.join(args.out_dir, "config.json"), config)
-    print0(f"slad | {' '.join(sys.argv[1:])}" + (f" | {world} processes" if world > 1 else ""), args.out_dir)
+    # the output folder (this run's alone while it runs), and --resume
+    folder_lock = claim_out_dir(args, config, ckpt, p)  # the folder is this run's until the process ends
+    print0(f"slad | {' '.join(sys.argv[1:])}" + (f" | {world} processes" if world > 1 else "") +
+           f" | writing to {args.out_dir}", args.out_dir)
     print0(f"teacher {args.teacher}, student {args.student}, {num_classes} classes, "
            f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters; student block i uses the "
            f"adapters of teacher block g(i) = {g}", args.out_dir)
-    history, start_epoch = {"train_seconds": 0.0}, 0
+    history, start_epoch = {"train_seconds": 0.0, "metrics_rows": 0}, 0
     if ckpt:
         for name, m in trained.items():
             load_trained_tensors(m, ckpt["models"][name], keys[name], args.resume)
@@ -120,11 +128,8 @@ def main():
         set_rng_state(ckpt["rng"], device)
         history, start_epoch = ckpt["history"], ckpt["epoch"]
         print0(f"resuming from {args.resume} (epoch {start_epoch} done)", args.out_dir)
-    both = TeacherStudent(teacher, student)
-    if world > 1:  # one module, so DDP averages each shared adapter's gradient once
-        both = DDP(both, device_ids=[device] if device_type == "cuda" else None)
-    if args.compile:
-        both = torch.compile(both)
+    both = ddp(TeacherStudent(teacher, student), device)  # one module, so DDP averages each shared adapter once
+    step_model = torch.compile(both) if args.compile else both
 
     # training: eq. 4 on every batch, both models at once
     total = args.epochs * steps
@@ -139,25 +144,32 @@ def main():
         train_loader.sampler.set_epoch(epoch)
         loss_sum, n, epoch_loss = torch.zeros((), device=device), 0, 0.0
         first_bad = torch.full((), 2**62, device=device)  # the first step whose loss is not finite
-        for step, (x, y) in enumerate(train_loader):
+        batches = iter(train_loader)
+        for step in range(steps):
             it = epoch * steps + step
             lrm = get_lr(it, total)
             for group in optimizer.param_groups:
                 group["lr"] = group["peak_lr"] * lrm
-            x, y = normalize(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
-            with autocast:
-                teacher_logits, student_logits = both(x)  # the same augmented batch for both (App. C.2)
-                loss = slad_loss(student_logits, teacher_logits, y, T=args.temperature,  # eq. 4, (1, 1, 1)
-                                 kl_into_teacher=args.kl_into_teacher, taid=taid)
-            scaler.scale(loss).backward()  # reaches the shared adapters from both models
+            for micro in range(args.grad_accum):  # --grad_accum micro-batches make one step of the batch
+                x, y = next(batches)
+                x, y = normalize(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
+                sync_gradients(both, micro == args.grad_accum - 1)
+                with autocast:
+                    teacher_logits, student_logits = step_model(x)  # the same augmented batch for both (App. C.2)
+                    loss = slad_loss(student_logits, teacher_logits, y, T=args.temperature,  # eq. 4, (1, 1, 1)
+                                     alpha_kl=min(1.0, it / (args.kl_warmup * total)) if args.kl_warmup else 1.0,
+                                     kl_into_teacher=args.kl_into_teacher, taid=taid) / args.grad_accum
+                scaler.scale(loss).backward()  # reaches the shared adapters from both models
+                loss_sum += loss.detach()
+                first_bad = torch.where(torch.isfinite(loss.detach()), first_bad, first_bad.clamp(max=it))
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
+            if taid is not None:
+                taid.step()  # TAID's t moves on, once a step
 
             # the loss stays on the device; it is read (a host sync) only for a log line
-            loss_sum += loss.detach()
             n += 1
-            first_bad = torch.where(torch.isfinite(loss.detach()), first_bad, first_bad.clamp(max=it))
             if (step + 1) % args.log_every == 0 or step + 1 == steps:
                 if not scaler.is_enabled():  # fp16's GradScaler skips an overflowed step: that is normal
                     stop_if_not_finite(first_bad, steps, "slad", args.out_dir)
@@ -178,10 +190,10 @@ def main():
         metrics = {"train_loss": epoch_loss / steps, **flat(val, "val_"), **({"taid_t": float(taid.t)} if taid is not None else {})}
         print0(f"slad epoch {epoch + 1} | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()), args.out_dir)
         if rank == 0:
-            with open(os.path.join(args.out_dir, "metrics.jsonl"), "a") as f:
-                row = {"stage": "slad", "epoch": epoch + 1, **{k: round(v, 4) for k, v in metrics.items()},
-                       "epoch_seconds": round(seconds, 1)}
-                f.write(json.dumps(row) + "\n")
+            row = {"stage": "slad", "epoch": epoch + 1, **{k: round(v, 4) for k, v in metrics.items()},
+                   "epoch_seconds": round(seconds, 1)}
+            append_line(os.path.join(args.out_dir, "metrics.jsonl"), json.dumps(row))
+        history["metrics_rows"] += 1  # a resume keeps this many rows
         save_checkpoint(os.path.join(args.out_dir, "ckpt.pt"), {
             "method": "slad", "config": config, "stage": "slad", "epoch": epoch + 1,
             "models": {name: trained_tensors(m, keys[name]) for name, m in trained.items()},
@@ -193,12 +205,13 @@ def main():
     results = {"method": "slad", "dataset": args.dataset, "teacher": args.teacher, "student": args.student,
                "seed": args.seed, **{k: round(v, 3) for k, v in flat(test).items()}, "num_classes": num_classes,
                "mapping": args.mapping, "epochs": args.epochs, "kd": args.kd, "feat": "none",
-               **({"taid_t": round(float(taid.t), 3)} if taid is not None else {}), "train_seconds": round(history["train_seconds"], 1)}
+               **({"taid_t": round(float(taid.t), 3)} if taid is not None else {}), "train_seconds": round(history["train_seconds"], 1),
+               "config_id": config_id(config), "config": config}
     if rank == 0:
         export(os.path.join(args.out_dir, "student.pt"), student)
         export(os.path.join(args.out_dir, "teacher.pt"), teacher)
         write_json(os.path.join(args.out_dir, "results.json"), results)
-    print0("results: " + json.dumps(results), args.out_dir)
+    print0("results: " + json.dumps({k: v for k, v in results.items() if k != "config"}), args.out_dir)
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
@@ -207,5 +220,5 @@ def main():
 if __name__ == "__main__":
     try:
         main()
-    except (DataError, CheckpointError) as e:
+    except (DataError, CheckpointError, RunError) as e:
         sys.exit(f"error: {e}")

@@ -30,24 +30,25 @@ import time
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import SEGMENTATION, DataError, load_splits, make_loaders, normalize
-from experiment import (NON_NEGATIVE, POSITIVE, POSITIVE_INT, adamw, check_out_dir, ddp_init, ddp_mean, evaluate, export,
-                        flat, hms, load_checkpoint, load_trained_tensors, parser, peak_flops, print0, resolve_flags,
-                        rng_state, save_checkpoint, set_rng_state, stop_if_not_finite, trained_keys, trained_tensors,
-                        write_json)
+from experiment import (NON_NEGATIVE, POSITIVE, POSITIVE_INT, REAL_MODEL_DEFAULTS, TOY_DEFAULTS, RunError, adamw,
+                        append_line, claim_out_dir, config_id, ddp, ddp_init, ddp_mean, evaluate, export, flat, hms,
+                        load_checkpoint, load_trained_tensors, parser, peak_flops, print0, rank0_first, resolve_flags,
+                        rng_state, save_checkpoint, set_rng_state, stop_if_not_finite, sync_gradients, trained_keys,
+                        trained_tensors, write_json)
 from kd import TAID, TaskFilters, distill_loss, task_loss, ted_loss
 from lora import MAPPINGS, add_lora, layer_mapping, trainable_parameters
 from model import CheckpointError, Classifier, Segmenter, initial_backbone
 
 
-def adapt(model, how, rank):
+def adapt(model, how, rank, separate=False):
     """Choose what of a Classifier or Segmenter trains: the head always; the encoder's LoRA adapters, all of it, or nothing."""
     if how == "lora":
-        add_lora(model.vit, rank=rank)  # freezes the encoder, adds trainable adapters
+        add_lora(model.vit, rank=rank, separate=separate)  # freezes the encoder, adds trainable adapters
     else:
         model.vit.requires_grad_(how == "finetune")
+        model.vit.mask_token.requires_grad_(False)  # unused here (iBOT's masking): nothing would train it
 
 
 def add_ted_filters(teacher, student, mapping, num_classes):
@@ -88,7 +89,8 @@ def parse_args(argv=None):
     p.add_argument("--student_epochs", type=POSITIVE_INT, default=None,
                    help="stage 2 epochs (default --epochs, or 30; 80 after a probed teacher, as the paper)")
     p.add_argument("--backbone_lr", type=POSITIVE, default=None,
-                   help="peak learning rate of a fully fine-tuned encoder (2e-5; 3e-4 for the toy family)")
+                   help=f"peak learning rate of a fully fine-tuned encoder ({REAL_MODEL_DEFAULTS['backbone_lr']:g}; "
+                        f"{TOY_DEFAULTS['backbone_lr']:g} for the toy family)")
     p.add_argument("--feat", default="none", choices=["none", "ted"],
                    help="a layer-wise term on top of eq. 2: ted, TED's task-aware filters (kd.TaskFilters)")
     p.add_argument("--mapping", default="even", choices=MAPPINGS,
@@ -105,7 +107,6 @@ def main():
     args, p = parse_args()
     config = dict(vars(args))
     ckpt = load_checkpoint(args, config, "twostep", p) if args.resume else None
-    check_out_dir(args, p)
 
     # device, raw torch AMP (autocast for the forward passes, a GradScaler only for float16), torchrun
     rank, world, device = ddp_init(args.device)
@@ -117,41 +118,41 @@ def main():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    # data: each process loads its share of every global batch
-    splits, num_classes = load_splits(args.dataset, args.data_dir)
+    # data: each process loads its share of every global batch, in --grad_accum micro-batches
+    with rank0_first():  # a download happens once
+        splits, num_classes = load_splits(args.dataset, args.data_dir)
     train_loader, val_loader, test_loader = make_loaders(args.dataset, splits, args.img_size, args.batch_size, args.seed,
-                                                         args.num_workers, device, rank, world)
-    steps = len(train_loader)
+                                                         args.num_workers, device, rank, world, args.grad_accum)
+    steps = len(train_loader) // args.grad_accum  # optimizer steps an epoch, the same on every process
     if steps == 0:
         p.error(f"--batch_size {args.batch_size} is more than the {len(splits['train'])} training images: no step to take")
 
     # models: each adapted as its flag says; TED's filters and TAID's state train and checkpoint with them
     torch.manual_seed(args.seed)  # the heads' init
     Model = Segmenter if args.dataset in SEGMENTATION else Classifier  # the heads of App. C.1
-    teacher = Model(initial_backbone(args.teacher, "teacher", args.init, args.seed, args.teacher_weights), num_classes)
-    student = Model(initial_backbone(args.student, "student", args.init, args.seed, args.student_weights), num_classes)
+    with rank0_first():
+        teacher = Model(initial_backbone(args.teacher, "teacher", args.init, args.seed, args.teacher_weights), num_classes)
+        student = Model(initial_backbone(args.student, "student", args.init, args.seed, args.student_weights), num_classes)
     teacher.vit.grad_checkpointing = student.vit.grad_checkpointing = args.grad_checkpointing
-    adapt(teacher, args.teacher_adapt, args.rank)
-    adapt(student, args.student_adapt, args.rank)
+    adapt(teacher, args.teacher_adapt, args.rank, args.qkv_adapters == "separate")
+    adapt(student, args.student_adapt, args.rank, args.qkv_adapters == "separate")
     g = add_ted_filters(teacher, student, args.mapping, num_classes) if args.feat == "ted" else None
     taid = TAID(args.student_epochs * steps).to(device) if args.kd == "taid" else None
     teacher.to(device), student.to(device)
     trained = {"teacher": teacher, "student": student, **({"taid": taid} if taid is not None else {})}
     keys = {name: trained_keys(m) for name, m in trained.items()}  # what a checkpoint holds: no frozen backbone
 
-    # the output folder, and --resume
-    if rank == 0:
-        os.makedirs(args.out_dir, exist_ok=True)
-        if ckpt is None:
-            write_json(os.path.join(args.out_dir, "config.json"), config)
-    print0(f"twostep | {' '.join(sys.argv[1:])}" + (f" | {world} processes" if world > 1 else ""), args.out_dir)
+    # the output folder (this run's alone while it runs), and --resume
+    folder_lock = claim_out_dir(args, config, ckpt, p)  # the folder is this run's until the process ends
+    print0(f"twostep | {' '.join(sys.argv[1:])}" + (f" | {world} processes" if world > 1 else "") +
+           f" | writing to {args.out_dir}", args.out_dir)
     for name, m in (("teacher", teacher), ("student", student)):
         print0(f"{name} {getattr(args, name)} ({getattr(args, name + '_adapt')}): "
                f"{sum(p.numel() for p in trainable_parameters(m)) / 1e6:.2f}M trainable parameters", args.out_dir)
     if g is not None:
         print0(f"TED: student block i is distilled from teacher block g(i) = {g}, through filters "
                f"{teacher.ted_filters.filters[0].out_features} wide", args.out_dir)
-    history, stage, done = {"train_seconds": 0.0}, None, 0
+    history, stage, done = {"train_seconds": 0.0, "metrics_rows": 0}, None, 0
     if ckpt:
         history, stage, done = ckpt["history"], ckpt["stage"], ckpt["epoch"]
         print0(f"resuming from {args.resume} ({stage} stage, epoch {done} done)", args.out_dir)
@@ -164,8 +165,8 @@ def main():
         """Heads, adapters and filters at --lr; a fully fine-tuned encoder at --backbone_lr."""
         is_backbone = lambda n: n.startswith("vit.") and "lora_" not in n
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        return adamw([([p for n, p in named if not is_backbone(n)], args.lr),
-                      ([p for n, p in named if is_backbone(n)], args.backbone_lr)], args.weight_decay, device)
+        return adamw([([(n, p) for n, p in named if not is_backbone(n)], args.lr),
+                      ([(n, p) for n, p in named if is_backbone(n)], args.backbone_lr)], args.weight_decay, device)
 
     def resume(optimizer):
         for name, m in trained.items():
@@ -174,8 +175,9 @@ def main():
         scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"], device)
 
-    def train_stage(name, model, loss_fn, optimizer, epochs, start_epoch, flops_per_img):
-        """One stage: AdamW with get_lr's schedule, raw AMP, a val accuracy, a metrics row and a checkpoint an epoch."""
+    def train_stage(name, model, step_model, loss_fn, optimizer, epochs, start_epoch, flops_per_img):
+        """One stage: AdamW with get_lr's schedule, raw AMP, a val accuracy, a metrics row and a checkpoint an epoch.
+        step_model is what loss_fn calls, `model` in DDP under torchrun."""
         total = epochs * steps
         for epoch in range(start_epoch, epochs):
             t_epoch = t0 = time.perf_counter()
@@ -183,23 +185,29 @@ def main():
             train_loader.sampler.set_epoch(epoch)
             loss_sum, n, epoch_loss = torch.zeros((), device=device), 0, 0.0
             first_bad = torch.full((), 2**62, device=device)  # the first step whose loss is not finite
-            for step, (x, y) in enumerate(train_loader):
+            batches = iter(train_loader)
+            for step in range(steps):
                 it = epoch * steps + step
                 lrm = get_lr(it, total)
                 for group in optimizer.param_groups:
                     group["lr"] = group["peak_lr"] * lrm
-                x, y = normalize(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
-                with autocast:
-                    loss = loss_fn(x, y)
-                scaler.scale(loss).backward()
+                for micro in range(args.grad_accum):  # --grad_accum micro-batches make one step of the batch
+                    x, y = next(batches)
+                    x, y = normalize(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
+                    sync_gradients(step_model, micro == args.grad_accum - 1)
+                    with autocast:
+                        loss = loss_fn(x, y) / args.grad_accum
+                    scaler.scale(loss).backward()
+                    loss_sum += loss.detach()
+                    first_bad = torch.where(torch.isfinite(loss.detach()), first_bad, first_bad.clamp(max=it))
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
+                if taid is not None and name == "student":
+                    taid.step()  # TAID's t moves on, once a step
 
                 # the loss stays on the device; it is read (a host sync) only for a log line
-                loss_sum += loss.detach()
                 n += 1
-                first_bad = torch.where(torch.isfinite(loss.detach()), first_bad, first_bad.clamp(max=it))
                 if (step + 1) % args.log_every == 0 or step + 1 == steps:
                     if not scaler.is_enabled():  # fp16's GradScaler skips an overflowed step: that is normal
                         stop_if_not_finite(first_bad, steps, name, args.out_dir)
@@ -221,10 +229,10 @@ def main():
                        **({"taid_t": float(taid.t)} if taid is not None and name == "student" else {})}
             print0(f"{name} epoch {epoch + 1} | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()), args.out_dir)
             if rank == 0:
-                with open(os.path.join(args.out_dir, "metrics.jsonl"), "a") as f:
-                    row = {"stage": name, "epoch": epoch + 1, **{k: round(v, 4) for k, v in metrics.items()},
-                           "epoch_seconds": round(seconds, 1)}
-                    f.write(json.dumps(row) + "\n")
+                row = {"stage": name, "epoch": epoch + 1, **{k: round(v, 4) for k, v in metrics.items()},
+                       "epoch_seconds": round(seconds, 1)}
+                append_line(os.path.join(args.out_dir, "metrics.jsonl"), json.dumps(row))
+            history["metrics_rows"] += 1  # a resume keeps this many rows
             save_checkpoint(os.path.join(args.out_dir, "ckpt.pt"), {
                 "method": "twostep", "config": config, "stage": name, "epoch": epoch + 1,
                 "models": {k: trained_tensors(m, keys[k]) for k, m in trained.items()},
@@ -236,8 +244,8 @@ def main():
         optimizer = make_optimizer(teacher)
         if stage == "teacher":
             resume(optimizer)
-        teacher_step = DDP(teacher, device_ids=[device] if device_type == "cuda" else None) if world > 1 else teacher
-        teacher_step = torch.compile(teacher_step) if args.compile else teacher_step
+        teacher_ddp = ddp(teacher, device)
+        teacher_step = torch.compile(teacher_ddp) if args.compile else teacher_ddp
 
         def teach(x, y):
             if args.feat == "none":
@@ -247,7 +255,7 @@ def main():
             filters = teacher.ted_filters
             return task_loss(logits, y) + filters.task_loss(filters([b.detach() for b in blocks]), y)
 
-        train_stage("teacher", teacher, teach, optimizer, args.teacher_epochs, done if stage == "teacher" else 0,
+        train_stage("teacher", teacher, teacher_ddp, teach, optimizer, args.teacher_epochs, done if stage == "teacher" else 0,
                     flops_per_image(teacher, args.teacher_adapt, args.img_size))
         history["teacher_test"] = flat(evaluate({"teacher": teacher}, test_loader, device, autocast, window))
         print0(f"teacher test: {history['teacher_test']}", args.out_dir)
@@ -258,8 +266,8 @@ def main():
     if stage == "student":
         resume(optimizer)
     teacher_fwd = torch.compile(teacher) if args.compile else teacher
-    student_step = DDP(student, device_ids=[device] if device_type == "cuda" else None) if world > 1 else student
-    student_step = torch.compile(student_step) if args.compile else student_step
+    student_ddp = ddp(student, device)
+    student_step = torch.compile(student_ddp) if args.compile else student_ddp
 
     def distill(x, y):  # (alpha_s, alpha_KL) = (0.5, 0.5); --kd taid: TAID's term in place of the KL
         if args.feat == "none":
@@ -274,7 +282,7 @@ def main():
         return (distill_loss(student_logits, teacher_logits, y, T=args.temperature, taid=taid)
                 + args.ted_beta * ted_loss(student.ted_filters(student_blocks), teacher_filtered))
 
-    train_stage("student", student, distill, optimizer, args.student_epochs, done if stage == "student" else 0,
+    train_stage("student", student, student_ddp, distill, optimizer, args.student_epochs, done if stage == "student" else 0,
                 teacher.vit.flops(args.img_size) + flops_per_image(student, args.student_adapt, args.img_size))
 
     # test, the exported models (adapters merged), results.json
@@ -285,12 +293,12 @@ def main():
                "teacher_epochs": args.teacher_epochs, "student_epochs": args.student_epochs, "kd": args.kd,
                "feat": args.feat, **({"taid_t": round(float(taid.t), 3)} if taid is not None else {}),
                **({"mapping": args.mapping} if args.feat == "ted" else {}),
-               "train_seconds": round(history["train_seconds"], 1)}
+               "train_seconds": round(history["train_seconds"], 1), "config_id": config_id(config), "config": config}
     if rank == 0:
         export(os.path.join(args.out_dir, "student.pt"), student)
         export(os.path.join(args.out_dir, "teacher.pt"), teacher)
         write_json(os.path.join(args.out_dir, "results.json"), results)
-    print0("results: " + json.dumps(results), args.out_dir)
+    print0("results: " + json.dumps({k: v for k, v in results.items() if k != "config"}), args.out_dir)
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
@@ -299,5 +307,5 @@ def main():
 if __name__ == "__main__":
     try:
         main()
-    except (DataError, CheckpointError) as e:
+    except (DataError, CheckpointError, RunError) as e:
         sys.exit(f"error: {e}")
