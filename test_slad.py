@@ -2350,7 +2350,7 @@ def test_ted_loss_zero_for_identical_features_and_stage_one_heads():
     loss.backward()
     assert all(b.grad is None for b in t) and all(a.grad.abs().sum() > 0 for a in s)  # the teacher is a target
     # Stage I: each filter's head reads the filtered CLS token, or, for segmentation, each filtered patch token
-    filters = kd.TaskFilters(2, 8, 6, num_classes=3)
+    filters = kd.TaskFilters(2, 8, 6, num_classes=3, patch_size=14)
     blocks = [torch.randn(2, 1 + 4 + 2 * 3, 8) for _ in range(2)]  # CLS, 4 registers, a 2 x 3 patch grid
     z, y = filters(blocks), torch.tensor([0, 2])
     want = sum(F.cross_entropy(h(zk[:, 0]), y) for h, zk in zip(filters.heads, z)) / 2
