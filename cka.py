@@ -23,8 +23,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import Dataset, Subset
 
-from data import DATASETS, DataError, eval_transform, load_splits, make_loader, normalize
-from experiment import COUNT, DATASET_DEFAULTS, POSITIVE_INT, Parser, write_json
+from data import DATASETS, DataError, eval_transform, fingerprint, load_splits, make_loader, normalize
+from experiment import COUNT, POSITIVE_INT, Parser, write_json
 from lora import MAPPINGS, layer_mapping
 from model import CONFIGS, CheckpointError, initial_backbone, load_model
 
@@ -205,8 +205,8 @@ def parse_args(argv=None):
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", nargs="*", default=[], metavar="DIR",
                    help="run folders written by train_twostep.py / train_slad.py (config.json, teacher.pt, student.pt)")
-    p.add_argument("--dataset", choices=DATASETS, help="default: the first run's, else dtd")
-    p.add_argument("--data_dir", default="./data")
+    p.add_argument("--dataset", choices=list(DATASETS), help="default: the first run's, else dtd")
+    p.add_argument("--data_dir", help="default: the first run's, else ./data")
     p.add_argument("--split", default="val", choices=["train", "val", "test"])
     p.add_argument("--max_images", type=POSITIVE_INT, default=None, help="a fixed random subset of the split (default: all of it)")
     p.add_argument("--teacher", choices=list(CONFIGS), help="default: the runs', else vitb14")
@@ -270,14 +270,15 @@ def resolve(args, runs, parser):
     """Fill unset flags from the first run's config, then check that every run started from the same encoders
     and was trained on the images it is measured on."""
     first = runs[0]["config"] if runs else {}
-    defaults = dict(dataset="dtd", teacher="vitb14", student="vits14", init="dinov2", seed=0, img_size=None)
+    defaults = dict(dataset="dtd", data_dir="./data", teacher="vitb14", student="vits14", init="dinov2", seed=0,
+                    img_size=None)
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, first.get(k, v))
     for k, known in (("dataset", DATASETS), ("teacher", CONFIGS), ("student", CONFIGS)):  # a hand-edited config.json
         if getattr(args, k) not in known:
             parser.error(f"{runs[0]['dir']} has {k} {getattr(args, k)!r}, not one of {', '.join(known)}")
-    args.img_size = args.img_size or DATASET_DEFAULTS[args.dataset]["img_size"]
+    args.img_size = args.img_size or DATASETS[args.dataset].img_size
     if args.img_size % 14:
         parser.error(f"--img_size {args.img_size} is not a multiple of the patch size 14")
     args.mapping = args.mapping or next((r["mapping"] for r in runs if r["mapping"]), "even")  # SLAD's or TED's
@@ -285,8 +286,12 @@ def resolve(args, runs, parser):
     if len(set(names)) < len(names):
         parser.error(f"runs with the same folder name ({', '.join(names)}): their figures would overwrite each other")
     same = ("teacher", "student", "init") + (("seed",) if args.init == "random" else ())
+    data = ("dataset", "img_size")
+    if DATASETS[args.dataset].own:  # your folder: the files it lists now, not where it is (experiment.resolve_flags)
+        args.data_fingerprint = fingerprint(args.data_dir)
+        data += ("data_fingerprint",)
     for r in runs:
-        for k in same + ("dataset", "img_size"):
+        for k in same + data:
             if r["config"].get(k) != getattr(args, k):
                 why = ("its pretrained panel would not be its starting point" if k in same else
                        "it would be measured on other images than it was trained on")
