@@ -282,7 +282,8 @@ def cmd_latency(args):
                     t0 = time.perf_counter()
                 run()
             ms[label] = (time.perf_counter() - t0) / args.iters * 1000
-            print(f"  {label:12s} {ms[label]:9.1f} ms/batch {args.batch_size / ms[label] * 1000:8.1f} img/s", flush=True)
+            img_s = args.batch_size / ms[label] * 1000
+            print(f"  {label:12s} {ms[label]:9.1f} ms/batch {img_s:8.1f} img/s", flush=True)
     print(f"  ONNX Runtime / torch time: {ms['ONNX Runtime'] / ms['torch']:.2f} (below 1: ONNX Runtime is faster)")
 
 

@@ -12,6 +12,7 @@ drawn from (seed, epoch): the data of an epoch is the same whatever the number o
 after a resume.
 """
 
+import functools
 import hashlib
 import itertools
 import os
@@ -253,14 +254,10 @@ def read_cityscapes(root):
 # -----------------------------------------------------------------------------
 # your own images: a folder of classes (torchvision's ImageFolder layout) or of images and masks (docs/own-data.md)
 
-_EXTENSIONS = []
-
-
+@functools.cache
 def image_extensions():
     """The file extensions of every format pillow opens (.jpg, .png, .webp, .tif, ...), looked up once."""
-    if not _EXTENSIONS:
-        _EXTENSIONS.extend(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
-    return _EXTENSIONS
+    return {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
 
 
 def image_files(folder, recursive=True):
@@ -301,7 +298,7 @@ def read_image_folder(root):
     pillow opens; subfolders of a class are read too), and val/ and test/ alike if you have them. Classes are
     train's folder names, sorted. A split you do not have is held out of train: 10 % of each class, fixed seed.
     What would train on nonsense is refused, one line each."""
-    layout = "ROOT/train/<class>/<image>, val/ and test/ optional".replace("ROOT", root)
+    layout = f"{os.path.join(root, 'train')}/<class>/<image>, val/ and test/ alike if you have them"
     if os.path.isdir(os.path.join(root, "train", "images")) and os.path.isdir(os.path.join(root, "train", "masks")):
         raise DataError(f"{root} holds train/images/ and train/masks/, a segmentation folder: use --dataset folder-seg")
     found = {}  # split -> {class: [image paths]}
@@ -418,11 +415,13 @@ def read_mask_folder(root):
         if not images:
             raise DataError(f"no images: {os.path.join(folder, 'images')} holds none; --dataset folder-seg reads "
                             f"{layout}")
-        for stem in sorted(images.keys() - masks.keys()):
-            raise DataError(f"{images[stem]} has no mask: expected {os.path.join(folder, 'masks', stem + '.png')}")
-        for stem in sorted(masks.keys() - images.keys()):
-            raise DataError(f"{masks[stem]} has no image: expected {os.path.join(folder, 'images', stem)}.<ext> "
-                            f"(.jpg, .png, ...), or remove the mask")
+        no_mask, no_image = sorted(images.keys() - masks.keys()), sorted(masks.keys() - images.keys())
+        if no_mask:
+            raise DataError(f"{images[no_mask[0]]} has no mask: expected "
+                            f"{os.path.join(folder, 'masks', no_mask[0] + '.png')}")
+        if no_image:
+            raise DataError(f"{masks[no_image[0]]} has no image: expected {os.path.join(folder, 'images', no_image[0])}"
+                            f".<ext> (.jpg, .png, ...), or remove the mask")
         samples[split] = [(images[stem], masks[stem]) for stem in sorted(images)]
     for img, mask in (pair for pairs in samples.values() for pair in pairs):
         check_mask(img, mask, len(classes))

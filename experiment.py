@@ -341,7 +341,7 @@ def evaluate(models, loader, device, autocast, window=None):
     total = torch.zeros((), device=device, dtype=torch.long)
     for x, y in loader:  # each process evaluates its share of the split
         x, y = normalize(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
-        valid = y != IGNORE
+        valid = y != IGNORE if window else torch.ones_like(y, dtype=torch.bool)  # an image's label 255 is a class
         total += valid.sum()
         with autocast:
             for k, m in models.items():
@@ -350,7 +350,8 @@ def evaluate(models, loader, device, autocast, window=None):
                     pred = F.interpolate(logits, size=y.shape[-2:], mode="bilinear", align_corners=False).argmax(1)
                 else:
                     pred = m(x).argmax(-1)
-                confusion[k] += torch.bincount(y[valid] * n + pred[valid], minlength=n * n).view(n, n)
+                pairs = y * n + pred  # label, prediction; a classifier's are all valid: no boolean indexing, no sync
+                confusion[k] += torch.bincount(pairs[valid] if window else pairs, minlength=n * n).view(n, n)
                 hits[k] += ((pred == y) & valid).sum()
     if dist.is_initialized():
         for t in [total, *hits.values(), *confusion.values()]:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from experiment import POSITIVE_INT, Parser, RunError, atomic_write
 from model import CheckpointError, Segmenter, load_model
 
-TOLERANCE = 1e-4  # the most ONNX Runtime's logits may differ from torch's, in float32
+TOLERANCE = 1e-4  # the most ONNX Runtime's logits may differ from torch's in float32, for logits up to 1 in size
 
 
 def parse_args(argv=None):
@@ -91,16 +91,18 @@ def to_onnx(net, x, opset):
 
 
 def max_difference(onnx_bytes, model, img_size, batches=(1, 3)):
-    """The largest |ONNX Runtime - torch| over the logits of random inputs, at two batch sizes."""
+    """(the largest |ONNX Runtime - torch|, the largest |torch|) over the logits of random inputs, at two batch
+    sizes."""
     import onnxruntime as ort
     session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
-    g, worst = torch.Generator().manual_seed(0), 0.0
+    g, worst, largest = torch.Generator().manual_seed(0), 0.0, 0.0
     for b in batches:
         x = torch.randn(b, 3, img_size, img_size, generator=g)
         with torch.no_grad():
             expected = model(x).numpy()
         worst = max(worst, float(np.abs(session.run(None, {"images": x.numpy()})[0] - expected).max()))
-    return worst
+        largest = max(largest, float(np.abs(expected).max()))
+    return worst, largest
 
 
 def write_bytes(path, data):
@@ -134,10 +136,10 @@ def main(argv=None):
         p.error(f"{args.model} is over 2 GB in ONNX, the most one .onnx file holds: export a smaller model")
 
     # checked in ONNX Runtime against the model as loaded (its own position-embedding resampling), then written
-    diff = max_difference(onnx_bytes, model, img_size)
-    if not diff <= TOLERANCE:
-        sys.exit(f"error: ONNX Runtime's logits differ from torch's by up to {diff:.2e} (more than {TOLERANCE}): "
-                 f"{out} is not written")
+    diff, largest = max_difference(onnx_bytes, model, img_size)
+    if not diff <= TOLERANCE * max(1.0, largest):  # float32 rounding grows with the logits
+        sys.exit(f"error: ONNX Runtime's logits differ from torch's by up to {diff:.2e}, more than float32 rounding "
+                 f"({TOLERANCE} for logits up to {max(1.0, largest):.3g}): {out} is not written")
     atomic_write(out, lambda tmp: write_bytes(tmp, onnx_bytes))
     shape = "(batch, classes, S, S)" if meta["task"] == "segmentation" else "(batch, classes)"
     print(f"wrote {out} ({len(onnx_bytes) / 2**20:.1f} MB, opset {args.opset}): {meta['task']}, "

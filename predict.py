@@ -50,8 +50,6 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not args.images and not args.list:
         p.error("no images: give image files or folders, or --list FILE")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error(f"--device {args.device}, but torch sees no CUDA device here (use --device cpu)")
     return args, p
 
 
@@ -78,6 +76,8 @@ def image_paths(items, listing):
 
 def main(argv=None):
     args, p = parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}, but torch sees no CUDA device here (use --device cpu)")
     model = load_model(args.model).to(args.device)  # eval mode; model.meta: what prediction needs
     meta = model.meta
     img_size = args.img_size or meta.get("img_size")
