@@ -20,6 +20,8 @@ the scripts, stripped of everything but the timing.
     python bench.py backbone --model vits14 --img_size 224
         forward + backward of our ViT, and of timm's DINOv2 ViT on the same config if timm is installed;
         --lora: both with LoRA on qkv, ours (lora.py) against PEFT's
+    python bench.py latency --model vits14 --img_size 518 --batch_size 1
+        a deployed classifier's CPU latency: ONNX Runtime (the file export_onnx.py writes) against torch
     python bench.py proof
         the GPU checks of issue 24 in one command: every training script on real-size fake data, the steps,
         memory, the largest batches, the input pipeline, each with a time cap; one markdown table (out/proof.md)
@@ -518,6 +520,41 @@ def timm_vit(name, img_size):
                              **kw)
 
 
+def cmd_latency(args):
+    """A deployed classifier's forward pass on the CPU: torch (the model as model.load_model gives it, as predict.py
+    runs it) against ONNX Runtime (the graph export_onnx.py writes), at the same number of threads. Random weights:
+    the time does not depend on them."""
+    import copy
+
+    import onnxruntime as ort
+
+    from export_onnx import fix_size, to_onnx
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = Classifier(ViT.from_name(args.model), args.num_classes).eval()
+    fixed = copy.deepcopy(model)
+    fix_size(fixed.vit, args.img_size)
+    onnx_bytes = to_onnx(fixed, torch.randn(2, 3, args.img_size, args.img_size), 18).SerializeToString()
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    session = ort.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
+    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
+    runs = {"torch": lambda: model(x), "ONNX Runtime": lambda: session.run(None, {"images": x.numpy()})}
+    print(f"{args.model} classifier ({args.num_classes} classes) at {args.img_size}px, batch {args.batch_size}, "
+          f"float32, on {device_name('cpu')}; ONNX Runtime {ort.__version__}")
+    ms = {}
+    with torch.no_grad():
+        for label, run in runs.items():
+            for i in range(args.warmup + args.iters):
+                if i == args.warmup:
+                    t0 = time.perf_counter()
+                run()
+            ms[label] = (time.perf_counter() - t0) / args.iters * 1000
+            img_s = args.batch_size / ms[label] * 1000
+            print(f"  {label:12s} {ms[label]:9.1f} ms/batch {img_s:8.1f} img/s", flush=True)
+    print(f"  ONNX Runtime / torch time: {ms['ONNX Runtime'] / ms['torch']:.2f} (below 1: ONNX Runtime is faster)")
+
+
 def forever(loader):
     while True:
         yield from loader
@@ -728,6 +765,15 @@ def parse_args(argv=None):
     proof.add_argument("--tiny", action="store_true", help="the toy family at toy sizes: tests the proof on a CPU")
     proof.add_argument("--out", default="out/proof.md", help="the table; logs, data and runs go in out/proof/")
     proof.add_argument("--budget", type=float, default=660, help="seconds for all steps: later ones are skipped")
+    latency = sub.add_parser("latency")  # the CPU alone, float32: its own flags
+    latency.set_defaults(device="cpu")
+    latency.add_argument("--model", default="vits14", choices=list(CONFIGS))
+    latency.add_argument("--img_size", type=int, default=518)
+    latency.add_argument("--batch_size", type=int, default=1)
+    latency.add_argument("--num_classes", type=int, default=100)
+    latency.add_argument("--threads", type=int, default=None, help="CPU threads for both (default: torch's)")
+    latency.add_argument("--iters", type=int, default=10)
+    latency.add_argument("--warmup", type=int, default=3)
     return p.parse_args(argv), p
 
 
@@ -737,7 +783,7 @@ def main(argv=None):
     if getattr(args, "device", "").startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
     {"step": cmd_step, "schedule": cmd_schedule, "fit": cmd_fit, "memory": cmd_memory, "data": cmd_data,
-     "backbone": cmd_backbone, "proof": cmd_proof}[args.what](args)
+     "backbone": cmd_backbone, "latency": cmd_latency, "proof": cmd_proof}[args.what](args)
 
 
 if __name__ == "__main__":

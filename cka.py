@@ -24,7 +24,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import Dataset, Subset
 
-from data import DATASETS, DataError, eval_transform, load_splits, make_loader, normalize
+from data import DATASETS, DataError, eval_transform, fingerprint, load_splits, make_loader, normalize
 from experiment import COUNT, POSITIVE_INT, Parser, default_img_size, write_json
 from lora import MAPPINGS, layer_mapping
 from model import CONFIGS, CheckpointError, initial_backbone, load_model
@@ -206,8 +206,8 @@ def parse_args(argv=None):
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", nargs="*", default=[], metavar="DIR",
                    help="run folders written by train_twostep.py / train_slad.py (config.json, teacher.pt, student.pt)")
-    p.add_argument("--dataset", choices=DATASETS, help="default: the first run's, else dtd")
-    p.add_argument("--data_dir", default="./data")
+    p.add_argument("--dataset", choices=list(DATASETS), help="default: the first run's, else dtd")
+    p.add_argument("--data_dir", help="default: the first run's, else ./data")
     p.add_argument("--split", default="val", choices=["train", "val", "test"])
     p.add_argument("--max_images", type=POSITIVE_INT, default=None, help="a fixed random subset of the split (default: all of it)")
     p.add_argument("--teacher", choices=list(CONFIGS), help="default: the runs', else vitb14")
@@ -273,8 +273,8 @@ def resolve(args, runs, parser):
     """Fill unset flags from the first run's config, then check that every run started from the same encoders
     and was trained on the images it is measured on."""
     first = runs[0]["config"] if runs else {}
-    defaults = dict(dataset="dtd", teacher="vitb14", student="vits14", init="dinov2", seed=0, img_size=None,
-                    teacher_weights=None, student_weights=None)
+    defaults = dict(dataset="dtd", data_dir="./data", teacher="vitb14", student="vits14", init="dinov2", seed=0,
+                    img_size=None, teacher_weights=None, student_weights=None)
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, first.get(k, v))
@@ -290,8 +290,12 @@ def resolve(args, runs, parser):
     if len(set(names)) < len(names):
         parser.error(f"runs with the same folder name ({', '.join(names)}): their figures would overwrite each other")
     same = ("teacher", "student", "init") + (("seed",) if args.init == "random" else ())
+    data = ("dataset", "img_size")
+    if DATASETS[args.dataset].own:  # your folder: the files it lists now, not where it is (experiment.resolve_flags)
+        args.data_fingerprint = fingerprint(args.data_dir)
+        data += ("data_fingerprint",)
     for r in runs:
-        for k in same + ("dataset", "img_size"):
+        for k in same + data:
             if r["config"].get(k) != getattr(args, k):
                 why = ("its pretrained panel would not be its starting point" if k in same else
                        "it would be measured on other images than it was trained on")

@@ -1,17 +1,24 @@
 """
-The datasets of the paper (§4.1) and the augmentations of App. C.2, plus a procedural texture set for
-offline runs.
+The datasets: the paper's (§4.1), your own folders of images, and procedural tasks for offline runs, in one
+table (DATASETS: each one's reader, archive and checksum, folder, what it holds, whether it has its own val split,
+the runs' defaults); the augmentations of App. C.2; seeded loaders.
 
     splits, num_classes = load_splits("dtd", "./data")      # {"train", "val", "test"} of (PIL image, label)
+    splits["test"].classes                                  # the class names, in label order
     loader = make_loader(splits["train"], train_transform(518), batch_size=32, train=True, seed=0)
 
-Every sample of an epoch gets its own augmentation seed, drawn from (seed, epoch): the data of an epoch is
-the same whatever the number of workers or processes, and after a resume.
+A new dataset is one entry of DATASETS and a reader. Every sample of an epoch gets its own augmentation seed,
+drawn from (seed, epoch): the data of an epoch is the same whatever the number of workers or processes, and
+after a resume.
 """
 
+import functools
+import hashlib
 import itertools
 import os
 import zipfile
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -21,11 +28,11 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-CLASSIFICATION = ("dtd", "aircraft", "cub", "synthetic", "synthetic-fine")
-SEGMENTATION = ("cityscapes", "synthetic-seg")
-DATASETS = CLASSIFICATION + SEGMENTATION
+SPLITS = ("train", "val", "test")
 IGNORE = 255  # segmentation label of pixels that count for nothing
 RESIZE_RATIO = 640 / 512  # the paper resizes to 640, then center-crops 512 (App. C.2)
+ARCHIVE_FIX = "unpack it again from the dataset's archive, or delete the dataset's folder and download it again"
+OWN_FIX = "replace it with a good copy, or delete it"  # your own folders: nothing to download
 
 
 class DataError(RuntimeError):
@@ -37,15 +44,17 @@ class DataError(RuntimeError):
         super().__init__(message)
 
 
-def open_image(path, mode="RGB"):
+def unreadable(path, e, fix=ARCHIVE_FIX):
+    return DataError(f"cannot read {path} ({type(e).__name__}: {e}): the file is missing, truncated or corrupt; {fix}")
+
+
+def open_image(path, mode="RGB", fix=ARCHIVE_FIX):
     """An image file, decoded now (mode None: as stored), so that a bad file stops here, named."""
     try:
         with Image.open(path) as img:
             return img.convert(mode) if mode else img.copy()
     except OSError as e:  # PIL's "image file is truncated" and UnidentifiedImageError are OSErrors
-        raise DataError(f"cannot read {path} ({type(e).__name__}: {e}): the file is missing, truncated or corrupt; "
-                        f"unpack it again from the dataset's archive, or delete the dataset's folder and download "
-                        f"it again") from None
+        raise unreadable(path, e, fix) from None
 
 
 # -----------------------------------------------------------------------------
@@ -124,58 +133,322 @@ class SegEvalTransform:
 
 
 # -----------------------------------------------------------------------------
-# the datasets
+# the paper's datasets (§4.1), read from their own files
 
 
 class ImageFiles(Dataset):
-    """(PIL image, label) of a list of (path, label): DTD, FGVC-Aircraft and CUB, read from their own files."""
+    """(PIL image, label) of a list of (path, label), class names in .classes: DTD, FGVC-Aircraft, CUB, your own
+    folders. `fix` is what a message about an unreadable file tells to do."""
 
-    def __init__(self, samples, classes):
-        self.samples, self.classes = samples, classes
+    def __init__(self, samples, classes, fix=ARCHIVE_FIX):
+        self.samples, self.classes, self.fix = samples, classes, fix
 
     def __len__(self):
         return len(self.samples)
 
     def __getitem__(self, i):
         path, label = self.samples[i]
-        return open_image(path), label
+        return open_image(path, fix=self.fix), label
 
 
 def dtd_folder(root):
     """The folder of DTD's images/ and labels/: ROOT/dtd/dtd as torchvision downloads it, else ROOT/dtd, what
-    the archive (its top folder is dtd/) gives when unpacked into ROOT by hand."""
+    the archive (its top folder is dtd/) gives when unpacked into ROOT."""
     folder = os.path.join(root, "dtd", "dtd")
     return folder if os.path.isdir(folder) else os.path.join(root, "dtd")
 
 
-def read_dtd(root, split):
+def read_dtd(root):
     """DTD, partition 1, as torchvision's DTD reads it: classes are the sorted folder names."""
     folder = dtd_folder(root)
-    lines = [line.strip() for line in open(os.path.join(folder, "labels", f"{split}1.txt")) if line.strip()]
-    classes = sorted({line.split("/")[0] for line in lines})
-    index = {c: k for k, c in enumerate(classes)}
-    return ImageFiles([(os.path.join(folder, "images", line), index[line.split("/")[0]]) for line in lines], classes)
+    splits = {}
+    for split in SPLITS:
+        lines = [line.strip() for line in open(os.path.join(folder, "labels", f"{split}1.txt")) if line.strip()]
+        classes = sorted({line.split("/")[0] for line in lines})
+        index = {c: k for k, c in enumerate(classes)}
+        samples = [(os.path.join(folder, "images", line), index[line.split("/")[0]]) for line in lines]
+        splits[split] = ImageFiles(samples, classes)
+    return splits
 
 
-def read_aircraft(root, split):
+def read_aircraft(root):
     """FGVC-Aircraft's variants, as torchvision's FGVCAircraft reads them: classes in variants.txt's order."""
     folder = os.path.join(root, "fgvc-aircraft-2013b", "data")
     read = lambda f: [line.strip() for line in open(os.path.join(folder, f)) if line.strip()]
     classes = read("variants.txt")
     index = {c: k for k, c in enumerate(classes)}
-    lines = [line.split(" ", 1) for line in read(f"images_variant_{split}.txt")]  # "<image id> <variant name>"
-    return ImageFiles([(os.path.join(folder, "images", f"{i}.jpg"), index[variant]) for i, variant in lines], classes)
+    splits = {}
+    for split in SPLITS:
+        lines = [line.split(" ", 1) for line in read(f"images_variant_{split}.txt")]  # "<image id> <variant name>"
+        splits[split] = ImageFiles([(os.path.join(folder, "images", f"{i}.jpg"), index[v]) for i, v in lines], classes)
+    return splits
 
 
-def read_cub(root, split):
-    """CUB-200-2011 from the official CUB_200_2011/ folder (torchvision has no class for it)."""
+def read_cub(root):
+    """CUB-200-2011 from the official CUB_200_2011/ folder (torchvision has no class for it); train and test (no
+    val: load_splits holds it out). Class names are the image folders' ("001.Black_footed_Albatross": the part
+    after the number)."""
     base = os.path.join(root, "CUB_200_2011")
     read = lambda f: [line.split() for line in open(os.path.join(base, f)) if line.strip()]
     paths = {i: p for i, p in read("images.txt")}
     is_train = {i: t == "1" for i, t in read("train_test_split.txt")}
     labels = {i: int(c) - 1 for i, c in read("image_class_labels.txt")}  # 1-based in the files
-    keep = [i for i in paths if is_train[i] == (split == "train")]
-    return ImageFiles([(os.path.join(base, "images", paths[i]), labels[i]) for i in keep], sorted(set(labels.values())))
+    names = {labels[i]: os.path.dirname(p).split(".", 1)[-1] for i, p in paths.items()}
+    classes = [names[k] for k in sorted(names)]
+    return {split: ImageFiles([(os.path.join(base, "images", paths[i]), labels[i]) for i in paths
+                               if is_train[i] == (split == "train")], classes) for split in ("train", "test")}
+
+
+# the page the zips are on, after a free registration (linked so by mmsegmentation's dataset_prepare.md)
+CITYSCAPES_URL = "https://www.cityscapes-dataset.com/downloads/"
+CITYSCAPES_ZIPS = ("leftImg8bit_trainvaltest.zip", "gtFine_trainvaltest.zip")
+
+
+class Cityscapes(Dataset):
+    """Cityscapes, fine annotations, labels mapped to the 19 train ids (255: ignored), read from the official
+    leftImg8bit/ and gtFine/ folders through torchvision."""
+
+    # labelId -> trainId of the 19 evaluated classes (cityscapesScripts' labels.py)
+    TRAIN_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12,
+                 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
+    CLASSES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
+               "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle",
+               "bicycle")
+
+    def __init__(self, root, split):
+        import torchvision.datasets as tvd
+        ds = tvd.Cityscapes(os.path.join(root, "cityscapes"), split=split, mode="fine", target_type="semantic")
+        self.samples = sorted(zip(ds.images, (t[0] for t in ds.targets)))  # os.listdir's order is arbitrary
+        self.classes = list(self.CLASSES)
+        self.lut = np.full(256, IGNORE, dtype=np.uint8)
+        for label_id, train_id in self.TRAIN_IDS.items():
+            self.lut[label_id] = train_id
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        img, target = self.samples[i]
+        return open_image(img), Image.fromarray(self.lut[np.array(open_image(target, mode=None))])
+
+
+def read_cityscapes(root):
+    """Cityscapes' train, and its official val as test: the test labels are not public (§4.2.2)."""
+    try:
+        return {"train": Cityscapes(root, "train"), "test": Cityscapes(root, "val")}
+    except zipfile.BadZipFile:  # torchvision unpacks the zips on the first run
+        zips = [os.path.join(root, "cityscapes", z) for z in CITYSCAPES_ZIPS]
+        bad = [z for z in zips if not zipfile.is_zipfile(z)] or zips  # a truncated zip has no central directory
+        raise DataError(f"incomplete zip file: {' and '.join(bad)} (an interrupted download?); delete it, download "
+                        f"it again from {CITYSCAPES_URL} and run again") from None
+    except (OSError, RuntimeError) as e:
+        raise DataError(
+            f"Cityscapes is not in {os.path.join(root, 'cityscapes')} ({type(e).__name__}: {str(e).strip()[:120]}). "
+            f"It needs a (free) registration, so it cannot be downloaded for you: log in at "
+            f"{CITYSCAPES_URL}, download {CITYSCAPES_ZIPS[0]} (11 GB) and {CITYSCAPES_ZIPS[1]} (241 MB), and "
+            f"put them (or what they unpack to) in {os.path.join(root, 'cityscapes')}, so that it holds "
+            f"leftImg8bit/{{train,val}}/ and gtFine/{{train,val}}/ (the zips are unpacked on the first run)."
+        ) from None
+
+
+# -----------------------------------------------------------------------------
+# your own images: a folder of classes (torchvision's ImageFolder layout) or of images and masks (docs/own-data.md)
+
+@functools.cache
+def image_extensions():
+    """The file extensions of every format pillow opens (.jpg, .png, .webp, .tif, ...), looked up once."""
+    return {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+
+
+def image_files(folder, recursive=True):
+    """The image files in folder (and below it), by extension, hidden ones skipped, sorted: the same order on
+    every machine."""
+    found, extensions = [], image_extensions()
+    for d, dirs, files in os.walk(folder, followlinks=True):
+        dirs[:] = sorted(x for x in dirs if not x.startswith(".")) if recursive else []
+        found += [os.path.join(d, f) for f in sorted(files)
+                  if not f.startswith(".") and os.path.splitext(f)[1].lower() in extensions]
+    return found
+
+
+def hold_out(samples, splits, group, frac=0.1, seed=0):
+    """{"train": [...], split: [...] for each of `splits`}: frac of each group's samples (a class, by group(sample))
+    held out of train for each split, the rest train; drawn with a fixed seed, so the same on every run. Per
+    class, so that a rare class keeps most of its images for training and is counted in val and test."""
+    groups = {}
+    for s in samples:
+        groups.setdefault(group(s), []).append(s)
+    out = {name: [] for name in ("train", *splits)}
+    for k, key in enumerate(sorted(groups)):
+        members = groups[key]
+        order = np.random.default_rng([seed, k]).permutation(len(members)).tolist()
+        n = int(frac * len(members) + 0.5)  # 10 %, rounded half up: a class of 5 images gives 1
+        for j, name in enumerate(splits):
+            out[name] += [members[i] for i in sorted(order[j * n:(j + 1) * n])]
+        out["train"] += [members[i] for i in sorted(order[len(splits) * n:])]
+    for name in splits:
+        if not out[name]:
+            raise DataError(f"too few images to hold {name} out of train (10 % of a class rounds to none under 5 "
+                            f"images): add more images, or a {name}/ folder of your own")
+    return out
+
+
+def read_image_folder(root):
+    """Your classification images, torchvision's ImageFolder layout: ROOT/train/<class>/<image> (any format
+    pillow opens; subfolders of a class are read too), and val/ and test/ alike if you have them. Classes are
+    train's folder names, sorted. A split you do not have is held out of train: 10 % of each class, fixed seed.
+    What would train on nonsense is refused, one line each."""
+    layout = f"{os.path.join(root, 'train')}/<class>/<image>, val/ and test/ alike if you have them"
+    if os.path.isdir(os.path.join(root, "train", "images")) and os.path.isdir(os.path.join(root, "train", "masks")):
+        raise DataError(f"{root} holds train/images/ and train/masks/, a segmentation folder: use --dataset folder-seg")
+    found = {}  # split -> {class: [image paths]}
+    for split in SPLITS:
+        folder = os.path.join(root, split)
+        if not os.path.isdir(folder):
+            if split == "train":
+                raise DataError(f"no images: {folder} is not a folder (--dataset folder reads {layout})")
+            continue
+        classes = sorted(c for c in os.listdir(folder)
+                         if not c.startswith(".") and os.path.isdir(os.path.join(folder, c)))
+        found[split] = {c: image_files(os.path.join(folder, c)) for c in classes}
+        empty = [c for c, files in found[split].items() if not files]
+        if empty:
+            raise DataError(f"{os.path.join(folder, empty[0])} holds no image (formats pillow opens: .jpg, .png, "
+                            f".webp, ...): add its images or remove that folder")
+        if not classes:
+            loose = " (the images in it go in a folder of their class)" if image_files(folder, recursive=False) else ""
+            raise DataError(f"no images: {folder} holds no class folder{loose}; --dataset folder reads {layout}")
+    classes = list(found["train"])
+    if len(classes) < 2:
+        raise DataError(f"{os.path.join(root, 'train')} holds 1 class folder ({classes[0]}): a classifier needs at "
+                        f"least two classes")
+    for split in ("val", "test"):
+        extra = [c for c in found.get(split, {}) if c not in classes]
+        if extra:
+            raise DataError(f"{os.path.join(root, split, extra[0])} is a class that {os.path.join(root, 'train')} "
+                            f"lacks: add its training images there, or remove it from {split}/")
+    index = {c: k for k, c in enumerate(classes)}
+    samples = {s: [(p, index[c]) for c, files in found[s].items() for p in files] for s in found}
+    for path, _ in (sample for split in samples.values() for sample in split):
+        image_size(path)  # ~0.1 ms an image
+    missing = [s for s in ("val", "test") if s not in samples]
+    samples.update(hold_out(samples["train"], missing, group=lambda sample: sample[1]))
+    splits = {s: ImageFiles(samples[s], classes, fix=OWN_FIX) for s in SPLITS}
+    for s in missing:
+        splits[s].held_out = "10 % of each class of train, fixed seed 0"
+    return splits
+
+
+class MaskFiles(Dataset):
+    """(PIL image, PIL mask of class indices) of a list of (image path, mask path): your segmentation folder."""
+
+    def __init__(self, pairs, classes):
+        self.samples, self.classes = pairs, classes
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        img, mask = self.samples[i]
+        return open_image(img, fix=OWN_FIX), Image.fromarray(np.array(open_image(mask, None, OWN_FIX), dtype=np.uint8))
+
+
+def image_size(path):
+    """(width, height) from an image file's header (not its pixels): a file pillow cannot open is refused now, one
+    line that names it, before a run writes anything; one cut short is found when it is read."""
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except OSError as e:
+        raise unreadable(path, e, OWN_FIX) from None
+
+
+def check_mask(img, mask, num_classes):
+    """Refuse a mask that does not fit its image: another size, more than one channel, an index past the classes."""
+    size = image_size(img)
+    m = np.array(open_image(mask, mode=None, fix=OWN_FIX))
+    if m.ndim != 2:
+        raise DataError(f"{mask} has {m.shape[2]} channels: a mask holds one class index a pixel (an 8-bit grayscale "
+                        f"or palette PNG, 255 ignored)")
+    if (m.shape[1], m.shape[0]) != size:
+        raise DataError(f"{mask} is {m.shape[1]}x{m.shape[0]} pixels but its image {img} is {size[0]}x{size[1]}: a "
+                        f"mask labels each pixel of its image, at the same size")
+    if m.max() >= num_classes:
+        top = int(m[m != IGNORE].max(initial=0))
+        if top >= num_classes:
+            raise DataError(f"{mask} holds class index {top}, but classes.txt names {num_classes} classes (indices "
+                            f"0-{num_classes - 1}; 255 is ignored): fix the mask or add the class to classes.txt")
+
+
+def read_mask_folder(root):
+    """Your segmentation images: ROOT/classes.txt (one class name a line, the first line is index 0) and
+    ROOT/train/images/<stem>.<ext> (any format pillow opens) with ROOT/train/masks/<stem>.png (a class index a
+    pixel, 255 ignored), and val/ and test/ alike if you have them. A split you do not have is held out of train
+    (10 % of its images, fixed seed). Every mask is read once here, so that a bad one is refused before a run
+    starts rather than in its middle."""
+    names_file = os.path.join(root, "classes.txt")
+    layout = f"{names_file} and {os.path.join(root, 'train', 'images')}/<stem>.<ext> with masks/<stem>.png"
+    if not os.path.isfile(names_file):
+        raise DataError(f"no {names_file}: --dataset folder-seg reads {layout} (classes.txt: one class name a line, "
+                        f"the first is index 0)")
+    classes = [line.strip() for line in open(names_file) if line.strip()]
+    if not 2 <= len(classes) <= IGNORE:
+        raise DataError(f"{names_file} names {len(classes)} classes: a segmentation needs 2 to 255 (e.g. background "
+                        f"and one object; index 255 is ignored)")
+    samples = {}
+    for split in SPLITS:
+        folder = os.path.join(root, split)
+        if not os.path.isdir(folder):
+            if split == "train":
+                raise DataError(f"no images: {folder} is not a folder (--dataset folder-seg reads {layout})")
+            continue
+        images, masks = {}, {}
+        for path in image_files(os.path.join(folder, "images"), recursive=False):
+            stem = os.path.splitext(os.path.basename(path))[0]
+            if stem in images:
+                raise DataError(f"{images[stem]} and {path} share a name: one image a mask, rename one of them")
+            images[stem] = path
+        mask_folder = os.path.join(folder, "masks")
+        for f in sorted(os.listdir(mask_folder)) if os.path.isdir(mask_folder) else []:
+            if f.lower().endswith(".png") and not f.startswith("."):
+                masks[os.path.splitext(f)[0]] = os.path.join(mask_folder, f)
+        if not images:
+            raise DataError(f"no images: {os.path.join(folder, 'images')} holds none; --dataset folder-seg reads "
+                            f"{layout}")
+        no_mask, no_image = sorted(images.keys() - masks.keys()), sorted(masks.keys() - images.keys())
+        if no_mask:
+            raise DataError(f"{images[no_mask[0]]} has no mask: expected "
+                            f"{os.path.join(folder, 'masks', no_mask[0] + '.png')}")
+        if no_image:
+            raise DataError(f"{masks[no_image[0]]} has no image: expected {os.path.join(folder, 'images', no_image[0])}"
+                            f".<ext> (.jpg, .png, ...), or remove the mask")
+        samples[split] = [(images[stem], masks[stem]) for stem in sorted(images)]
+    for img, mask in (pair for pairs in samples.values() for pair in pairs):
+        check_mask(img, mask, len(classes))
+    missing = [s for s in ("val", "test") if s not in samples]
+    samples.update(hold_out(samples["train"], missing, group=lambda sample: 0))
+    splits = {s: MaskFiles(samples[s], classes) for s in SPLITS}
+    for s in missing:
+        splits[s].held_out = "10 % of train's images, fixed seed 0"
+    return splits
+
+
+def fingerprint(root):
+    """Eight hex digits of your folder's content as listed (not its pixels): classes.txt and the path of every image
+    and mask below train/, val/ and test/. Two folders share it only if they list the same files; a moved or
+    renamed folder keeps it. Runs carry it in their config (experiment.resolve_flags)."""
+    h = hashlib.sha1()
+    names_file = os.path.join(root, "classes.txt")
+    if os.path.isfile(names_file):
+        h.update(open(names_file, "rb").read())
+    for split in SPLITS:
+        for path in image_files(os.path.join(root, split)):
+            h.update(os.path.relpath(path, root).replace(os.sep, "/").encode() + b"\n")
+    return h.hexdigest()[:8]
+
+
+# -----------------------------------------------------------------------------
+# procedural tasks, drawn on the fly (no download), for the toy family
 
 
 def hsv(h, s, v):
@@ -192,9 +465,14 @@ class Procedural(Dataset):
     def __init__(self, split, seed=0, n=None):
         self.split, self.seed, self.size = split, seed, self.SIZE
         self.n = n or self.SIZES[split]
-        self.classes = list(range(len(self.CLASSES)))
+        self.classes = list(self.CLASSES)
         self.grid = np.mgrid[0:self.size, 0:self.size].astype(np.float32)
         self.cache = {}
+
+    @classmethod
+    def read(cls, root=None):
+        """The three splits, drawn on the fly: nothing is read from root."""
+        return {split: cls(split) for split in SPLITS}
 
     def __len__(self):
         return self.n
@@ -261,34 +539,6 @@ class SyntheticTextures(Procedural):
         light = 1 + strength * (np.cos(a) * (x - s / 2) + np.sin(a) * (y - s / 2)) / (s / 2)
         img = np.where(val[..., None], fg, bg) * light[..., None] + 20 * rng.standard_normal(size=(s, s, 1), dtype=np.float32)
         return np.clip(img, 0, 255).astype(np.uint8)
-
-
-class Cityscapes(Dataset):
-    """Cityscapes, fine annotations, labels mapped to the 19 train ids (255: ignored), read from the official
-    leftImg8bit/ and gtFine/ folders through torchvision."""
-
-    # labelId -> trainId of the 19 evaluated classes (cityscapesScripts' labels.py)
-    TRAIN_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12,
-                 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
-    CLASSES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
-               "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle",
-               "bicycle")
-
-    def __init__(self, root, split):
-        import torchvision.datasets as tvd
-        ds = tvd.Cityscapes(os.path.join(root, "cityscapes"), split=split, mode="fine", target_type="semantic")
-        self.samples = sorted(zip(ds.images, (t[0] for t in ds.targets)))  # os.listdir's order is arbitrary
-        self.classes = list(range(len(self.CLASSES)))
-        self.lut = np.full(256, IGNORE, dtype=np.uint8)
-        for label_id, train_id in self.TRAIN_IDS.items():
-            self.lut[label_id] = train_id
-
-    def __len__(self):
-        return len(self.samples)
-
-    def __getitem__(self, i):
-        img, target = self.samples[i]
-        return open_image(img), Image.fromarray(self.lut[np.array(open_image(target, mode=None))])
 
 
 class SyntheticShapes(Procedural):
@@ -371,40 +621,75 @@ class SyntheticFine(Procedural):
         return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)), label
 
 
-READERS = {"dtd": read_dtd, "aircraft": read_aircraft, "cub": read_cub}
-HELP = {  # where to get it (each URL checked against the source named), the folder it unpacks to, what that holds
-    # torchvision.datasets.DTD._URL (torchvision 0.29); the archive's top folder is dtd/
-    "dtd": ("https://www.robots.ox.ac.uk/~vgg/data/dtd/download/dtd-r1.0.1.tar.gz", "dtd", "images/ and labels/"),
-    # torchvision.datasets.FGVCAircraft._URL (torchvision 0.29)
-    "aircraft": ("https://www.robots.ox.ac.uk/~vgg/data/fgvc-aircraft/archives/fgvc-aircraft-2013b.tar.gz",
-                 "fgvc-aircraft-2013b", "data/"),
-    # Caltech's record of CUB-200-2011 (data.caltech.edu/records/65de6-vp158), the URL public CUB loaders use
-    "cub": ("https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz", "CUB_200_2011",
-            "images/, images.txt, train_test_split.txt and image_class_labels.txt"),
+# -----------------------------------------------------------------------------
+# the table: every dataset a --dataset flag names, in one place
+
+
+@dataclass(frozen=True)
+class Source:
+    """One dataset: how it is read, where it comes from, and the defaults its runs get."""
+
+    task: str  # "classification" or "segmentation"
+    read: Callable  # read(root) -> {"train", "test"[, "val"]}: datasets of (PIL image, label or mask), .classes
+    folder: str = ""  # where it is below --data_dir ("": --data_dir is the dataset)
+    holds: str = ""  # what that folder holds, as the messages say it
+    url: str = None  # the archive download() fetches and unpacks into --data_dir; None: none to fetch
+    md5: str = None  # that archive's MD5 where one is published; None: not checked
+    own_val: bool = True  # False: load_splits holds out 10 % of train for val (fixed seed), as the paper does
+    own: bool = False  # your own folder: its name joins the run's name, a fingerprint of its files the config
+    img_size: int = 518  # the runs' defaults (experiment.resolve_flags): 518 = 37 x 14, the patch-14 size nearest
+    batch_size: int = 32  # the paper's 512 crop; the procedural tasks are for toy models, which need more steps
+    lr: float = 1e-3  # (smaller batches) and a larger learning rate to learn in one epoch
+
+
+SEG = dict(img_size=560, batch_size=8)  # the paper's 560 crop (App. C.2)
+TOY = dict(lr=3e-3)
+DATASETS = {
+    # the paper's (§4.1); URLs checked against the source named
+    "dtd": Source("classification", read_dtd, "dtd", "images/ and labels/",  # torchvision's DTD._URL and _MD5
+                  url="https://www.robots.ox.ac.uk/~vgg/data/dtd/download/dtd-r1.0.1.tar.gz",
+                  md5="fff73e5086ae6bdbea199a49dfb8a4c1"),
+    "aircraft": Source("classification", read_aircraft, "fgvc-aircraft-2013b", "data/",  # FGVCAircraft._URL, no MD5
+                       url="https://www.robots.ox.ac.uk/~vgg/data/fgvc-aircraft/archives/fgvc-aircraft-2013b.tar.gz"),
+    "cub": Source("classification", read_cub, "CUB_200_2011",  # Caltech's record (data.caltech.edu/records/65de6-vp158)
+                  "images/, images.txt, train_test_split.txt and image_class_labels.txt",
+                  url="https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz",
+                  md5="97eceeb196236b17998738112f37df78", own_val=False),
+    "cityscapes": Source("segmentation", read_cityscapes, "cityscapes",  # a registration: read_cityscapes says where
+                         "leftImg8bit/{train,val}/ and gtFine/{train,val}/", own_val=False, **SEG),
+    # your own (docs/own-data.md): --data_dir is the folder; val/ and test/ are held out of train when absent
+    "folder": Source("classification", read_image_folder, "", "train/<class>/<image>, val/ and test/ alike if any",
+                     own=True),
+    "folder-seg": Source("segmentation", read_mask_folder, "",
+                         "classes.txt, train/images/<stem>.<ext> and train/masks/<stem>.png, val/ and test/ alike "
+                         "if any",
+                         own=True, **SEG),
+    # procedural, in the roles of DTD, of CUB and Aircraft, and of Cityscapes (docs/miniature.md)
+    "synthetic": Source("classification", SyntheticTextures.read, img_size=56, batch_size=16, **TOY),
+    "synthetic-fine": Source("classification", SyntheticFine.read, img_size=56, batch_size=32, **TOY),
+    "synthetic-seg": Source("segmentation", SyntheticShapes.read, img_size=112, batch_size=8, **TOY),
 }
-CUB_MD5 = "97eceeb196236b17998738112f37df78"
-# the page the zips are on, after a free registration (linked so by mmsegmentation's dataset_prepare.md)
-CITYSCAPES_URL = "https://www.cityscapes-dataset.com/downloads/"
-CITYSCAPES_ZIPS = ("leftImg8bit_trainvaltest.zip", "gtFine_trainvaltest.zip")
+CLASSIFICATION = tuple(name for name, s in DATASETS.items() if s.task == "classification")
+SEGMENTATION = tuple(name for name, s in DATASETS.items() if s.task == "segmentation")
 
 
 def download(name, root):
-    """Fetch and unpack a dataset into root, as torchvision does; a clear DataError when it cannot."""
-    import torchvision.datasets as tvd
+    """Fetch a dataset's archive, check its MD5 and unpack it into root (torchvision's download_and_extract_archive);
+    when that fails, one paragraph that says how to do it by hand. Refuses a dataset it has no archive for."""
+    source = DATASETS.get(name)
+    if source is None or source.url is None:
+        why = "no such dataset" if source is None else "it is not fetched from an archive"
+        fetched = ", ".join(n for n, s in DATASETS.items() if s.url)
+        raise DataError(f"download: no archive to fetch for {name!r} ({why}); the datasets fetched are {fetched}")
     from torchvision.datasets.utils import download_and_extract_archive
-    url, folder, content = HELP[name]
+    url, folder = source.url, os.path.join(root, source.folder)
     try:
-        if name == "dtd":
-            tvd.DTD(root, split="train", partition=1, download=True)
-        elif name == "aircraft":
-            tvd.FGVCAircraft(root, split="train", annotation_level="variant", download=True)
-        else:
-            download_and_extract_archive(url, root, filename="CUB_200_2011.tgz", md5=CUB_MD5)
+        download_and_extract_archive(url, root, md5=source.md5)
     except Exception as e:
         raise DataError(
-            f"The {name} dataset is not in {os.path.join(root, folder)} and could not be downloaded "
+            f"The {name} dataset is not in {folder} and could not be downloaded "
             f"({type(e).__name__}: {str(e).strip()[:200]}). Download {url} yourself and unpack it into {root} "
-            f"(tar xzf {os.path.basename(url)} -C {root}), so that {os.path.join(root, folder)} holds {content}; "
+            f"(tar xzf {os.path.basename(url)} -C {root}), so that {folder} holds {source.holds}; "
             f"then run again (or point --data_dir at the folder that holds it)."
         ) from None
 
@@ -417,52 +702,38 @@ def holdout(dataset, frac=0.1, seed=0):
 
 
 def load_splits(name, root="./data"):
-    """({'train', 'val', 'test'} datasets of (PIL image, label), num_classes). Absent data is downloaded."""
-    if name == "synthetic":
-        splits = {s: SyntheticTextures(s) for s in ("train", "val", "test")}
-        return splits, len(SyntheticTextures.CLASSES)
-    if name == "synthetic-seg":
-        splits = {s: SyntheticShapes(s) for s in ("train", "val", "test")}
-        return splits, len(SyntheticShapes.CLASSES)
-    if name == "synthetic-fine":
-        splits = {s: SyntheticFine(s) for s in ("train", "val", "test")}
-        return splits, len(SyntheticFine.CLASSES)
-    if name == "cityscapes":  # test labels are not public: test on val, hold out 10% of train for val (§4.2.2)
-        try:
-            train, val = holdout(Cityscapes(root, "train"))
-            return {"train": train, "val": val, "test": Cityscapes(root, "val")}, len(Cityscapes.CLASSES)
-        except zipfile.BadZipFile:  # torchvision unpacks the zips on the first run
-            zips = [os.path.join(root, "cityscapes", z) for z in CITYSCAPES_ZIPS]
-            bad = [z for z in zips if not zipfile.is_zipfile(z)] or zips  # a truncated zip has no central directory
-            raise DataError(f"incomplete zip file: {' and '.join(bad)} (an interrupted download?); delete it, download "
-                            f"it again from {CITYSCAPES_URL} and run again") from None
-        except (OSError, RuntimeError) as e:
-            raise DataError(
-                f"Cityscapes is not in {os.path.join(root, 'cityscapes')} ({type(e).__name__}: {str(e).strip()[:120]}). "
-                f"It needs a (free) registration, so it cannot be downloaded for you: log in at "
-                f"{CITYSCAPES_URL}, download {CITYSCAPES_ZIPS[0]} (11 GB) and {CITYSCAPES_ZIPS[1]} (241 MB), and "
-                f"put them (or what they unpack to) in {os.path.join(root, 'cityscapes')}, so that it holds "
-                f"leftImg8bit/{{train,val}}/ and gtFine/{{train,val}}/ (the zips are unpacked on the first run)."
-            ) from None
-    if name not in HELP:
+    """({'train', 'val', 'test'} datasets of (PIL image, label or mask), num_classes); splits["test"].classes are
+    the class names. A dataset with an archive is downloaded when its folder is absent."""
+    if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; one of {', '.join(DATASETS)}")
-    url, folder, content = HELP[name]
-    # DTD's download makes ROOT/dtd before it fetches anything: DTD is there when its images/ are
-    if not os.path.isdir(os.path.join(dtd_folder(root), "images") if name == "dtd" else os.path.join(root, folder)):
+    source = DATASETS[name]
+    folder = os.path.join(root, source.folder)
+    if source.url and not os.path.isdir(folder):
         download(name, root)
-    read = READERS[name]
     try:
-        if name == "cub":  # no val split: hold out 10% of train
-            train, val = holdout(read(root, "train"))
-            splits = {"train": train, "val": val, "test": read(root, "test")}
-        else:
-            splits = {s: read(root, s) for s in ("train", "val", "test")}
+        splits = source.read(root)
     except (OSError, KeyError, ValueError) as e:
-        folder = dtd_folder(root) if name == "dtd" else os.path.join(root, folder)
+        if source.url is None:
+            raise
         raise DataError(f"{folder} is not a complete copy of {name} ({type(e).__name__}: {str(e).strip()[:200]}): it "
-                        f"should hold {content}, as unpacked from {url}; delete it and run again to download it "
-                        f"again") from None
-    return splits, len(splits["test"].classes)
+                        f"should hold {source.holds}, as unpacked from {source.url}; delete it and run again to "
+                        f"download it again") from None
+    if not source.own_val:
+        splits["train"], splits["val"] = holdout(splits["train"])
+        splits["val"].held_out = "10 % of train, fixed seed 0"
+    return {s: splits[s] for s in SPLITS}, len(splits["test"].classes)
+
+
+def held_out(splits):
+    """{split: how} of the splits held out of train, the data having none of its own."""
+    return {s: splits[s].held_out for s in SPLITS if getattr(splits[s], "held_out", None)}
+
+
+def describe(splits):
+    """One line for a run's log: each split's size, and how any was held out of train."""
+    held = held_out(splits)
+    return ", ".join(f"{s} {len(splits[s])}" + (f" (held out of train: {held[s]})" if s in held else "")
+                     for s in SPLITS)
 
 
 # -----------------------------------------------------------------------------

@@ -9,7 +9,9 @@ schedule, the loss, the log line and what it saves.
 
 import argparse
 import contextlib
+import csv
 import hashlib
+import io
 import json
 import math
 import os
@@ -30,19 +32,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import DATASETS, IGNORE, normalize
+from data import (DATASETS, IGNORE, IMAGENET_MEAN, IMAGENET_STD, RESIZE_RATIO, SEG_BASE_RATIO, fingerprint,
+                  normalize)
 from lora import merge_lora
 from model import CONFIGS, ViT, save_model, slide_inference
 
-# defaults that depend on the dataset. Classification: 518 = 37 x 14, the patch-14 size nearest the paper's
-# 512 crop (512 itself for DINOv3's 16: default_img_size); segmentation: the paper's 560 crop. The synthetic sets are for toy models, which need more steps
-# (smaller batches) and a larger learning rate to learn in one epoch.
-REAL = dict(img_size=518, batch_size=32, lr=1e-3)
-DATASET_DEFAULTS = {"dtd": REAL, "aircraft": REAL, "cub": REAL, "synthetic": dict(img_size=56, batch_size=16, lr=3e-3),
-                    "cityscapes": dict(img_size=560, batch_size=8, lr=1e-3),
-                    "synthetic-seg": dict(img_size=112, batch_size=8, lr=3e-3),
-                    "synthetic-fine": dict(img_size=56, batch_size=32, lr=3e-3)}  # the toy family's fine-grained task
-# defaults that depend on the models: DINOv2's (the paper's rank; Marrie et al.'s encoder LR for a fully trained
+# the defaults that depend on the dataset are in its row of data.DATASETS (img_size, batch_size, lr; the crop rounded
+# to the models' patch size: default_img_size); those that
+# depend on the models: DINOv2's (the paper's rank; Marrie et al.'s encoder LR for a fully trained
 # student), and the toy family's, chosen on val (docs/miniature.md): a rank that stays low next to toy-s's 48
 # dimensions, and an encoder LR for models that trained for minutes, not for weeks
 REAL_MODEL_DEFAULTS = dict(rank=16, backbone_lr=2e-5)
@@ -86,8 +83,11 @@ NON_NEGATIVE = _number(float, lambda v: 0 <= v < float("inf"), "0 or more")
 def parser(doc, method):
     """The flags of both scripts, spelled the same; each script adds its own."""
     p = Parser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default="dtd", choices=DATASETS)
-    p.add_argument("--data_dir", default="./data", help="where datasets are, or are downloaded to")
+    p.add_argument("--dataset", default="dtd", choices=list(DATASETS),
+                   help="a dataset of data.DATASETS: the paper's, your own folder (folder: classes, folder-seg: images "
+                        "and masks; docs/own-data.md) or a procedural one")
+    p.add_argument("--data_dir", default="./data",
+                   help="where datasets are, or are downloaded to; with --dataset folder or folder-seg, your folder")
     p.add_argument("--teacher", default="vitb14", choices=list(CONFIGS), help="the larger ViT")
     p.add_argument("--student", default="vits14", choices=list(CONFIGS), help="the smaller ViT")
     p.add_argument("--init", default="dinov2", choices=["dinov2", "random"],
@@ -138,13 +138,17 @@ def resolve_flags(args, p, method):
     """Fill in the defaults that depend on the dataset and the machine, and refuse what cannot run (one line)."""
     world = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's processes
     toys = args.teacher.startswith("toy") and args.student.startswith("toy")
+    source = DATASETS[args.dataset]
     t, s = CONFIGS[args.teacher], CONFIGS[args.student]
     patch = math.lcm(t.patch_size, s.patch_size)  # both models see the same crops
     if args.img_size is None:
         args.img_size = default_img_size(args.dataset, patch)
-    for k, v in {**DATASET_DEFAULTS[args.dataset], **(TOY_DEFAULTS if toys else REAL_MODEL_DEFAULTS)}.items():
+    dataset_defaults = dict(batch_size=source.batch_size, lr=source.lr)
+    for k, v in {**dataset_defaults, **(TOY_DEFAULTS if toys else REAL_MODEL_DEFAULTS)}.items():
         if getattr(args, k, v) is None:  # unset; a flag this script does not have is skipped
             setattr(args, k, v)
+    if source.own:  # your folder: its files, not where it is (--data_dir may move), make it this config's data
+        args.data_fingerprint = fingerprint(args.data_dir)
     if args.img_size % patch:
         p.error(f"--img_size {args.img_size} is not a multiple of the patch size {patch} "
                 f"(e.g. {args.img_size // patch * patch or patch})")
@@ -188,7 +192,7 @@ def resolve_flags(args, p, method):
 def default_img_size(dataset, patch_size):
     """The dataset's default crop rounded to the nearest multiple of the patch size: 518 and 560 stay for
     DINOv2's 14; DINOv3's 16 gives 512 (the paper's crop exactly) and 560; 112 across the two families."""
-    return max(1, round(DATASET_DEFAULTS[dataset]["img_size"] / patch_size)) * patch_size
+    return max(1, round(DATASETS[dataset].img_size / patch_size)) * patch_size
 
 
 def config_id(config):
@@ -200,13 +204,22 @@ def config_id(config):
 
 def run_name(config, method):
     """The default run folder's name: the method and what the README varies, readable, then config_id, so that
-    runs of different configs never share a folder: e.g. twostep-probe-finetune-dtd-vitb14-vits14-1a2b3c-s0."""
+    runs of different configs never share a folder: e.g. twostep-probe-finetune-dtd-vitb14-vits14-1a2b3c-s0, or
+    slad-folder-flowers-vitb14-vits14-4d5e6f-s0 for your folder ./flowers (config_id holds its fingerprint)."""
     parts = [method]
     if method == "twostep":
         parts += [config["teacher_adapt"], config["student_adapt"]]
     parts += [k for k in (config["kd"], config.get("feat", "none")) if k not in ("kl", "none")]
-    parts += [config["dataset"], config["teacher"], config["student"], config_id(config), f"s{config['seed']}"]
+    parts += [dataset_name(config), config["teacher"], config["student"], config_id(config), f"s{config['seed']}"]
     return "-".join(parts)
+
+
+def dataset_name(config):
+    """The dataset flag, and for your own folder its name too (folder-flowers), as run names and the log say it."""
+    if not DATASETS[config["dataset"]].own:
+        return config["dataset"]
+    name = re.sub(r"[^A-Za-z0-9_.]+", "_", os.path.basename(os.path.abspath(config["data_dir"]))).strip("_.")
+    return f"{config['dataset']}-{name or 'data'}"
 
 
 # -----------------------------------------------------------------------------
@@ -346,33 +359,36 @@ def adamw(groups, weight_decay, device):
 
 @torch.no_grad()
 def evaluate(models, loader, device, autocast, window=None):
-    """{name: {"acc": %, and "miou": % for segmentation}} of each model in {name: model} on loader, in one pass
-    over the data. Accuracy is top-1, or per pixel; with a `window` (segmentation) each image is predicted by a
-    sliding window of that side and stride window // 2 (App. C.2), and mIoU is counted at the labels' resolution."""
+    """{name: {"acc": %, "miou": % for segmentation, "confusion": (n, n) counts}} of each model in {name: model} on
+    loader, in one pass over the data. Accuracy is top-1, or per pixel; with a `window` (segmentation) each image
+    is predicted by a sliding window of that side and stride window // 2 (App. C.2), and mIoU is counted at the
+    labels' resolution. The confusion matrix counts images (pixels) by label (row) and prediction (column)."""
     for m in models.values():
         m.eval()
-    n = next(iter(models.values())).num_classes if window else 0
+    n = next(iter(models.values())).num_classes
     hits = {k: torch.zeros((), device=device, dtype=torch.long) for k in models}
     confusion = {k: torch.zeros(n, n, device=device, dtype=torch.long) for k in models}
     total = torch.zeros((), device=device, dtype=torch.long)
     for x, y in loader:  # each process evaluates its share of the split
         x, y = normalize(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
-        valid = y != IGNORE
+        valid = y != IGNORE if window else torch.ones_like(y, dtype=torch.bool)  # an image's label 255 is a class
         total += valid.sum()
         with autocast:
             for k, m in models.items():
                 if window:
                     logits = slide_inference(m, x, window, window // 2)
                     pred = F.interpolate(logits, size=y.shape[-2:], mode="bilinear", align_corners=False).argmax(1)
-                    confusion[k] += torch.bincount(y[valid] * n + pred[valid], minlength=n * n).view(n, n)
                 else:
                     pred = m(x).argmax(-1)
+                pairs = y * n + pred  # label, prediction; a classifier's are all valid: no boolean indexing, no sync
+                confusion[k] += torch.bincount(pairs[valid] if window else pairs, minlength=n * n).view(n, n)
                 hits[k] += ((pred == y) & valid).sum()
     if dist.is_initialized():
         for t in [total, *hits.values(), *confusion.values()]:
             dist.all_reduce(t)
     total = max(int(total), 1)
-    return {k: {"acc": 100.0 * hits[k].item() / total, **({"miou": miou(confusion[k])} if window else {})} for k in models}
+    return {k: {"acc": 100.0 * hits[k].item() / total, **({"miou": miou(confusion[k])} if window else {}),
+                "confusion": confusion[k].cpu()} for k in models}
 
 
 def miou(confusion):
@@ -385,8 +401,30 @@ def miou(confusion):
 
 
 def flat(metrics, prefix=""):
-    """{"teacher": {"acc": a, "miou": m}} -> {prefix + "teacher_acc": a, prefix + "teacher_miou": m}."""
-    return {f"{prefix}{name}_{k}": v for name, ms in metrics.items() for k, v in ms.items()}
+    """{"teacher": {"acc": a, "miou": m, "confusion": C}} -> {prefix + "teacher_acc": a, prefix + "teacher_miou": m}:
+    the numbers of a log line or results.json."""
+    return {f"{prefix}{name}_{k}": v for name, ms in metrics.items() for k, v in ms.items() if k != "confusion"}
+
+
+def per_class(classes, confusions, segmentation):
+    """results.json's per-class figures from {model: confusion matrix} (rows: label, columns: prediction): each
+    class's accuracy (the share of its test images predicted right) or, for segmentation, its IoU, in %; None
+    where a class is absent (no test image; for IoU, neither labelled nor predicted)."""
+    figures = {}
+    for name, c in confusions.items():
+        c = torch.as_tensor(c).double()
+        tp, count = c.diag(), c.sum(1)
+        union = c.sum(0) + count - tp if segmentation else count
+        figures[name] = [round(100 * t / u, 2) if u > 0 else None for t, u in zip(tp.tolist(), union.tolist())]
+    count = torch.as_tensor(next(iter(confusions.values()))).sum(1).tolist()
+    return {"classes": list(classes), "figure": "iou" if segmentation else "accuracy",
+            "test_count": count, **figures}  # test_count: images, or labelled pixels
+
+
+def worst_classes(figures, name, k=5):
+    """'dotted 40.0, striped 55.0, ...': the k classes where `name` does worst, for the log."""
+    ranked = sorted((v, c) for c, v in zip(figures["classes"], figures[name]) if v is not None)
+    return ", ".join(f"{c} {v:.1f}" for v, c in ranked[:k])
 
 
 # -----------------------------------------------------------------------------
@@ -535,12 +573,36 @@ def claim_out_dir(args, config, ckpt, p):
     return held
 
 
-def export(path, model):
-    """A Classifier or Segmenter with its adapters merged into the official DINOv2 or DINOv3 layout
-    (model.load_model reads it), written atomically."""
+def deploy_meta(args, classes):
+    """What prediction needs, saved with the exported models (model.load_model gives it back as model.meta): the
+    task, the class names in label order, and the preprocessing it was evaluated with at the size it trained at
+    (the ViT config's img_size is the grid its position embeddings were pretrained on, not this)."""
+    segmentation = DATASETS[args.dataset].task == "segmentation"
+    resize = round(args.img_size * (SEG_BASE_RATIO if segmentation else RESIZE_RATIO))
+    how = (f"resize the short side to {resize} px, then windows of {args.img_size} px, stride {args.img_size // 2}"
+           if segmentation else f"resize the short side to {resize} px, center-crop {args.img_size} px")
+    return {"task": "segmentation" if segmentation else "classification", "classes": list(classes),
+            "img_size": args.img_size, "resize": resize, "preprocess": how, "mean": list(IMAGENET_MEAN),
+            "std": list(IMAGENET_STD), "input": "RGB, (pixel / 255 - mean) / std, (batch, 3, height, width)",
+            "dataset": dataset_name(vars(args))}
+
+
+def export(path, model, meta):
+    """A Classifier or Segmenter with its adapters merged into the official DINOv2 or DINOv3 layout and `meta`
+    (deploy_meta) beside it (model.load_model reads it), written atomically."""
     merged = type(model)(merge_lora(model.vit), model.num_classes)
     merged.head.load_state_dict(model.head.state_dict())
+    merged.meta = meta
     atomic_write(path, lambda tmp: save_model(tmp, merged))
+
+
+def write_confusion(path, confusion, classes):
+    """A confusion matrix as CSV, written atomically: a row a label, a column a prediction, class names first."""
+    counts = torch.as_tensor(confusion).tolist()
+    rows = [["label \\ prediction", *classes]] + [[c, *row] for c, row in zip(classes, counts)]
+    text = io.StringIO()
+    csv.writer(text, lineterminator="\n").writerows(rows)
+    atomic_write(path, lambda tmp: write_text(tmp, text.getvalue()))
 
 
 def write_text(path, text):

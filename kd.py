@@ -27,8 +27,9 @@ IGNORE = 255
 
 
 def task_loss(logits, labels):
-    """eq. 1: cross-entropy, per image or per pixel, ignoring pixels labelled IGNORE."""
-    return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE)
+    """eq. 1: cross-entropy, per image or per pixel, ignoring pixels labelled IGNORE (an image's label 255 is a
+    class: your own folder may have 256 classes or more)."""
+    return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE if logits.ndim > 2 else -100)
 
 
 def kl_term(student_logits, teacher_logits, T=2.0, labels=None):

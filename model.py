@@ -590,21 +590,27 @@ def describe(name):
 
 
 def save_model(path, model, **extra):
-    """A deployable Classifier or Segmenter: its backbone's official-layout state dict and config, and its head."""
+    """A deployable Classifier or Segmenter: its backbone's official-layout state dict and config, its head, and
+    model.meta if it has one (what prediction needs: the task, class names, the image size it trained at, the
+    preprocessing; experiment.deploy_meta)."""
     vit = model.vit
     torch.save({"kind": type(model).__name__, "config": asdict(vit.config), "name": vit.name, "vit": vit.state_dict(),
-                "head": model.head.state_dict(), "num_classes": model.num_classes, **extra}, path)
+                "head": model.head.state_dict(), "num_classes": model.num_classes, "meta": getattr(model, "meta", {}),
+                **extra}, path)
 
 
 def load_model(path):
-    """A Classifier or Segmenter from a file written by save_model, e.g. the student a training script exports."""
+    """A Classifier or Segmenter from a file written by save_model, e.g. the student a training script exports, in
+    eval mode (a Segmenter's BatchNorm then uses its running statistics, as evaluated), its meta in model.meta ({}
+    in files written before meta was saved)."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         kind = {"Classifier": Classifier, "Segmenter": Segmenter}[ckpt["kind"]]
         model = kind(ViT(ViTConfig(**ckpt["config"]), name=ckpt["name"]), ckpt["num_classes"])
         model.vit.load_state_dict(ckpt["vit"])
         model.head.load_state_dict(ckpt["head"])
+        model.meta = ckpt.get("meta", {})
     except Exception as e:
         raise CheckpointError(f"{path} is not a model written by save_model "
                               f"({type(e).__name__}: {str(e).strip()[:300]})") from None
-    return model
+    return model.eval()

@@ -10,6 +10,7 @@ over seeds -- with the paper's published numbers next to the rows they belong to
     done
     python report.py out/                  # prints the Markdown table
     python report.py out/ --out table.md   # and writes it to a file
+    python report.py out/RUN --per_class   # and one run's per-class figures, its worst classes first
 
 A run is a results.json (train_slad.py and train_twostep.py write one), found at any depth, symlinked folders
 followed; of re-runs of one seed, the newest counts (the table says how many were left out). Seeds are
@@ -17,10 +18,16 @@ averaged only over runs of one config (results.json's config_id, a hash of every
 that say where or how fast): runs of one method and dataset with different configs get a row each. Its method is
 read from it: "Probing", "Fine-tuning" or "LoRA" for train_twostep.py's --teacher_adapt, "SLAD" for
 train_slad.py, then what sets it apart: "+TED" (--feat ted), "+TAID" (--kd taid), a fine-tuned student, a
-mapping other than even.
+mapping other than even. Your own folders (--dataset folder, folder-seg) get a column each, named as their runs'
+folders are (folder-flowers).
+
+--per_class adds, for each run, the per-class test figures results.json holds (accuracy, or IoU for
+segmentation; the student's and the teacher's), the student's worst class first, with the class the student
+most often mistakes it for, read from the run's confusion_student.csv.
 """
 
 import argparse
+import csv
 import json
 import os
 import statistics
@@ -87,6 +94,7 @@ def find_runs(folder):
             assert "student_acc" in r or "student_miou" in r
         except Exception as e:
             sys.exit(f"report.py: error: {path} is not a results.json of train_slad.py or train_twostep.py ({type(e).__name__})")
+        r["_dir"] = os.path.dirname(path)  # not in the file: where it was found
         runs.append(r)
     return runs
 
@@ -130,7 +138,7 @@ def table(runs):
     cells = {}  # (student, teacher, base, label, dataset) -> {config id: (config, {seed: score})}
     for r in runs:  # oldest first: a re-run of a seed replaces the earlier one
         key = (MODEL_NAMES.get(r["student"], r["student"]), MODEL_NAMES.get(r["teacher"], r["teacher"]), *method_of(r),
-               r["dataset"])
+               r.get("data_name", r["dataset"]))
         config, seeds = cells.setdefault(key, {}).setdefault(r.get("config_id", ""), (r.get("config") or {}, {}))
         seeds[r["seed"]] = score(r)
     reruns = len(runs) - sum(len(seeds) for configs in cells.values() for _, seeds in configs.values())
@@ -181,16 +189,60 @@ def table(runs):
     return note + "\n\n" + "\n".join(lines) + "\n"
 
 
+def mistakes(folder, classes):
+    """{class: "the class the student most often predicts for it (how often)"} from folder/confusion_student.csv;
+    {} where there is none."""
+    try:
+        with open(os.path.join(folder, "confusion_student.csv"), newline="") as f:
+            rows = list(csv.reader(f))[1:]
+    except OSError:
+        return {}
+    out = {}
+    for k, (label, *counts) in enumerate(rows):
+        counts = [int(c) if j != k else -1 for j, c in enumerate(counts)]  # the diagonal is no mistake
+        j = max(range(len(counts)), key=counts.__getitem__, default=None)
+        if j is not None and counts[j] > 0:
+            out[label] = f"{classes[j]} ({counts[j]})"
+    return out
+
+
+def per_class_table(r):
+    """One run's per-class test figures as Markdown, the student's worst class first."""
+    figures, where = r.get("per_class"), r["_dir"]
+    if not figures:
+        return f"{where}: no per-class figures (a run from before results.json recorded them)\n"
+    what, unit = ("IoU", "pixels") if figures["figure"] == "iou" else ("accuracy", "images")
+    _, label = method_of(r)
+    lines = [f"Per-class test {what} (%) of {where}: {label}, {r.get('data_name', r['dataset'])}, {r['teacher']} -> "
+             f"{r['student']}, config {r.get('config_id', '?')}, seed {r['seed']}; the student's worst class first.",
+             "", f"| class | student | teacher | test {unit} | the student's most frequent mistake for it |",
+             "| --- | --- | --- | --- | --- |"]
+    wrong = mistakes(where, figures["classes"])
+    number = lambda v: "–" if v is None else f"{v:.1f}"
+    student = figures["student"]
+    order = sorted(range(len(student)), key=lambda k: (student[k] is None, student[k] or 0))  # absent classes last
+    for k in order:
+        c = figures["classes"][k]
+        lines.append(f"| {c} | {number(figures['student'][k])} | {number(figures['teacher'][k])} | "
+                     f"{figures['test_count'][k]} | {wrong.get(c, '–')} |")
+    return "\n".join(lines) + "\n"
+
+
 def parse_args(argv=None):
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folder", help="a folder of runs: every results.json below it is read")
     p.add_argument("--out", default=None, metavar="FILE", help="also write the Markdown to FILE")
+    p.add_argument("--per_class", action="store_true",
+                   help="also each run's per-class test figures, its worst classes first (point it at a run's folder)")
     return p.parse_args(argv), p
 
 
 def main(argv=None):
     args, _ = parse_args(argv)
-    text = table(find_runs(args.folder))
+    runs = find_runs(args.folder)
+    text = table(runs)
+    if args.per_class:
+        text += "".join("\n" + per_class_table(r) for r in sorted(runs, key=lambda r: r["_dir"]))
     print(text, end="")
     if args.out:
         try:

@@ -822,7 +822,7 @@ def test_incomplete_copy_is_a_clear_error(tmp_path):
     ("cityscapes", "https://www.cityscapes-dataset.com/downloads/"),
 ])
 def test_dataset_urls_are_the_checked_ones(name, url):
-    assert (data.CITYSCAPES_URL if name == "cityscapes" else data.HELP[name][0]) == url
+    assert (data.CITYSCAPES_URL if name == "cityscapes" else data.DATASETS[name].url) == url
     import torchvision.datasets as tvd
     if name in ("dtd", "aircraft"):  # the ones torchvision downloads: our message must name the same file
         assert getattr({"dtd": tvd.DTD, "aircraft": tvd.FGVCAircraft}[name], "_URL", url) == url
@@ -850,7 +850,7 @@ def test_offline_instruction_when_followed_gives_a_layout_that_loads(tmp_path, m
     with pytest.raises(DataError) as e:
         load_splits(name, str(root))
     archive, into = re.search(r"tar xzf (\S+) -C ([^\s)]+)", str(e.value)).groups()
-    url, top, _ = data.HELP[name]
+    url, top = data.DATASETS[name].url, data.DATASETS[name].folder
     assert archive == os.path.basename(url) and into == str(root)
     make(str(tmp_path / "stage"))  # the archive as published: one top folder
     with tarfile.open(tmp_path / archive, "w:gz") as tar:
@@ -2779,13 +2779,355 @@ def test_dinov3_run_without_weights_stops_with_the_access_paragraph(tmp_path):
 
 
 # -----------------------------------------------------------------------------
+# your own data: image folders, per-class figures, predict, ONNX
+
+import csv
+import glob
+import shutil
+
+import export_onnx
+import predict
+
+OWN = ["--teacher", "toy-l", "--student", "toy-s", "--init", "random", "--device", "cpu", "--img_size", "28",
+       "--batch_size", "4", "--epochs", "1"]
+ANIMALS = ("cat", "dog", "owl")
+
+
+def own_images(root, splits=(("train", 6), ("test", 3)), classes=ANIMALS):
+    """A classification folder in ImageFolder's layout: each class its own colour, in several formats and modes
+    (a grayscale PNG, a palette GIF, an RGBA WebP, JPEGs), beside files that are no image."""
+    for split, n in splits:
+        for k, c in enumerate(classes):
+            for i in range(n):
+                rgb = np.random.default_rng([k, i, len(split)]).integers(0, 60, (30, 36, 3)).astype(np.uint8)
+                rgb[..., k] += 180  # red cats, green dogs, blue owls
+                mode, ext = [("RGB", ".jpg"), ("L", ".png"), ("P", ".gif"), ("RGBA", ".webp")][i % 4]
+                img = Image.fromarray(rgb).convert(mode)
+                os.makedirs(os.path.join(root, split, c), exist_ok=True)
+                img.save(os.path.join(root, split, c, f"{c}_{i}{ext}"))
+        open(os.path.join(root, split, classes[0], "notes.txt"), "w").write("not an image")
+        open(os.path.join(root, split, classes[0], ".DS_Store"), "wb").write(b"\0")
+    return str(root)
+
+
+def own_masks(root, splits=(("train", 8), ("test", 2)), classes=("background", "red box", "blue box")):
+    """A segmentation folder: classes.txt, and per split images/<stem>.<ext> with masks/<stem>.png (255: ignored)."""
+    os.makedirs(root, exist_ok=True)
+    open(os.path.join(root, "classes.txt"), "w").write("\n".join(classes) + "\n")
+    for split, n in splits:
+        for i in range(n):
+            rng = np.random.default_rng([i, len(split)])
+            img = np.full((28, 42, 3), 120, np.uint8) + rng.integers(0, 20, (28, 42, 3)).astype(np.uint8)
+            mask = np.zeros((28, 42), np.uint8)
+            label, top, left = 1 + i % 2, int(rng.integers(0, 12)), int(rng.integers(0, 20))
+            img[top:top + 14, left:left + 18] = (220, 30, 30) if label == 1 else (30, 30, 220)
+            mask[top:top + 14, left:left + 18] = label
+            mask[top + 13, left:left + 18] = 255  # an edge nobody labelled: ignored
+            image_name = f"{split}{i}.{'png' if i % 2 else 'jpg'}"
+            for folder, name, arr in (("images", image_name, img), ("masks", f"{split}{i}.png", mask)):
+                os.makedirs(os.path.join(root, split, folder), exist_ok=True)
+                Image.fromarray(arr).save(os.path.join(root, split, folder, name))
+    return str(root)
+
+
+def test_an_image_folder_reads_as_imagefolder_and_holds_out_the_same_splits(tmp_path):
+    root = own_images(tmp_path / "pets", splits=(("train", 10),))
+    splits, num_classes = load_splits("folder", root)
+    assert num_classes == 3 and splits["test"].classes == list(ANIMALS)
+    assert [len(splits[s]) for s in ("train", "val", "test")] == [24, 3, 3]  # 10 % of each class each, rounded
+    assert data.held_out(splits) == {"val": "10 % of each class of train, fixed seed 0",
+                                     "test": "10 % of each class of train, fixed seed 0"}
+    assert "val 3 (held out of train: 10 % of each class" in data.describe(splits)
+    for s in ("val", "test"):  # every class counted in val and test, none of their images trained on
+        assert sorted(label for _, label in splits[s].samples) == [0, 1, 2]
+    paths = {s: [p for p, _ in splits[s].samples] for s in ("train", "val", "test")}
+    assert len(set(sum(paths.values(), []))) == 30
+    assert not any(p.endswith((".txt", ".DS_Store")) for p in paths["train"])
+    again, _ = load_splits("folder", root)  # a second run holds out the same images
+    assert {s: [p for p, _ in again[s].samples] for s in ("train", "val", "test")} == paths
+    img, label = splits["train"][1]
+    assert img.mode == "RGB" and img.size == (36, 30) and label == 0
+    assert {os.path.splitext(p)[1] for p in paths["train"]} == {".jpg", ".png", ".gif", ".webp"}
+    own_images(tmp_path / "pets", splits=(("val", 2),))  # a val/ of its own: read as it is, test still held out
+    splits, _ = load_splits("folder", root)
+    assert [len(splits[s]) for s in ("train", "val", "test")] == [27, 6, 3] and list(data.held_out(splits)) == ["test"]
+
+
+def test_a_mask_folder_pairs_images_and_masks_and_holds_out_val(tmp_path):
+    root = own_masks(tmp_path / "boxes", splits=(("train", 20), ("test", 2)))
+    splits, num_classes = load_splits("folder-seg", root)
+    assert num_classes == 3 and splits["test"].classes == ["background", "red box", "blue box"]
+    assert [len(splits[s]) for s in ("train", "val", "test")] == [18, 2, 2] and list(data.held_out(splits)) == ["val"]
+    img, mask = splits["train"][0]
+    m = np.array(mask)
+    assert img.mode == "RGB" and mask.size == img.size == (42, 28) and set(np.unique(m)) <= {0, 1, 2, 255}
+    assert (m == 255).any() and np.array(img)[m == 1].mean(0)[0] > 150  # the mask lies on its own image
+    x, y = Transformed(splits["train"], SegTrainTransform(crop=28, base=32))[(0, 1)]
+    assert x.shape == (3, 28, 28) and y.shape == (28, 28)
+
+
+def test_own_folders_name_their_runs_and_configs(tmp_path):
+    """Two folders of the same name with other files get other configs and run folders; a moved copy keeps its own."""
+    a, b = own_images(tmp_path / "a" / "pets"), own_images(tmp_path / "b" / "pets", classes=("cat", "dog"))
+    moved = str(tmp_path / "c" / "pets")
+    import shutil
+    shutil.copytree(a, moved)
+    out = {d: train_slad.parse_args(["--dataset", "folder", "--data_dir", d])[0].out_dir for d in (a, b, moved)}
+    assert os.path.basename(out[a]).startswith("slad-folder-pets-vitb14-vits14-") and out[a] != out[b]
+    assert out[a] == out[moved]  # --data_dir says where, not what: a moved folder resumes and averages
+    args, _ = train_slad.parse_args(["--dataset", "folder-seg", "--data_dir", own_masks(tmp_path)])
+    assert (args.img_size, args.batch_size, args.lr) == (560, 8, 1e-3)  # the table's row: Cityscapes' defaults
+    assert train_slad.parse_args(["--dataset", "folder", "--data_dir", a])[0].img_size == 518
+
+
+def test_one_table_of_datasets_and_download_refuses_what_it_cannot_fetch(tmp_path):
+    names = list(data.DATASETS)
+    assert names.index("folder-seg") < names.index("synthetic") and all(n.startswith("synthetic") for n in names[-3:])
+    assert {n for n, s in data.DATASETS.items() if s.url} == {"dtd", "aircraft", "cub"}
+    assert [n for n, s in data.DATASETS.items() if not s.own_val] == ["cub", "cityscapes"]
+    for name in ("folder", "cityscapes", "synthetic", "imagenet"):
+        with pytest.raises(DataError, match=f"no archive to fetch for '{name}'"):
+            data.download(name, str(tmp_path))
+    assert not os.listdir(tmp_path)
+
+
+def test_a_classifier_of_256_classes_or_more_trains_and_counts_label_255():
+    """255 marks pixels that count for nothing; for an image it is a class like any other (a folder may hold
+    hundreds)."""
+    torch.manual_seed(0)
+    logits, labels = torch.randn(4, 300), torch.tensor([255, 3, 255, 299])
+    assert torch.allclose(kd.task_loss(logits, labels), F.cross_entropy(logits, labels))
+    clf = Classifier(ViT.from_name("toy-s"), 300).eval()
+    x = torch.randint(0, 255, (4, 3, 28, 28), dtype=torch.uint8)
+    with torch.no_grad():
+        labels = clf(data.normalize(x)).argmax(-1)
+    labels[0] = 255 if labels[0] != 255 else 254  # a wrong prediction of an image labelled 255 (or 254)
+    res = experiment.evaluate({"student": clf}, [(x, labels)], "cpu", torch.autocast("cpu", enabled=False))
+    assert res["student"]["acc"] == 75.0 and res["student"]["confusion"].sum() == 4
+
+
+def break_folder(root, how):
+    """An own folder with one thing wrong, and what the refusal must say."""
+    if how in ("image without mask", "mask without image", "mask size", "mask index", "mask channels"):
+        own_masks(root)
+        stem = os.path.join(root, "train", "masks", "train1.png")
+        if how == "image without mask":
+            os.remove(stem)
+            return "has no mask: expected " + stem
+        if how == "mask without image":
+            os.remove(os.path.join(root, "train", "images", "train1.png"))
+            return stem + " has no image"
+        size = {"mask size": (40, 28), "mask index": (42, 28), "mask channels": (42, 28)}[how]
+        value = {"mask size": 0, "mask index": 3, "mask channels": 0}[how]
+        Image.new("RGB" if how == "mask channels" else "L", size, value).save(stem)
+        return {"mask size": "is 40x28 pixels but its image", "mask channels": "has 3 channels",
+                "mask index": "holds class index 3, but classes.txt names 3"}[how]
+    own_images(root)
+    if how == "no images":
+        for c in ANIMALS:
+            shutil.rmtree(os.path.join(root, "train", c))
+        return "no images: " + os.path.join(root, "train") + " holds no class folder"
+    if how == "empty class":
+        os.makedirs(os.path.join(root, "train", "emu"))
+        return os.path.join(root, "train", "emu") + " holds no image"
+    if how == "one class":
+        for c in ANIMALS[1:]:
+            shutil.rmtree(os.path.join(root, "train", c))
+        return "holds 1 class folder (cat): a classifier needs at least two classes"
+    if how == "class only in test":
+        shutil.copytree(os.path.join(root, "test", "cat"), os.path.join(root, "test", "emu"))
+        return os.path.join(root, "test", "emu") + " is a class that"
+    bad = os.path.join(root, "test", "dog", "dog_1.png")  # unreadable: bytes that are no image
+    damage(bad, "garbage")
+    return f"cannot read {bad}"
+
+
+@pytest.mark.parametrize("how", ["no images", "empty class", "one class", "class only in test", "unreadable image",
+                                 "image without mask", "mask without image", "mask size", "mask index",
+                                 "mask channels"])
+def test_a_wrong_own_folder_is_refused_in_one_line_and_nothing_is_written(tmp_path, monkeypatch, how):
+    root = str(tmp_path / "data")
+    says = break_folder(root, how)
+    dataset = "folder-seg" if "mask" in how else "folder"
+    out = str(tmp_path / "run")
+    with pytest.raises(SystemExit) as e:
+        run_as_script("train_slad", OWN + ["--dataset", dataset, "--data_dir", root, "--out_dir", out], monkeypatch)
+    msg = str(e.value.code)
+    assert e.value.code != 0 and says in msg and "\n" not in msg and msg.startswith("error: "), msg
+    assert not os.path.exists(out)
+
+
+def predicted(lines):
+    """{path: top-1 class} of predict.py's printed lines."""
+    return {line.split(": ", 1)[0]: line.split(": ", 1)[1].split(" ")[0] for line in lines if ": " in line}
+
+
+def onnx_vs_torch(onnx_path, torch_model, x):
+    import onnxruntime as ort
+    session = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        expected = torch_model(x).numpy()
+    return float(np.abs(session.run(None, {"images": x.numpy()})[0] - expected).max())
+
+
+def test_slad_and_probing_on_an_image_folder_then_per_class_figures_predict_and_onnx(tmp_path, monkeypatch, capsys):
+    root = own_images(tmp_path / "pets", splits=(("train", 8), ("test", 4)))
+    monkeypatch.chdir(tmp_path)  # the default run folders land in ./out
+    for script, extra in (("train_slad", []), ("train_twostep", ["--teacher_adapt", "probe"])):
+        run_main(script, OWN + ["--dataset", "folder", "--data_dir", root] + extra, monkeypatch)
+    slad, probe = sorted(glob.glob(str(tmp_path / "out" / "*")))
+    assert os.path.basename(slad).startswith("slad-folder-pets-toy-l-toy-s-")
+    assert os.path.basename(probe).startswith("twostep-probe-finetune-folder-pets-toy-l-toy-s-")
+    for run in (slad, probe):
+        res = results_of(run)
+        figures = res["per_class"]
+        assert res["held_out"] == ["val"] and figures["classes"] == list(ANIMALS) and figures["figure"] == "accuracy"
+        assert figures["test_count"] == [4, 4, 4] and res["data_name"] == "folder-pets"
+        for name in ("student", "teacher"):  # the per-class figures and the confusion matrix agree with the accuracy
+            rows = list(csv.reader(open(os.path.join(run, f"confusion_{name}.csv"))))
+            assert rows[0] == ["label \\ prediction", *ANIMALS] and [r[0] for r in rows[1:]] == list(ANIMALS)
+            counts = np.array([[int(v) for v in r[1:]] for r in rows[1:]])
+            assert counts.sum() == 12 and figures[name] == [round(100 * counts[k, k] / 4, 2) for k in range(3)]
+            assert abs(100 * np.trace(counts) / 12 - res[f"{name}_acc"]) < 0.01
+        log = open(os.path.join(run, "log.txt")).read()
+        assert "data folder-pets: train 21, val 3 (held out of train: 10 % of each class" in log
+        assert "worst classes of the student: " in log
+    text = report.main([slad, "--per_class"])  # the worst class first, and what it is taken for
+    section = text.split("Per-class test accuracy (%) of ")[1].splitlines()
+    worst = [line.split(" | ")[1] for line in section if line.startswith("| ") and "---" not in line][1:]
+    assert sorted(worst) == sorted(f"{v:.1f}" for v in results_of(slad)["per_class"]["student"])
+    assert [float(v) for v in worst] == sorted(float(v) for v in worst)
+    capsys.readouterr()
+
+    # predict: the student on its test split gives results.json's accuracy; a CSV of the top k
+    student = os.path.join(slad, "student.pt")
+    predict.main([student, os.path.join(root, "test"), "--top_k", "2"])
+    lines = capsys.readouterr().out.splitlines()
+    assert f"top-1 accuracy {results_of(slad)['student_acc']:.2f} % on 12 images" in lines[-1]
+    assert len(predicted(lines)) == 12 and set(predicted(lines).values()) <= set(ANIMALS)
+    predict.main([student, os.path.join(root, "test", "owl"), os.path.join(root, "train", "cat", "cat_0.jpg"),
+                  "--out", str(tmp_path / "p.csv"), "--batch_size", "2", "--top_k", "9"])
+    rows = list(csv.reader(open(tmp_path / "p.csv")))
+    assert rows[0] == ["path", "class_1", "probability_1", "class_2", "probability_2", "class_3", "probability_3"]
+    assert len(rows) == 6 and all(abs(sum(float(v) for v in r[2::2]) - 1) < 1e-4 for r in rows[1:])
+    (tmp_path / "files.txt").write_text(os.path.join(root, "test", "cat", "cat_0.jpg") + "\n")
+    predict.main([student, "--list", str(tmp_path / "files.txt")])
+    assert "cat_0.jpg: " in capsys.readouterr().out
+
+    # export: ONNX Runtime gives torch's logits on the test images, at any batch size; the metadata says how
+    export_onnx.main([student])
+    out = os.path.join(slad, "student.onnx")
+    model = load_model(student)
+    test = load_splits("folder", root)[0]["test"]
+    x = torch.stack([data.normalize(eval_transform(28)(test[i][0])[None])[0] for i in range(len(test))])
+    assert onnx_vs_torch(out, model, x) <= 1e-4 and onnx_vs_torch(out, model, x[:1]) <= 1e-4
+    import onnx
+    props = {p.key: p.value for p in onnx.load(out).metadata_props}
+    assert json.loads(props["classes"]) == list(ANIMALS) and props["img_size"] == "28"
+    assert props["task"] == "classification"
+    assert json.loads(props["mean"]) == list(data.IMAGENET_MEAN) and "center-crop 28" in props["preprocess"]
+    assert "max |logit difference|" in capsys.readouterr().out
+
+    # CKA measures the folder's runs on the folder's images (its --data_dir from the runs' config)
+    cka.main(["--runs", slad, probe, "--split", "test", "--batch_size", "4", "--out_dir", str(tmp_path / "cka")])
+    assert "folder test (12 images)" in capsys.readouterr().out
+
+
+def test_slad_and_lora_taid_ted_on_a_mask_folder_then_predict_and_onnx(tmp_path, monkeypatch, capsys):
+    root = own_masks(tmp_path / "boxes", splits=(("train", 12), ("val", 2), ("test", 3)))
+    runs = {}
+    lora_taid_ted = ["--teacher_adapt", "lora", "--kd", "taid", "--feat", "ted"]
+    for script, extra in (("train_slad", []), ("train_twostep", lora_taid_ted)):
+        runs[script] = str(tmp_path / script)
+        run_main(script, OWN + ["--dataset", "folder-seg", "--data_dir", root, "--out_dir", runs[script]] + extra,
+                 monkeypatch)
+        res = results_of(runs[script])
+        figures = res["per_class"]
+        assert figures["figure"] == "iou" and figures["classes"] == ["background", "red box", "blue box"]
+        assert res["held_out"] == [] and {"student_miou", "teacher_miou"} <= set(res)
+        mean = np.mean([v for v in figures["student"] if v is not None])
+        assert abs(mean - res["student_miou"]) < 0.01  # mIoU is the mean of the per-class IoUs
+        assert sum(figures["test_count"]) == 3 * 28 * 42 - 3 * 18  # every labelled pixel, the 255s not
+    student = os.path.join(runs["train_slad"], "student.pt")
+    predict.main([student, os.path.join(root, "test", "images"), "--out", str(tmp_path / "masks")])
+    out = capsys.readouterr().out
+    assert out.count(" -> ") == 3 and "wrote 3 mask(s)" in out
+    for i in range(3):
+        mask = Image.open(tmp_path / "masks" / f"test{i}.png")
+        assert mask.size == (42, 28) and mask.mode == "L" and np.array(mask).max() <= 2
+    export_onnx.main([student, "--out", str(tmp_path / "seg.onnx")])
+    model = load_model(student)
+    x = torch.randn(3, 3, 28, 28)
+    assert onnx_vs_torch(str(tmp_path / "seg.onnx"), model, x) <= 1e-4  # (batch, classes, 28, 28), any batch size
+    assert onnx_vs_torch(str(tmp_path / "seg.onnx"), model, x[:1]) <= 1e-4
+
+
+def test_the_demo_student_on_its_test_split_gives_its_accuracy(slad_demo, tmp_path, capsys):
+    """The README's demo: its student.pt, predicted on the synthetic test images written out as files, gives the
+    test accuracy of its results.json; the file says its classes and the 56 px it trained at (not the 224 of its
+    position-embedding grid), and loads in eval mode."""
+    test = SyntheticTextures("test")
+    for i in range(len(test)):
+        img, label = test[i]
+        os.makedirs(tmp_path / test.CLASSES[label], exist_ok=True)
+        img.save(tmp_path / test.CLASSES[label] / f"{i}.png")
+    student = load_model(os.path.join(slad_demo, "student.pt"))
+    assert not student.training and student.meta["img_size"] == 56 and student.meta["classes"] == list(test.CLASSES)
+    predict.main([os.path.join(slad_demo, "student.pt"), str(tmp_path), "--out", str(tmp_path / "p.json"),
+                  "--batch_size", "250"])
+    acc = results_of(slad_demo)["student_acc"]
+    assert f"top-1 accuracy {acc:.2f} % on 1000 images" in capsys.readouterr().out
+    rows = json.load(open(tmp_path / "p.json"))
+    assert len(rows) == 1000 and len(rows[0]["top"]) == 5
+    hits = sum(r["top"][0]["class"] == os.path.basename(os.path.dirname(r["path"])) for r in rows)
+    assert abs(hits / 10 - acc) < 0.01
+
+
+def test_an_older_model_file_loads_in_eval_mode_and_predict_asks_its_image_size(tmp_path, capsys):
+    torch.manual_seed(0)
+    seg = Segmenter(ViT.from_name("toy-s"), 3)
+    seg.head[0].running_var.fill_(4.0)  # eval mode reads it, training mode would not
+    model.save_model(str(tmp_path / "seg.pt"), seg)
+    ckpt = torch.load(tmp_path / "seg.pt", weights_only=True)
+    del ckpt["meta"]  # as written before the metadata was saved
+    torch.save(ckpt, tmp_path / "old.pt")
+    loaded = load_model(str(tmp_path / "old.pt"))
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        assert not loaded.training and loaded.meta == {} and torch.allclose(loaded(x), seg.eval()(x), atol=1e-5)
+    Image.new("RGB", (30, 20), (200, 10, 10)).save(tmp_path / "red.png")
+    with pytest.raises(SystemExit) as e:
+        predict.main([str(tmp_path / "old.pt"), str(tmp_path / "red.png")])
+    assert "does not say the image size it trained at" in str(e.value.code) and "\n" not in str(e.value.code)
+    predict.main([str(tmp_path / "old.pt"), str(tmp_path / "red.png"), "--img_size", "28", "--out",
+                  str(tmp_path / "m")])
+    assert Image.open(tmp_path / "m" / "red.png").size == (30, 20) and "red.png -> " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,says", [
+    ([], "no images: give image files or folders"),
+    (["nowhere.jpg"], "nowhere.jpg: no such file or folder"),
+])
+def test_predict_bad_input_is_one_line(slad_demo, monkeypatch, argv, says):
+    with pytest.raises(SystemExit) as e:
+        run_as_script("predict", [os.path.join(slad_demo, "student.pt"), *argv], monkeypatch)
+    assert says in str(e.value.code) and "\n" not in str(e.value.code) and e.value.code != 0
+
+
+def test_bench_latency_prints_onnx_runtime_against_torch(capsys):
+    bench.main(["latency", "--model", "toy-s", "--img_size", "28", "--iters", "1", "--warmup", "0"])
+    out = capsys.readouterr().out
+    assert "torch " in out and "ONNX Runtime " in out and "ms/batch" in out and "ONNX Runtime / torch time" in out
+
+
+# -----------------------------------------------------------------------------
 # the README and docs/: their commands parse, their links exist
 
 import re
 import shlex
 
 DOCS = ["README.md", *sorted(os.path.join("docs", f) for f in os.listdir(os.path.join(os.path.dirname(__file__), "docs")))]
-SCRIPTS = ("train_slad", "train_twostep", "cka", "bench", "report", "toys", "miniature")
+SCRIPTS = ("train_slad", "train_twostep", "cka", "bench", "report", "toys", "miniature", "predict", "export_onnx")
 
 
 def doc_commands():

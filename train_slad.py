@@ -21,11 +21,12 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from data import SEGMENTATION, DataError, load_splits, make_loaders, normalize
-from experiment import (NON_NEGATIVE, RunError, adamw, append_line, claim_out_dir, config_id, ddp, ddp_init, ddp_mean,
-                        evaluate, export, flat, hms, load_checkpoint, load_trained_tensors, parser, peak_flops, print0,
-                        rank0_first, resolve_flags, rng_state, save_checkpoint, set_rng_state, stop_if_not_finite,
-                        sync_gradients, trained_keys, trained_tensors, write_json)
+from data import SEGMENTATION, DataError, describe, held_out, load_splits, make_loaders, normalize
+from experiment import (NON_NEGATIVE, RunError, adamw, append_line, claim_out_dir, config_id, dataset_name, ddp,
+                        ddp_init, ddp_mean, deploy_meta, evaluate, export, flat, hms, load_checkpoint,
+                        load_trained_tensors, parser, peak_flops, per_class, print0, rank0_first, resolve_flags,
+                        rng_state, save_checkpoint, set_rng_state, stop_if_not_finite, sync_gradients, trained_keys,
+                        trained_tensors, worst_classes, write_confusion, write_json)
 from kd import TAID, slad_loss
 from lora import MAPPINGS, add_lora, share_lora, trainable_parameters
 from model import CheckpointError, Classifier, Segmenter, initial_backbone
@@ -119,6 +120,7 @@ def main():
     print0(f"teacher {args.teacher}, student {args.student}, {num_classes} classes, "
            f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters; student block i uses the "
            f"adapters of teacher block g(i) = {g}", args.out_dir)
+    print0(f"data {dataset_name(config)}: {describe(splits)}", args.out_dir)
     history, start_epoch = {"train_seconds": 0.0, "metrics_rows": 0}, 0
     if ckpt:
         for name, m in trained.items():
@@ -200,18 +202,27 @@ def main():
             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "history": history,
             "rng": rng_state(device)})
 
-    # test, the exported models (adapters merged), results.json
+    # test, the exported models (adapters merged, with what prediction needs), the confusion matrices, results.json
     test = evaluate({"teacher": teacher, "student": student}, test_loader, device, autocast, window)
-    results = {"method": "slad", "dataset": args.dataset, "teacher": args.teacher, "student": args.student,
-               "seed": args.seed, **{k: round(v, 3) for k, v in flat(test).items()}, "num_classes": num_classes,
-               "mapping": args.mapping, "epochs": args.epochs, "kd": args.kd, "feat": "none",
+    classes = splits["test"].classes
+    confusions = {name: test[name]["confusion"] for name in ("teacher", "student")}
+    results = {"method": "slad", "dataset": args.dataset, "data_name": dataset_name(config), "teacher": args.teacher,
+               "student": args.student, "seed": args.seed, **{k: round(v, 3) for k, v in flat(test).items()},
+               "num_classes": num_classes, "mapping": args.mapping, "epochs": args.epochs, "kd": args.kd, "feat": "none",
                **({"taid_t": round(float(taid.t), 3)} if taid is not None else {}), "train_seconds": round(history["train_seconds"], 1),
+               "held_out": list(held_out(splits)), "per_class": per_class(classes, confusions, window is not None),
                "config_id": config_id(config), "config": config}
     if rank == 0:
-        export(os.path.join(args.out_dir, "student.pt"), student)
-        export(os.path.join(args.out_dir, "teacher.pt"), teacher)
+        meta = deploy_meta(args, classes)
+        export(os.path.join(args.out_dir, "student.pt"), student, meta)
+        export(os.path.join(args.out_dir, "teacher.pt"), teacher, meta)
+        for name, confusion in confusions.items():
+            write_confusion(os.path.join(args.out_dir, f"confusion_{name}.csv"), confusion, classes)
         write_json(os.path.join(args.out_dir, "results.json"), results)
-    print0("results: " + json.dumps({k: v for k, v in results.items() if k != "config"}), args.out_dir)
+    shown = {k: v for k, v in results.items() if k not in ("config", "per_class")}  # per_class: the line below
+    print0("results: " + json.dumps(shown), args.out_dir)
+    print0(f"worst classes of the student: {worst_classes(results['per_class'], 'student')} (every class: python "
+           f"report.py {args.out_dir} --per_class)", args.out_dir)
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()

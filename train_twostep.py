@@ -31,12 +31,13 @@ import time
 import torch
 import torch.distributed as dist
 
-from data import SEGMENTATION, DataError, load_splits, make_loaders, normalize
+from data import SEGMENTATION, DataError, describe, held_out, load_splits, make_loaders, normalize
 from experiment import (NON_NEGATIVE, POSITIVE, POSITIVE_INT, REAL_MODEL_DEFAULTS, TOY_DEFAULTS, RunError, adamw,
-                        append_line, claim_out_dir, config_id, ddp, ddp_init, ddp_mean, evaluate, export, flat, hms,
-                        load_checkpoint, load_trained_tensors, parser, peak_flops, print0, rank0_first, resolve_flags,
-                        rng_state, save_checkpoint, set_rng_state, stop_if_not_finite, sync_gradients, trained_keys,
-                        trained_tensors, write_json)
+                        append_line, claim_out_dir, config_id, dataset_name, ddp, ddp_init, ddp_mean, deploy_meta,
+                        evaluate, export, flat, hms, load_checkpoint, load_trained_tensors, parser, peak_flops,
+                        per_class, print0, rank0_first, resolve_flags, rng_state, save_checkpoint, set_rng_state,
+                        stop_if_not_finite, sync_gradients, trained_keys, trained_tensors, worst_classes,
+                        write_confusion, write_json)
 from kd import TAID, TaskFilters, distill_loss, task_loss, ted_loss
 from lora import MAPPINGS, add_lora, layer_mapping, trainable_parameters
 from model import CheckpointError, Classifier, Segmenter, initial_backbone
@@ -149,6 +150,7 @@ def main():
     for name, m in (("teacher", teacher), ("student", student)):
         print0(f"{name} {getattr(args, name)} ({getattr(args, name + '_adapt')}): "
                f"{sum(p.numel() for p in trainable_parameters(m)) / 1e6:.2f}M trainable parameters", args.out_dir)
+    print0(f"data {dataset_name(config)}: {describe(splits)}", args.out_dir)
     if g is not None:
         print0(f"TED: student block i is distilled from teacher block g(i) = {g}, through filters "
                f"{teacher.ted_filters.filters[0].out_features} wide", args.out_dir)
@@ -257,7 +259,9 @@ def main():
 
         train_stage("teacher", teacher, teacher_ddp, teach, optimizer, args.teacher_epochs, done if stage == "teacher" else 0,
                     flops_per_image(teacher, args.teacher_adapt, args.img_size))
-        history["teacher_test"] = flat(evaluate({"teacher": teacher}, test_loader, device, autocast, window))
+        teacher_test = evaluate({"teacher": teacher}, test_loader, device, autocast, window)
+        history["teacher_test"] = flat(teacher_test)
+        history["teacher_confusion"] = teacher_test["teacher"]["confusion"].tolist()  # for the end, through a resume
         print0(f"teacher test: {history['teacher_test']}", args.out_dir)
 
     # stage 2 (eq. 2): the frozen teacher distilled into the student
@@ -285,20 +289,32 @@ def main():
     train_stage("student", student, student_ddp, distill, optimizer, args.student_epochs, done if stage == "student" else 0,
                 teacher.vit.flops(args.img_size) + flops_per_image(student, args.student_adapt, args.img_size))
 
-    # test, the exported models (adapters merged), results.json
+    # test, the exported models (adapters merged, with what prediction needs), the confusion matrices, results.json
     test = evaluate({"student": student}, test_loader, device, autocast, window)
-    results = {"method": "twostep", "dataset": args.dataset, "teacher": args.teacher, "student": args.student,
-               "seed": args.seed, **{k: round(v, 3) for k, v in {**history["teacher_test"], **flat(test)}.items()},
+    classes = splits["test"].classes
+    confusions = {"teacher": torch.tensor(history.get("teacher_confusion", test["student"]["confusion"] * 0)),
+                  "student": test["student"]["confusion"]}  # (a checkpoint from before confusions were kept: zeros)
+    results = {"method": "twostep", "dataset": args.dataset, "data_name": dataset_name(config), "teacher": args.teacher,
+               "student": args.student, "seed": args.seed,
+               **{k: round(v, 3) for k, v in {**history["teacher_test"], **flat(test)}.items()},
                "num_classes": num_classes, "teacher_adapt": args.teacher_adapt, "student_adapt": args.student_adapt,
                "teacher_epochs": args.teacher_epochs, "student_epochs": args.student_epochs, "kd": args.kd,
                "feat": args.feat, **({"taid_t": round(float(taid.t), 3)} if taid is not None else {}),
                **({"mapping": args.mapping} if args.feat == "ted" else {}),
-               "train_seconds": round(history["train_seconds"], 1), "config_id": config_id(config), "config": config}
+               "train_seconds": round(history["train_seconds"], 1), "held_out": list(held_out(splits)),
+               "per_class": per_class(classes, confusions, window is not None), "config_id": config_id(config),
+               "config": config}
     if rank == 0:
-        export(os.path.join(args.out_dir, "student.pt"), student)
-        export(os.path.join(args.out_dir, "teacher.pt"), teacher)
+        meta = deploy_meta(args, classes)
+        export(os.path.join(args.out_dir, "student.pt"), student, meta)
+        export(os.path.join(args.out_dir, "teacher.pt"), teacher, meta)
+        for name, confusion in confusions.items():
+            write_confusion(os.path.join(args.out_dir, f"confusion_{name}.csv"), confusion, classes)
         write_json(os.path.join(args.out_dir, "results.json"), results)
-    print0("results: " + json.dumps({k: v for k, v in results.items() if k != "config"}), args.out_dir)
+    shown = {k: v for k, v in results.items() if k not in ("config", "per_class")}  # per_class: the line below
+    print0("results: " + json.dumps(shown), args.out_dir)
+    print0(f"worst classes of the student: {worst_classes(results['per_class'], 'student')} (every class: python "
+           f"report.py {args.out_dir} --per_class)", args.out_dir)
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()

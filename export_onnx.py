@@ -1,0 +1,154 @@
+"""
+Export a trained model to ONNX, for a device: the student.pt (or teacher.pt) a training script wrote -- the ViT
+with its adapters merged, and its head -- as one .onnx file that ONNX Runtime, TensorRT and the like run. The
+batch size is free, the image size fixed (the size it trained at, or --img_size): the position embeddings are
+resampled for that size here, in torch, so the graph holds no interpolation of them, which is what breaks
+exports of DINOv2 (dinov2 issues #167, #216). The file carries what prediction needs as ONNX metadata (class
+names, image size, preprocessing, task), and is run in ONNX Runtime against torch before it is written.
+
+    python export_onnx.py out/RUN/student.pt                   # writes out/RUN/student.onnx
+    python export_onnx.py out/RUN/student.pt --out student.onnx --img_size 518 --opset 17
+
+Input "images": float32 (batch, 3, S, S), RGB, (pixel / 255 - mean) / std, after the resize and crop the
+metadata's "preprocess" says. Output "logits": (batch, classes), or for a segmenter (batch, classes, S, S) of one
+S x S window (slide it over a larger image, stride S / 2, and average, as predict.py does).
+"""
+
+import argparse
+import copy
+import inspect
+import io
+import json
+import os
+import sys
+import warnings
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from experiment import POSITIVE_INT, Parser, RunError, atomic_write
+from model import CheckpointError, Segmenter, load_model
+
+TOLERANCE = 1e-4  # the most ONNX Runtime's logits may differ from torch's in float32, for logits up to 1 in size
+
+
+def parse_args(argv=None):
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="a student.pt or teacher.pt written by train_slad.py or train_twostep.py")
+    p.add_argument("--out", help="the .onnx file (default: the model's path, .pt replaced by .onnx)")
+    p.add_argument("--img_size", type=POSITIVE_INT,
+                   help="the input's side, a multiple of 14 (default: the size the model trained at)")
+    p.add_argument("--opset", type=POSITIVE_INT, default=18,
+                   help="the ONNX opset (18: torch's exporter needs no conversion; 17 for TensorRT 8)")
+    args = p.parse_args(argv)
+    if args.img_size and args.img_size % 14:
+        p.error(f"--img_size {args.img_size} is not a multiple of the patch size 14")
+    return args, p
+
+
+def fix_size(vit, img_size):
+    """The ViT made for img_size x img_size inputs alone: its position embeddings resampled now, once, as its
+    forward pass would (ViT.interpolate_pos_embed), so that the graph reads them as they are."""
+    grid = img_size // vit.config.patch_size
+    with torch.no_grad():
+        vit.pos_embed = nn.Parameter(vit.interpolate_pos_embed(grid, grid).detach())
+    vit.grid = grid  # interpolate_pos_embed returns pos_embed as is at this grid
+
+
+class SegmenterWindow(nn.Module):
+    """A Segmenter's forward pass with its batch size left free: Segmenter.decode reshapes by len(tokens), which
+    exporters record as a constant. The export is checked against the Segmenter itself."""
+
+    def __init__(self, segmenter):
+        super().__init__()
+        self.segmenter = segmenter
+
+    def forward(self, x):
+        vit, (H, W) = self.segmenter.vit, x.shape[-2:]
+        p = vit.config.patch_size
+        patches = vit.forward_features(x)[:, 1 + vit.config.num_register_tokens:]
+        logits = self.segmenter.head(patches.transpose(1, 2).unflatten(2, (H // p, W // p)))
+        return F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False)
+
+
+def to_onnx(net, x, opset):
+    """The ONNX model (an onnx.ModelProto) of net on inputs shaped as x, the batch size free: through torch.export
+    where torch exports so by default (torch >= 2.9; it needs onnxscript), through TorchScript before."""
+    import onnx
+    names = dict(input_names=["images"], output_names=["logits"], opset_version=opset)
+    dynamo = inspect.signature(torch.onnx.export).parameters.get("dynamo")
+    with warnings.catch_warnings():  # the exporters' deprecation and tracer notes: the check below is what counts
+        warnings.simplefilter("ignore")
+        if dynamo is not None and dynamo.default is True:
+            program = torch.onnx.export(net, (x,), dynamo=True, dynamic_shapes=({0: torch.export.Dim("batch")},),
+                                        verbose=False, **names)
+            return program.model_proto
+        f = io.BytesIO()
+        torch.onnx.export(net, (x,), f, dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, **names)
+        return onnx.load_model_from_string(f.getvalue())
+
+
+def max_difference(onnx_bytes, model, img_size, batches=(1, 3)):
+    """(the largest |ONNX Runtime - torch|, the largest |torch|) over the logits of random inputs, at two batch
+    sizes."""
+    import onnxruntime as ort
+    session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    g, worst, largest = torch.Generator().manual_seed(0), 0.0, 0.0
+    for b in batches:
+        x = torch.randn(b, 3, img_size, img_size, generator=g)
+        with torch.no_grad():
+            expected = model(x).numpy()
+        worst = max(worst, float(np.abs(session.run(None, {"images": x.numpy()})[0] - expected).max()))
+        largest = max(largest, float(np.abs(expected).max()))
+    return worst, largest
+
+
+def write_bytes(path, data):
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def main(argv=None):
+    import onnx
+    args, p = parse_args(argv)
+    model = load_model(args.model)  # eval mode, as predicted; model.meta: what prediction needs
+    meta = dict(model.meta)
+    img_size = args.img_size or meta.get("img_size")
+    if not img_size:
+        p.error(f"{args.model} does not say the image size it trained at (written before that was saved): give "
+                f"--img_size, the run's (its config.json)")
+    out = args.out or os.path.splitext(args.model)[0] + ".onnx"
+
+    # the graph: the model fixed to img_size, its batch size free
+    fixed = copy.deepcopy(model)
+    fix_size(fixed.vit, img_size)
+    net = SegmenterWindow(fixed).eval() if isinstance(model, Segmenter) else fixed
+    proto = to_onnx(net, torch.randn(2, 3, img_size, img_size), args.opset)
+    meta.update(img_size=img_size, source=os.path.basename(args.model), tolerance=TOLERANCE)
+    meta.setdefault("classes", [str(k) for k in range(model.num_classes)])
+    meta.setdefault("task", "segmentation" if isinstance(model, Segmenter) else "classification")
+    onnx.helper.set_model_props(proto, {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()})
+    try:
+        onnx_bytes = proto.SerializeToString()
+    except ValueError:  # protobuf's 2 GB limit: ViT-g
+        p.error(f"{args.model} is over 2 GB in ONNX, the most one .onnx file holds: export a smaller model")
+
+    # checked in ONNX Runtime against the model as loaded (its own position-embedding resampling), then written
+    diff, largest = max_difference(onnx_bytes, model, img_size)
+    if not diff <= TOLERANCE * max(1.0, largest):  # float32 rounding grows with the logits
+        sys.exit(f"error: ONNX Runtime's logits differ from torch's by up to {diff:.2e}, more than float32 rounding "
+                 f"({TOLERANCE} for logits up to {max(1.0, largest):.3g}): {out} is not written")
+    atomic_write(out, lambda tmp: write_bytes(tmp, onnx_bytes))
+    shape = "(batch, classes, S, S)" if meta["task"] == "segmentation" else "(batch, classes)"
+    print(f"wrote {out} ({len(onnx_bytes) / 2**20:.1f} MB, opset {args.opset}): {meta['task']}, "
+          f"{len(meta['classes'])} classes, input (batch, 3, {img_size}, {img_size}) as its metadata says, logits "
+          f"{shape}; ONNX Runtime vs torch: max |logit difference| {diff:.1e} at batch sizes 1 and 3")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (CheckpointError, RunError) as e:
+        sys.exit(f"error: {e}")
