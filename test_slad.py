@@ -696,7 +696,7 @@ def test_dinov3_sharing_merge_and_export_keep_the_k_masked_bias(tmp_path):
         merged.blocks[0].attn.qkv.bias[32:64] += 1.0
         assert torch.equal(merged(x), before)  # still masked after the merge
         clf = Classifier(student, 5).eval()
-        experiment.export(str(tmp_path / "student.pt"), clf)
+        experiment.export(str(tmp_path / "student.pt"), clf, {})
         loaded = load_model(str(tmp_path / "student.pt")).eval()
         assert loaded.vit.config == TINY3 and (loaded(x) - clf(x)).abs().max() <= 1e-5
 
@@ -3119,6 +3119,28 @@ def test_bench_latency_prints_onnx_runtime_against_torch(capsys):
     out = capsys.readouterr().out
     assert "torch " in out and "ONNX Runtime " in out and "ms/batch" in out and "ONNX Runtime / torch time" in out
 
+
+
+def test_dinov3_on_own_folders_then_predict_and_onnx(tmp_path, monkeypatch, capsys, toy3):
+    """The own-data path, predict.py and the ONNX export on the DINOv3 family too (RoPE, storage tokens, the
+    k-masked qkv bias): a class folder and a mask folder, SLAD on tiny random DINOv3 models."""
+    pets = own_images(tmp_path / "pets", splits=(("train", 8), ("test", 4)))
+    boxes = own_masks(tmp_path / "boxes", splits=(("train", 8), ("test", 2)))
+    argv = ["--teacher", "toy3-l", "--student", "toy3-s", "--init", "random", "--device", "cpu", "--img_size", "32",
+            "--batch_size", "4", "--epochs", "1"]
+    for dataset, root in (("folder", pets), ("folder-seg", boxes)):
+        out = str(tmp_path / dataset)
+        run_main("train_slad", argv + ["--dataset", dataset, "--data_dir", root, "--out_dir", out], monkeypatch)
+        student = os.path.join(out, "student.pt")
+        capsys.readouterr()
+        if dataset == "folder":
+            predict.main([student, os.path.join(root, "test")])
+            assert f"top-1 accuracy {results_of(out)['student_acc']:.2f} %" in capsys.readouterr().out
+        else:
+            predict.main([student, os.path.join(root, "test", "images"), "--out", str(tmp_path / "masks")])
+            assert len(os.listdir(tmp_path / "masks")) == 2
+        export_onnx.main([student])
+        assert onnx_vs_torch(os.path.join(out, "student.onnx"), load_model(student), torch.randn(2, 3, 32, 32)) <= 1e-4
 
 # -----------------------------------------------------------------------------
 # the README and docs/: their commands parse, their links exist
