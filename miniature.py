@@ -44,7 +44,7 @@ PAIRS = [("toy-b", "toy-s"), ("toy-l", "toy-s"), ("toy-l", "toy-b")]
 TASKS = {
     "synthetic": dict(img_size=56, batch_size=32, epochs=3, backbone_lr=1e-3,  # LoRA: 3e-2, the grid's best at 3
                       lr={"Probing": 3e-3, "Fine-tuning": 3e-3, "LoRA": 1e-2, "SLAD": 1e-2}),  # epochs, diverges at 6
-    "synthetic-fine": dict(img_size=56, batch_size=32, epochs=8, backbone_lr=1e-3,
+    "synthetic-fine": dict(img_size=56, batch_size=32, epochs=16, backbone_lr=1e-3,
                            lr={"Probing": 1e-2, "Fine-tuning": 3e-3, "LoRA": 1e-2, "SLAD": 1e-2}),
     "synthetic-seg": dict(img_size=112, batch_size=8, epochs=1, backbone_lr=3e-4, lr=3e-3),  # not tuned: 4x the tokens
 }
