@@ -39,18 +39,18 @@ def parse_args(argv=None):
     p.add_argument("model", help="a student.pt or teacher.pt written by train_slad.py or train_twostep.py")
     p.add_argument("--out", help="the .onnx file (default: the model's path, .pt replaced by .onnx)")
     p.add_argument("--img_size", type=POSITIVE_INT,
-                   help="the input's side, a multiple of 14 (default: the size the model trained at)")
+                   help="the input's side, a multiple of the patch size, 14 for DINOv2 and 16 for DINOv3 (default: "
+                        "the size the model trained at)")
     p.add_argument("--opset", type=POSITIVE_INT, default=18,
                    help="the ONNX opset (18: torch's exporter needs no conversion; 17 for TensorRT 8)")
-    args = p.parse_args(argv)
-    if args.img_size and args.img_size % 14:
-        p.error(f"--img_size {args.img_size} is not a multiple of the patch size 14")
-    return args, p
+    return p.parse_args(argv), p
 
 
 def fix_size(vit, img_size):
     """The ViT made for img_size x img_size inputs alone: its position embeddings resampled now, once, as its
-    forward pass would (ViT.interpolate_pos_embed), so that the graph reads them as they are."""
+    forward pass would (ViT.interpolate_pos_embed), so that the graph reads them as they are. DINOv3 has none."""
+    if vit.config.family == "dinov3":  # RoPE: nothing stored per grid, the graph computes it at the fixed size
+        return
     grid = img_size // vit.config.patch_size
     with torch.no_grad():
         vit.pos_embed = nn.Parameter(vit.interpolate_pos_embed(grid, grid).detach())
@@ -119,6 +119,8 @@ def main(argv=None):
     if not img_size:
         p.error(f"{args.model} does not say the image size it trained at (written before that was saved): give "
                 f"--img_size, the run's (its config.json)")
+    if img_size % model.vit.config.patch_size:
+        p.error(f"--img_size {img_size} is not a multiple of the model's patch size {model.vit.config.patch_size}")
     out = args.out or os.path.splitext(args.model)[0] + ".onnx"
 
     # the graph: the model fixed to img_size, its batch size free

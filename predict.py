@@ -84,6 +84,8 @@ def main(argv=None):
     if not img_size:
         p.error(f"{args.model} does not say the image size it trained at (written before that was saved): give "
                 f"--img_size, the run's (its config.json)")
+    if img_size % model.vit.config.patch_size:
+        p.error(f"--img_size {img_size} is not a multiple of the model's patch size {model.vit.config.patch_size}")
     classes = meta.get("classes") or [str(k) for k in range(model.num_classes)]
     paths = image_paths(args.images, args.list)
     top_k = min(args.top_k, len(classes))

@@ -3141,6 +3141,11 @@ def test_dinov3_on_own_folders_then_predict_and_onnx(tmp_path, monkeypatch, caps
             assert len(os.listdir(tmp_path / "masks")) == 2
         export_onnx.main([student])
         assert onnx_vs_torch(os.path.join(out, "student.onnx"), load_model(student), torch.randn(2, 3, 32, 32)) <= 1e-4
+    images = os.path.join(root, "test", "images")
+    for script, argv in ((predict, [student, images]), (export_onnx, [student])):  # DINOv2's 14 is not DINOv3's 16
+        with pytest.raises(SystemExit) as e:
+            script.main(argv + ["--img_size", "28"])
+        assert "--img_size 28 is not a multiple of the model's patch size 16" in str(e.value.code)
 
 # -----------------------------------------------------------------------------
 # the README and docs/: their commands parse, their links exist
