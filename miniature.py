@@ -344,8 +344,11 @@ def tables(runs, tasks, seeds, premise, cka, out):
             f"{mean_std(val(k, 'LoRA', 'toy-b', 'toy-s', 'student'))} ({gap(k, 'LoRA', 'LoRA, student fully trained', 'student')})" for k in cls]]))
     rank = TOY_DEFAULTS["rank"]
     lines.append(row(["LoRA rank / toy-s's width", *[f"{rank} / {CONFIGS['toy-s'].embed_dim} = {100 * rank / CONFIGS['toy-s'].embed_dim:.1f} %"] * len(cls)]))
-    gaps = {k: [max(c) - c[-1] for r in runs.values() if r["dataset"] == k for c in r["curves"].values()] for k in cls}
-    lines.append(row(["convergence: the largest best-minus-last val, over every run and model", *[f"{max(gaps[k]):.1f} ({len(gaps[k])} curves)" for k in cls]]))
+    doubled = {k: doubling_runs(out, k, tasks[k]["epochs"], seeds) for k in cls}
+    lines.append(row(["convergence: the largest move of a model's mean val when the schedule doubles (< 0.5)", *[
+        f"{max(abs(v) for v in doubling_moves(doubled[k], k, tasks[k]['epochs'], seeds).values()):.1f} "
+        f"({tasks[k]['epochs']} → {2 * tasks[k]['epochs']} epochs)" if doubled[k] else "not measured: `--convergence`"
+        for k in cls]]))
 
     lines += ["", "### Table 1 in miniature: students (test)", "",
               row(["student ← teacher", "method", *head, "avg. (classification)", "paper: CUB / DTD / Cityscapes"]),
@@ -387,6 +390,11 @@ def tables(runs, tasks, seeds, premise, cka, out):
                   f"- pretrained: {100 * cka['pretrained']['mapped_mean']:.2f}%"]
         lines += [f"- after {n}: {100 * r['mapped_mean']:.2f}% ({100 * r['change']:+.2f})" for n, r in cka["runs"].items()]
 
+    for name, title in (("convergence.md", "Convergence: doubling each schedule, toy-b -> toy-s (mean val, `--convergence`)"),
+                        ("ablation.md", "The open choices, one at a time (val, `--ablation`)")):
+        if os.path.exists(os.path.join(out, name)):
+            lines += ["", f"### {title}", "", open(os.path.join(out, name)).read().strip()]
+
     lines += ["", "### The val curves (mean over seeds, one number an epoch)", ""]
     for k in cls:
         for t, s in pairs:
@@ -394,8 +402,7 @@ def tables(runs, tasks, seeds, premise, cka, out):
                 rs = get(k, m, t, s)
                 for curve in rs[0]["curves"]:
                     c = [mean([r["curves"][curve][e] for r in rs]) for e in range(len(rs[0]["curves"][curve]))]
-                    lines.append(f"- {k}, {s} ← {t}, {m}, {curve}: " + " ".join(f"{v:.1f}" for v in c)
-                                 + f" (best − last {max(c) - c[-1]:.1f})")
+                    lines.append(f"- {k}, {s} ← {t}, {m}, {curve}: " + " ".join(f"{v:.1f}" for v in c))
 
     lines += ["", "### Training time (s, one CPU thread a run; mean over seeds)", "",
               row(["student ← teacher", "method", *tasks]), row(["---"] * (len(tasks) + 2))]
@@ -416,25 +423,41 @@ def val_means(runs, task, method, epochs, seeds, role):
     return mean([runs[(task, method, "toy-b", "toy-s", s, epochs)][f"val_{role}_acc"] for s in seeds])
 
 
+def doubling_moves(runs, task, epochs, seeds):
+    """{(method, role): how much doubling the schedule from `epochs` moves the mean val (over the seeds) of that
+    model}, for every method of CONVERGED[task] and both of its models, toy-b -> toy-s."""
+    return {(m, role): val_means(runs, task, m, 2 * epochs, seeds, role) - val_means(runs, task, m, epochs, seeds, role)
+            for m in CONVERGED[task] for role in ("teacher", "student")}
+
+
+def doubling_runs(out_dir, task, epochs, seeds):
+    """The runs doubling_moves reads, from the folders --convergence leaves in out_dir; None if any is missing."""
+    keys = [(task, m, "toy-b", "toy-s", s, e) for e in (epochs, 2 * epochs) for m in CONVERGED[task] for s in seeds]
+    if not all(os.path.exists(os.path.join(run_dir(out_dir, *k), "results.json")) for k in keys):
+        return None
+    return {k: read(run_dir(out_dir, *k)) for k in keys}
+
+
 def convergence(args, log):
     """Per task (toy-b -> toy-s), double the schedule from FIRST_SCHEDULE until doubling it moves the mean val
     (over the seeds) of every model of every method -- each two-step stage's, SLAD's teacher and student -- by
-    less than 0.5 points; --max_epochs caps it. Returns the markdown table and {task: the shortest schedule}."""
+    less than 0.5 points; --max_epochs caps it. Returns the markdown rows, one per doubling, and {task: the
+    shortest schedule, None where the cap came first}."""
     lines, chosen = [], {}
     for task in args.tasks:
         settings, epochs, runs = TASKS[task], FIRST_SCHEDULE[task], {}
         if args.quick:  # the search's machinery, in seconds
             settings, epochs = dict(settings, img_size=14), 1
-        methods = CONVERGED[task]
         while True:
-            keys = [(task, m, "toy-b", "toy-s", s, e) for e in (epochs, 2 * epochs) for m in methods for s in args.seeds]
+            keys = [(task, m, "toy-b", "toy-s", s, e) for e in (epochs, 2 * epochs) for m in CONVERGED[task]
+                    for s in args.seeds]
             jobs = [(run_dir(args.out_dir, *k), command(*k[:5], dict(settings, epochs=k[5]), run_dir(args.out_dir, *k)))
                     for k in keys if k not in runs]
             run_all(jobs, args.workers, log)
             runs.update({k: read(run_dir(args.out_dir, *k)) for k in keys})
-            moves = {(m, role): val_means(runs, task, m, 2 * epochs, args.seeds, role)
-                     - val_means(runs, task, m, epochs, args.seeds, role) for m in methods for role in ("teacher", "student")}
-            lines.append(row([task, f"{epochs} → {2 * epochs}", *[f"{moves[(m, role)]:+.1f}" for m in methods
+            moves = doubling_moves(runs, task, epochs, args.seeds)
+            lines.append(row([task, f"{epochs} → {2 * epochs}", *[f"{moves[(m, role)]:+.1f}" if m in CONVERGED[task]
+                                                                     else "–" for m in TABLE1[:4]
                                                                      for role in ("teacher", "student")]]))
             if all(abs(v) < 0.5 for v in moves.values()):
                 chosen[task] = epochs
@@ -444,9 +467,18 @@ def convergence(args, log):
                 break
             epochs *= 2
         log(lines[-1])
-    head = [f"{m} {role}" for m in CONVERGED[args.tasks[0]] for role in ("teacher", "student")]
-    table = [row(["task", "epochs a stage", *head]), row(["---"] * (len(head) + 2)), *lines]
-    return "\n".join(table) + "\n", chosen
+    return lines, chosen
+
+
+def convergence_table(path, lines, tasks):
+    """convergence.md: the rows of `tasks` just measured, beside the rows of other tasks already in the file (each
+    task's search runs on its own: `--tasks`)."""
+    kept = []
+    if os.path.exists(path):
+        kept = [l for l in open(path).read().splitlines()[2:] if l.split(" | ")[0][2:] not in tasks]
+    head = [f"{m} {role}" for m in TABLE1[:4] for role in ("teacher", "student")]
+    table = [row(["task", "epochs a stage", *head]), row(["---"] * (len(head) + 2)), *kept, *lines]
+    return "\n".join(table) + "\n"
 
 
 def ablation(args, log):
@@ -505,8 +537,13 @@ def main():
     log = lambda msg: print(f"[{time.time() - t0:5.0f}s] {msg}", flush=True)
     os.makedirs(args.out_dir, exist_ok=True)
     if args.convergence or args.ablation:
-        md = convergence(args, log)[0] if args.convergence else ablation(args, log)
         name = "convergence.md" if args.convergence else "ablation.md"
+        if args.convergence:
+            lines, chosen = convergence(args, log)
+            md = convergence_table(os.path.join(args.out_dir, name), lines, args.tasks)
+            log(f"the shortest schedule that passes (None: not within --max_epochs {args.max_epochs}): {chosen}")
+        else:
+            md = ablation(args, log)
         with open(os.path.join(args.out_dir, name), "w") as f:
             f.write(md)
         print(md)

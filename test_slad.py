@@ -2629,12 +2629,25 @@ def test_miniature_convergence_doubles_until_every_model_moves_less_than_half_a_
     monkeypatch.setattr(miniature, "run_all", run_all)
     args, _ = miniature.parse_args(["--convergence", "--tasks", "synthetic-fine", "--seeds", "0", "1",
                                     "--out_dir", str(tmp_path)])
-    table, chosen = miniature.convergence(args, print)
+    lines, chosen = miniature.convergence(args, print)
+    table = "\n".join(lines)
     assert chosen == {"synthetic-fine": 16}  # 8 -> 16 moves SLAD's student 5 points; 16 -> 32, 0.4
     assert "| synthetic-fine | 8 → 16 |" in table and "+5.0" in table and "| 16 → 32 |" in table
     assert len(ran) == len(set(ran)) == 3 * 4 * 2  # three schedules, four methods, two seeds: each run once
     args.max_epochs = 16
     assert miniature.convergence(args, print)[1] == {"synthetic-fine": None}  # the cap: not reached, said so
+
+    # convergence.md keeps the other tasks' rows; a task searched again replaces its own
+    path = str(tmp_path / "convergence.md")
+    open(path, "w").write(miniature.convergence_table(path, ["| synthetic | 3 → 6 | +1.0 |"], ["synthetic"]))
+    md = miniature.convergence_table(path, lines, ["synthetic-fine"])
+    assert "| synthetic | 3 → 6 |" in md and md.count("| synthetic-fine | 8 → 16 |") == 1
+    assert md.splitlines()[0].count("|") == 2 + 8 + 1  # task, schedule, 4 methods x (teacher, student)
+
+    # the summary's premise row reads the doubling from the same run folders: 16 -> 32 moves at most 0.4
+    runs = miniature.doubling_runs(str(tmp_path), "synthetic-fine", 16, [0, 1])
+    assert max(abs(v) for v in miniature.doubling_moves(runs, "synthetic-fine", 16, [0, 1]).values()) == pytest.approx(0.4)
+    assert miniature.doubling_runs(str(tmp_path), "synthetic-fine", 64, [0, 1]) is None  # 128 never ran
 
 
 def test_miniature_ablation_rule_needs_more_than_the_seed_spread(tmp_path, monkeypatch):
