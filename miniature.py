@@ -103,8 +103,8 @@ PAPER_COLUMN = {"synthetic": 2, "synthetic-fine": 0, "synthetic-seg": 3}  # DTD,
 VIT = {"toy-s": "ViT-S", "toy-b": "ViT-B", "toy-l": "ViT-L"}
 
 
-def plan(full, quick, extras, seeds):
-    """The runs, as (task, method, teacher, student, seed), and the tasks' settings."""
+def plan(full, quick, extras, seeds, pairs=PAIRS):
+    """The runs, as (task, method, teacher, student, seed), and the tasks' settings; --full's of `pairs` only."""
     if quick:  # the pipeline end to end, on 14-px images (one patch), one epoch
         tasks = {"synthetic-fine": QUICK}
         return tasks, [(t, m, "toy-b", "toy-s", seeds[0]) for t in tasks
@@ -125,7 +125,7 @@ def plan(full, quick, extras, seeds):
                 runs += [(task, m, "toy-b", "toy-s", s) for m in ("LoRA +TAID", "LoRA +TED", "SLAD +TAID")]
         runs.append((task, "Probing, random init", "toy-b", "toy-s", seeds[0]))
     runs += [("synthetic-seg", m, t, st, seeds[0]) for t, st in PAIRS for m in ("Probing", "LoRA", "SLAD")]  # 4x the tokens
-    return dict(TASKS), runs
+    return dict(TASKS), [k for k in runs if k[2:4] in pairs]
 
 
 def run_dir(out, task, method, teacher, student, seed, epochs):
@@ -369,7 +369,7 @@ def tables(runs, tasks, seeds, premise, cka, out):
         mapped = [k for k in cls if any(key[0] == k and key[1] == MAPPINGS["first"] for key in runs)]
         lines += ["", "### Table 2 in miniature: SLAD's mapping (students, test)", "",
                   row(["student ← teacher", "mapping", *mapped, "paper: CUB / Aircraft / DTD"]), row(["---"] * (len(mapped) + 3))]
-        for t, s in PAIRS[1:]:
+        for t, s in [p for p in PAIRS[1:] if p in pairs]:
             for mapping, m in MAPPINGS.items():
                 paper = " / ".join(f"{v:.2f}" for v in PAPER_MAPPING[(t, s)][mapping])
                 lines.append(row([f"{s} ← {t}", mapping, *[mean_std([score(r, "student") for r in get(k, m, t, s)]) for k in mapped], paper]))
@@ -518,6 +518,9 @@ def parse_args(argv=None):
     p.add_argument("--full", action="store_true", help="every pair and task: Tables 1-3, Fig. 3, Fig. 1")
     p.add_argument("--quick", action="store_true",
                    help="one seed, synthetic-fine only, 14-px images (one patch), one epoch (into out/miniature-quick)")
+    p.add_argument("--pairs", nargs="+", default=[f"{t}:{s}" for t, s in PAIRS], choices=[f"{t}:{s}" for t, s in PAIRS],
+                   metavar="TEACHER:STUDENT", help="with --full: only these pairs (default: all three; toy-b:toy-s, "
+                                                   "of which Fig. 1 and Fig. 3 are, always)")
     p.add_argument("--extras", action="store_true", help="with --full: also LoRA +TAID, LoRA +TED and SLAD +TAID (toy-b -> toy-s)")
     p.add_argument("--convergence", action="store_true",
                    help="find each task's shortest schedule that doubling moves by < 0.5 points of mean val, per model")
@@ -530,6 +533,9 @@ def parse_args(argv=None):
     p.add_argument("--out_dir", default=None, help="default out/miniature (--quick: out/miniature-quick)")
     args = p.parse_args(argv)
     args.out_dir = args.out_dir or ("out/miniature-quick" if args.quick else "out/miniature")
+    args.pairs = [tuple(pair.split(":")) for pair in args.pairs]
+    if PAIRS[0] not in args.pairs:
+        p.error("--pairs must hold toy-b:toy-s: Fig. 1 and Fig. 3 are of it")
     return args, p
 
 
@@ -551,7 +557,7 @@ def main():
         print(md)
         log(f"wrote {os.path.join(args.out_dir, name)}")
         return
-    tasks, keys = plan(args.full, args.quick, args.extras, args.seeds)
+    tasks, keys = plan(args.full, args.quick, args.extras, args.seeds, args.pairs)
     keys = [(*k, tasks[k[0]]["epochs"]) for k in keys]
     keys.sort(key=lambda k: -cost(k[0], k[1], k[2]))  # the longest first
     jobs = [(run_dir(args.out_dir, *k), command(*k[:5], tasks[k[0]], run_dir(args.out_dir, *k))) for k in keys]
@@ -559,7 +565,7 @@ def main():
     runs = {k[:5]: read(d) for k, (d, _) in zip(keys, jobs)}
     # the premises: the pretrained pairs' alignment on every classification task, against random-init pairs
     torch.set_num_threads(args.workers)
-    pairs = [p for p in PAIRS if any(k[2:4] == p for k in keys)] if not args.full else PAIRS
+    pairs = [p for p in PAIRS if any(k[2:4] == p for k in keys)]
     premise = {(task, pair): v for task in tasks if task != "synthetic-seg"
                for pair, v in premise_cka(task, tasks[task]["img_size"], pairs).items()}
 

@@ -2668,6 +2668,17 @@ def test_miniature_ablation_rule_needs_more_than_the_seed_spread(tmp_path, monke
         assert "no change" in rows[("SLAD", choice)], choice
 
 
+def test_miniature_full_on_some_pairs_runs_only_theirs():
+    import miniature
+    args, _ = miniature.parse_args(["--full", "--pairs", "toy-b:toy-s"])
+    tasks, keys = miniature.plan(True, False, False, [0, 1, 2], args.pairs)
+    assert {k[2:4] for k in keys} == {("toy-b", "toy-s")} and set(tasks) == set(miniature.TASKS)
+    assert {k[0] for k in keys} == set(miniature.TASKS) and len(keys) == 2 * (5 * 3 + 1) + 3
+    assert len(miniature.plan(True, False, False, [0, 1, 2])[1]) > len(keys)  # every pair by default
+    with pytest.raises(SystemExit):
+        miniature.parse_args(["--full", "--pairs", "toy-l:toy-s"])  # Fig. 1 and Fig. 3 are of toy-b -> toy-s
+
+
 def test_miniature_reuses_a_run_only_for_its_own_config(tmp_path):
     import miniature
     d = str(tmp_path / "run")
