@@ -38,11 +38,17 @@ def linear_cka(X, Y):
     ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F) of the column-centred features; 1 when Y = X Q s for an
     orthogonal Q and a scale s, not invariant to other linear maps."""
     X, Y = X.double(), Y.double()
-    X, Y = X - X.mean(0), Y - Y.mean(0)
     if len(X) < max(X.shape[1], Y.shape[1]):  # n < p: the same value from the n x n Gram matrices, cheaper
+        X, Y = X - X.mean(0), Y - Y.mean(0)
         K, L = X @ X.T, Y @ Y.T
         return ((K * L).sum() / (K.norm() * L.norm())).item()
-    return ((Y.T @ X).norm() ** 2 / ((X.T @ X).norm() * (Y.T @ Y).norm())).item()
+    return batch_cka(X, Y).item()
+
+
+def batch_cka(X, Y):
+    """linear_cka as a tensor in the features' dtype, with its gradient: toys.py's distillation trains on it."""
+    X, Y = X - X.mean(0), Y - Y.mean(0)
+    return (Y.T @ X).pow(2).sum() / ((X.T @ X).norm() * (Y.T @ Y).norm())
 
 
 def unbiased_hsic(G):

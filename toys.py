@@ -28,11 +28,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from cka import batch_cka
 from data import hsv, normalize
 from lora import layer_mapping
-from model import CONFIGS, ViT
+from model import CONFIGS, TOY_WEIGHTS, ViT
 
-WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
 SIDE, CROP = 64, 56  # images are drawn at 64 px and randomly cropped to 56 (4 x 4 patches of 14)
 
 # -----------------------------------------------------------------------------
@@ -186,12 +186,6 @@ def pretrain(name, images, labels, masks, epochs, batch_size, lr, seed, log):
     return vit
 
 
-def batch_cka(X, Y):
-    """Linear CKA of two batches of features (B, p), (B, q) of the same images (Kornblith et al. 2019)."""
-    X, Y = X - X.mean(0), Y - Y.mean(0)
-    return (Y.T @ X).pow(2).sum() / ((X.T @ X).norm() * (Y.T @ Y).norm())
-
-
 def distill(names, teacher, images, masks, epochs, batch_size, lr, seed, log, cka_weight=1.0):
     """Task-agnostic distillation of every student in `names` on the pretraining images, all of them from one
     teacher forward a batch: linear projections of each student's tokens (CLS and patches) regress the
@@ -262,7 +256,7 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (the result depends on it, slightly)")
-    p.add_argument("--out_dir", default=WEIGHTS_DIR)
+    p.add_argument("--out_dir", default=TOY_WEIGHTS)
     return p.parse_args(argv), p
 
 
