@@ -215,15 +215,20 @@ def parse_args(argv=None):
     p.add_argument("--dataset", choices=list(DATASETS), help="default: the first run's, else dtd")
     p.add_argument("--data_dir", help="default: the first run's, else ./data")
     p.add_argument("--split", default="val", choices=["train", "val", "test"])
-    p.add_argument("--max_images", type=POSITIVE_INT, default=None, help="a fixed random subset of the split (default: all of it)")
+    p.add_argument("--max_images", type=POSITIVE_INT, default=None,
+                   help="a fixed random subset of the split (default: all of it)")
     p.add_argument("--teacher", choices=list(CONFIGS), help="default: the runs', else vitb14")
     p.add_argument("--student", choices=list(CONFIGS), help="default: the runs', else vits14")
-    p.add_argument("--init", choices=["dinov2", "random"], help="the pretrained encoders (default: the runs', else dinov2)")
-    p.add_argument("--teacher_weights", metavar="PATH_OR_URL", help="the teacher's official weights (default: the runs')")
-    p.add_argument("--student_weights", metavar="PATH_OR_URL", help="the student's official weights (default: the runs')")
+    p.add_argument("--init", choices=["dinov2", "random"],
+                   help="the pretrained encoders (default: the runs', else dinov2)")
+    p.add_argument("--teacher_weights", metavar="PATH_OR_URL",
+                   help="the teacher's official weights (default: the runs')")
+    p.add_argument("--student_weights", metavar="PATH_OR_URL",
+                   help="the student's official weights (default: the runs')")
     p.add_argument("--seed", type=int, help="rebuilds --init random's encoders (default: the runs', else 0)")
     p.add_argument("--img_size", type=POSITIVE_INT, help="default: the first run's, else the dataset's")
-    p.add_argument("--mapping", choices=MAPPINGS, help="the pairs (i, g(i)) to average (default: a SLAD or TED run's, else even)")
+    p.add_argument("--mapping", choices=MAPPINGS,
+                   help="the pairs (i, g(i)) to average (default: a SLAD or TED run's, else even)")
     p.add_argument("--token", default="cls", choices=["cls", "patch"], help="CLS token or mean patch token")
     p.add_argument("--pretrained_student", action="store_true",
                    help="(b-d) compare each run's teacher with the pretrained student, not the run's own student")

@@ -45,8 +45,8 @@ from model import CONFIGS, ViT, save_model, slide_inference
 REAL_MODEL_DEFAULTS = dict(rank=16, backbone_lr=2e-5)
 TOY_DEFAULTS = dict(rank=4, backbone_lr=1e-3)
 # flags that may change between a run and its --resume: where things are, not what is computed
-RESUMABLE_CHANGES = {"resume", "out_dir", "data_dir", "device", "num_workers", "compile", "log_every", "grad_checkpointing",
-                     "grad_accum", "teacher_weights", "student_weights"}
+RESUMABLE_CHANGES = {"resume", "out_dir", "data_dir", "device", "num_workers", "compile", "log_every",
+                     "grad_checkpointing", "grad_accum", "teacher_weights", "student_weights"}
 # dense bf16 peaks, FLOP/s, by a substring of torch.cuda.get_device_name(): MFU's denominator
 PEAK_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12,
               "L4": 121e12, "A10": 125e12, "V100": 125e12, "4090": 165e12}
@@ -101,21 +101,25 @@ def parser(doc, method):
                    help="images per optimizer step, split over torchrun's processes (32; cityscapes 8; synthetic 16)")
     p.add_argument("--lr", type=POSITIVE, default=None,
                    help="peak learning rate of the heads and LoRA adapters (1e-3; 3e-3 for synthetic)")
-    p.add_argument("--weight_decay", type=NON_NEGATIVE, default=0.05, help="AdamW decay on matrices (not biases, norms)")
+    p.add_argument("--weight_decay", type=NON_NEGATIVE, default=0.05,
+                   help="AdamW decay on matrices (not biases, norms)")
     p.add_argument("--img_size", type=POSITIVE_INT, default=None,
                    help="crop side, a multiple of the patch size (14; DINOv3 16): 518 for classification (DINOv3 512), "
-                        "560 for cityscapes (the sliding window too), 56 for synthetic (DINOv3 64), 112 for synthetic-seg")
+                        "560 for cityscapes (the sliding window too), 56 for synthetic (DINOv3 64), 112 for "
+                        "synthetic-seg")
     p.add_argument("--rank", type=POSITIVE_INT, default=None,
                    help="LoRA rank (paper: 16; 4 for the toy family, 8 %% of toy-s's width as 16 is 4 %% of ViT-S's)")
     p.add_argument("--qkv_adapters", default="fused", choices=["fused", "separate"],
                    help="LoRA on the fused qkv matrix: fused, one rank-r adapter for q, k and v (one A); separate, "
-                        "one each (three A's), as LoRA on separate q, k, v layers (Hugging Face + PEFT) (paper: silent)")
+                        "one each (three A's), as LoRA on separate q, k, v layers (Hugging Face + PEFT) "
+                        "(paper: silent)")
     p.add_argument("--temperature", type=POSITIVE, default=2.0, help="distillation temperature T (paper: 2)")
     p.add_argument("--kd", default="kl", choices=["kl", "taid"],
                    help="the distillation term: kl, the T^2 KL of eq. 2 / eq. 4 (paper); taid, TAID's KL towards an "
                         "interpolated target whose t rises to 1 (kd.TAID), at the same T")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="autocast dtype; bfloat16 on GPUs that have it, else float16 with a GradScaler; float32 on the CPU")
+                   help="autocast dtype; bfloat16 on GPUs that have it, else float16 with a GradScaler; float32 on "
+                        "the CPU")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile the teacher and the student")
     p.add_argument("--grad_checkpointing", action="store_true",
@@ -161,7 +165,8 @@ def resolve_flags(args, p, method):
     if method == "slad" and t.embed_dim // t.num_heads != s.embed_dim // s.num_heads:  # DINOv3's 7B: 128
         p.error(f"SLAD slices the teacher's adapters head by head (Fig. 4): {args.teacher}'s heads are "
                 f"{t.embed_dim // t.num_heads} wide, {args.student}'s {s.embed_dim // s.num_heads}")
-    if getattr(args, "feat", "none") == "ted" and (t.patch_size, t.num_register_tokens) != (s.patch_size, s.num_register_tokens):
+    same_tokens = (t.patch_size, t.num_register_tokens) == (s.patch_size, s.num_register_tokens)
+    if getattr(args, "feat", "none") == "ted" and not same_tokens:
         p.error(f"--feat ted compares the tokens of teacher and student one by one: {args.teacher} and {args.student} "
                 f"differ in patch size or registers")
     lora_models = [name for name, how in ((args.student, getattr(args, "student_adapt", "lora")),
@@ -309,7 +314,8 @@ def atomic_write(path, write):
         if isinstance(e, OSError) and e.strerror:
             reason = e.strerror
         else:  # e.g. "[enforce fail at inline_container.cc:626] . unexpected pos 835200 vs 835088"
-            reason = re.sub(r"^\[enforce fail at [^]]*\][ .]*", "", str(e).strip().splitlines()[0])[:120] + " (a full disk?)"
+            first = str(e).strip().splitlines()[0]
+            reason = re.sub(r"^\[enforce fail at [^]]*\][ .]*", "", first)[:120] + " (a full disk?)"
         raise RunError(f"cannot write {path}: {reason}{free_space(path)}; free space or fix the folder's permissions, "
                        f"then continue with --resume if a ckpt.pt was written") from None
 
@@ -336,8 +342,9 @@ def stop_if_not_finite(first_bad, steps, stage, out_dir):
         dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
     it = int(first_bad)
     if it < 2**62:
-        sys.exit(f"error: the loss is not finite at {stage} epoch {it // steps + 1} step {it % steps + 1}: the run stops, "
-                 f"and {os.path.join(out_dir, 'ckpt.pt')} keeps the last finished epoch (try a lower --lr, or --dtype float32)")
+        sys.exit(f"error: the loss is not finite at {stage} epoch {it // steps + 1} step {it % steps + 1}: the run "
+                 f"stops, and {os.path.join(out_dir, 'ckpt.pt')} keeps the last finished epoch (try a lower --lr, or "
+                 f"--dtype float32)")
 
 
 def adamw(groups, weight_decay, device):
@@ -437,7 +444,8 @@ def trained_keys(model):
 
 
 def trained_tensors(model, keys):
-    return {k: v.detach() for k, v in (dict(model.named_parameters()) | dict(model.named_buffers())).items() if k in keys}
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    return {k: v.detach() for k, v in tensors.items() if k in keys}
 
 
 def load_trained_tensors(model, state, keys, path):
@@ -451,7 +459,8 @@ def load_trained_tensors(model, state, keys, path):
 
 def rng_state(device):
     np_state = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "cuda": [torch.cuda.get_rng_state(device)] if device.startswith("cuda") else [],
+    return {"torch": torch.get_rng_state(),
+            "cuda": [torch.cuda.get_rng_state(device)] if device.startswith("cuda") else [],
             "numpy": torch.from_numpy(np_state[1].astype(np.int64)), "numpy_pos": list(np_state[2:]),
             "python": random.getstate()}
 
@@ -479,8 +488,9 @@ def load_checkpoint(args, config, method, p):
     except FileNotFoundError:
         folder = os.path.dirname(path) or "."
         killed = os.path.exists(os.path.join(folder, "config.json"))  # a run that stopped before its first epoch ended
-        p.error(f"--resume {path}: no such file" + (f"; {folder} holds a run that stopped before its first checkpoint: "
-                                                    f"run the same command without --resume to start it again" if killed else ""))
+        p.error(f"--resume {path}: no such file" + (
+            f"; {folder} holds a run that stopped before its first checkpoint: run the same command without "
+            f"--resume to start it again" if killed else ""))
     except Exception as e:
         p.error(f"--resume {path} is not a checkpoint written by these scripts (truncated?): {type(e).__name__}")
     if ckpt["method"] != method:
@@ -562,7 +572,8 @@ def claim_out_dir(args, config, ckpt, p):
             before = json.load(open(os.path.join(out, "config.json")))
         except (OSError, ValueError):
             before = None
-        if not isinstance(before, dict) or config_id(before) != config_id(config) or before.get("seed") != config["seed"]:
+        same = isinstance(before, dict) and config_id(before) == config_id(config)
+        if not same or before.get("seed") != config["seed"]:
             p.error(f"{out} holds a run of another config that stopped before its first checkpoint: delete that "
                     f"folder (rm -r {out}) or choose another --out_dir")
         for f in RUN_FILES:

@@ -122,7 +122,8 @@ class TAID(nn.Module):
         delta = (self.prev_loss - loss) / (self.prev_loss + 1e-15)
         momentum = torch.where(skip, self.momentum, self.beta * self.momentum + (1 - self.beta) * delta)
         t_linear = self.t_start + (self.t_end - self.t_start) * self.steps_done / self.total_steps
-        t = torch.clamp(torch.maximum(self.t + self.alpha * torch.sigmoid(momentum) * (1 - self.t), t_linear), max=self.t_end)
+        t_adaptive = self.t + self.alpha * torch.sigmoid(momentum) * (1 - self.t)
+        t = torch.clamp(torch.maximum(t_adaptive, t_linear), max=self.t_end)
         # new tensors rather than in-place updates: the step's graph still holds the t it was computed with
         self.t = torch.where(skip, self.t, t)
         self.momentum = momentum

@@ -246,7 +246,7 @@ class ViT(nn.Module):
             self.rope_embed = RoPE(D // c.num_heads, c.rope_rescale)
             if R:
                 self.storage_tokens = nn.Parameter(torch.zeros(1, R, D))
-        self.mask_token = nn.Parameter(torch.zeros(1, D))  # unused here (iBOT masking); kept so checkpoints load strictly
+        self.mask_token = nn.Parameter(torch.zeros(1, D))  # unused (iBOT masking); kept so checkpoints load strictly
         self.blocks = nn.ModuleList(Block(c) for _ in range(c.depth))
         self.norm = nn.LayerNorm(D, eps=NORM_EPS[c.family])
         if c.local_cls_norm:
@@ -540,7 +540,8 @@ def weights_file(name, path=None, progress=True):
         try:  # writes to a temporary file, then renames: an interrupted download leaves nothing behind
             torch.hub.download_url_to_file(url, path, progress=progress)
         except (urllib.error.URLError, OSError) as e:
-            expired = " (a DINOv3 signed URL expires: a new access request gives new ones)" if family == "dinov3" else ""
+            expired = (" (a DINOv3 signed URL expires: a new access request gives new ones)" if family == "dinov3"
+                       else "")
             raise CheckpointError(  # a signed URL's signature stays out of the message
                 f"could not download the {family.upper()} weights of {describe(name)} from {url.split('?')[0]} ({e}). "
                 f"Without network, fetch that file elsewhere and put it at {path}{expired}") from None

@@ -92,7 +92,8 @@ def find_runs(folder):
             paths.append(os.path.join(d, "results.json"))
     paths.sort(key=lambda p: (os.path.getmtime(p), p))  # oldest first: a seed's newest run is read last
     if not paths:
-        sys.exit(f"report.py: error: no results.json below {folder}: point it at the runs' --out_dir, or a folder above them")
+        sys.exit(f"report.py: error: no results.json below {folder}: point it at the runs' --out_dir, or a folder "
+                 f"above them")
     runs = []
     for path in paths:
         try:
@@ -101,7 +102,8 @@ def find_runs(folder):
             assert {"method", "dataset", "teacher", "student", "seed"} <= set(r)
             assert "student_acc" in r or "student_miou" in r
         except Exception as e:
-            sys.exit(f"report.py: error: {path} is not a results.json of train_slad.py or train_twostep.py ({type(e).__name__})")
+            sys.exit(f"report.py: error: {path} is not a results.json of train_slad.py or train_twostep.py "
+                     f"({type(e).__name__})")
         r["_dir"] = os.path.dirname(path)  # not in the file: where it was found
         runs.append(r)
     return runs

@@ -77,18 +77,22 @@ def main():
     # data: each process loads its share of every global batch, in --grad_accum micro-batches
     with rank0_first():  # a download happens once
         splits, num_classes = load_splits(args.dataset, args.data_dir)
-    train_loader, val_loader, test_loader = make_loaders(args.dataset, splits, args.img_size, args.batch_size, args.seed,
-                                                         args.num_workers, device, rank, world, args.grad_accum)
+    train_loader, val_loader, test_loader = make_loaders(args.dataset, splits, args.img_size, args.batch_size,
+                                                         args.seed, args.num_workers, device, rank, world,
+                                                         args.grad_accum)
     steps = len(train_loader) // args.grad_accum  # optimizer steps an epoch, the same on every process
     if steps == 0:
-        p.error(f"--batch_size {args.batch_size} is more than the {len(splits['train'])} training images: no step to take")
+        p.error(f"--batch_size {args.batch_size} is more than the {len(splits['train'])} training images: no step "
+                f"to take")
 
     # models: a teacher with LoRA adapters on qkv, a student whose adapters are the teacher's (Fig. 4)
     torch.manual_seed(args.seed)  # the heads' init
     Model = Segmenter if args.dataset in SEGMENTATION else Classifier  # the heads of App. C.1
     with rank0_first():
-        teacher = Model(initial_backbone(args.teacher, "teacher", args.init, args.seed, args.teacher_weights), num_classes)
-        student = Model(initial_backbone(args.student, "student", args.init, args.seed, args.student_weights), num_classes)
+        teacher = Model(initial_backbone(args.teacher, "teacher", args.init, args.seed, args.teacher_weights),
+                        num_classes)
+        student = Model(initial_backbone(args.student, "student", args.init, args.seed, args.student_weights),
+                        num_classes)
     teacher.vit.grad_checkpointing = student.vit.grad_checkpointing = args.grad_checkpointing
     add_lora(teacher.vit, rank=args.rank, separate=args.qkv_adapters == "separate",  # eq. 3 on every block's qkv;
              init_width=student.vit.embed_dim if args.shared_init == "student" else None)  # the backbone frozen
@@ -177,7 +181,8 @@ def main():
         val = evaluate({"teacher": teacher, "student": student}, val_loader, device, autocast, window)
         seconds = time.perf_counter() - t_epoch
         history["train_seconds"] += seconds
-        metrics = {"train_loss": epoch_loss / steps, **flat(val, "val_"), **({"taid_t": float(kd_term.t)} if args.kd == "taid" else {})}
+        metrics = {"train_loss": epoch_loss / steps, **flat(val, "val_"),
+                   **({"taid_t": float(kd_term.t)} if args.kd == "taid" else {})}
         print0(f"slad epoch {epoch + 1} | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()), args.out_dir)
         if rank == 0:
             row = {"stage": "slad", "epoch": epoch + 1, **{k: round(v, 4) for k, v in metrics.items()},
@@ -196,8 +201,9 @@ def main():
     confusions = {name: test[name]["confusion"] for name in ("teacher", "student")}
     results = {"method": "slad", "dataset": args.dataset, "data_name": dataset_name(config), "teacher": args.teacher,
                "student": args.student, "seed": args.seed, **{k: round(v, 3) for k, v in flat(test).items()},
-               "num_classes": num_classes, "mapping": args.mapping, "epochs": args.epochs, "kd": args.kd, "feat": "none",
-               **({"taid_t": round(float(kd_term.t), 3)} if args.kd == "taid" else {}), "train_seconds": round(history["train_seconds"], 1),
+               "num_classes": num_classes, "mapping": args.mapping, "epochs": args.epochs, "kd": args.kd,
+               "feat": "none", **({"taid_t": round(float(kd_term.t), 3)} if args.kd == "taid" else {}),
+               "train_seconds": round(history["train_seconds"], 1),
                "held_out": list(held_out(splits)), "per_class": per_class(classes, confusions, window is not None),
                "config_id": config_id(config), "config": config}
     if rank == 0:

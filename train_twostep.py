@@ -81,7 +81,8 @@ def parse_args(argv=None):
                    help="a layer-wise term on top of eq. 2: ted, TED's task-aware filters (kd.TaskFilters)")
     p.add_argument("--mapping", default="even", choices=MAPPINGS,
                    help="with --feat ted: the teacher block g(i) that student block i is distilled from (as SLAD's)")
-    p.add_argument("--ted_beta", type=NON_NEGATIVE, default=1.0, help="with --feat ted: the weight of TED's layer-wise MSE")
+    p.add_argument("--ted_beta", type=NON_NEGATIVE, default=1.0,
+                   help="with --feat ted: the weight of TED's layer-wise MSE")
     args = p.parse_args(argv)
     args.teacher_epochs = args.teacher_epochs or args.epochs or 30
     args.student_epochs = args.student_epochs or args.epochs or (80 if args.teacher_adapt == "probe" else 30)
@@ -107,18 +108,22 @@ def main():
     # data: each process loads its share of every global batch, in --grad_accum micro-batches
     with rank0_first():  # a download happens once
         splits, num_classes = load_splits(args.dataset, args.data_dir)
-    train_loader, val_loader, test_loader = make_loaders(args.dataset, splits, args.img_size, args.batch_size, args.seed,
-                                                         args.num_workers, device, rank, world, args.grad_accum)
+    train_loader, val_loader, test_loader = make_loaders(args.dataset, splits, args.img_size, args.batch_size,
+                                                         args.seed, args.num_workers, device, rank, world,
+                                                         args.grad_accum)
     steps = len(train_loader) // args.grad_accum  # optimizer steps an epoch, the same on every process
     if steps == 0:
-        p.error(f"--batch_size {args.batch_size} is more than the {len(splits['train'])} training images: no step to take")
+        p.error(f"--batch_size {args.batch_size} is more than the {len(splits['train'])} training images: no step "
+                f"to take")
 
     # models: each adapted as its flag says; TED's filters and TAID's state train and checkpoint with them
     torch.manual_seed(args.seed)  # the heads' init
     Model = Segmenter if args.dataset in SEGMENTATION else Classifier  # the heads of App. C.1
     with rank0_first():
-        teacher = Model(initial_backbone(args.teacher, "teacher", args.init, args.seed, args.teacher_weights), num_classes)
-        student = Model(initial_backbone(args.student, "student", args.init, args.seed, args.student_weights), num_classes)
+        teacher = Model(initial_backbone(args.teacher, "teacher", args.init, args.seed, args.teacher_weights),
+                        num_classes)
+        student = Model(initial_backbone(args.student, "student", args.init, args.seed, args.student_weights),
+                        num_classes)
     teacher.vit.grad_checkpointing = student.vit.grad_checkpointing = args.grad_checkpointing
     adapt(teacher, args.teacher_adapt, args.rank, args.qkv_adapters == "separate")
     adapt(student, args.student_adapt, args.rank, args.qkv_adapters == "separate")
@@ -214,7 +219,8 @@ def main():
             history["train_seconds"] += seconds
             metrics = {"train_loss": epoch_loss / steps, **flat(val, "val_"),
                        **({"taid_t": float(kd_term.t)} if args.kd == "taid" and name == "student" else {})}
-            print0(f"{name} epoch {epoch + 1} | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()), args.out_dir)
+            print0(f"{name} epoch {epoch + 1} | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
+                   args.out_dir)
             if rank == 0:
                 row = {"stage": name, "epoch": epoch + 1, **{k: round(v, 4) for k, v in metrics.items()},
                        "epoch_seconds": round(seconds, 1)}
@@ -242,7 +248,8 @@ def main():
             filters = teacher.ted_filters
             return task_loss(logits, y) + filters.task_loss(filters([b.detach() for b in blocks]), y)
 
-        train_stage("teacher", teacher, teacher_ddp, teach, optimizer, args.teacher_epochs, done if stage == "teacher" else 0,
+        train_stage("teacher", teacher, teacher_ddp, teach, optimizer, args.teacher_epochs,
+                    done if stage == "teacher" else 0,
                     step_flops((teacher.vit.flops(args.img_size), args.teacher_adapt)))
         teacher_test = evaluate({"teacher": teacher}, test_loader, device, autocast, window)
         history["teacher_test"] = flat(teacher_test)
@@ -271,7 +278,8 @@ def main():
         return (distill_loss(student_logits, teacher_logits, y, T=args.temperature, kd_term=kd_term)
                 + args.ted_beta * ted_loss(student.ted_filters(student_blocks), teacher_filtered))
 
-    train_stage("student", student, student_ddp, distill, optimizer, args.student_epochs, done if stage == "student" else 0,
+    train_stage("student", student, student_ddp, distill, optimizer, args.student_epochs,
+                done if stage == "student" else 0,
                 step_flops((teacher.vit.flops(args.img_size), "frozen"),
                            (student.vit.flops(args.img_size), args.student_adapt)))
 
