@@ -77,8 +77,8 @@ ABLATION = {"SLAD": ["SLAD, KL into the teacher", "SLAD, separate q/k/v adapters
                      "SLAD, KL warm-up 20 %"],
             "LoRA": ["LoRA, separate q/k/v adapters"]}
 # --convergence: the methods whose every stage must converge, and the first schedule tried (epochs a stage)
-CONVERGED = {"synthetic-fine": ["Probing", "Fine-tuning", "LoRA", "SLAD"], "synthetic": ["Probing", "Fine-tuning", "LoRA", "SLAD"],
-             "synthetic-seg": ["Probing", "LoRA", "SLAD"]}
+CONVERGED = {"synthetic-fine": ["Probing", "Fine-tuning", "LoRA", "SLAD"],
+             "synthetic": ["Probing", "Fine-tuning", "LoRA", "SLAD"], "synthetic-seg": ["Probing", "LoRA", "SLAD"]}
 FIRST_SCHEDULE = {"synthetic-fine": 8, "synthetic": 3, "synthetic-seg": 1}
 TABLE1 = ["Probing", "Fine-tuning", "LoRA", "SLAD", "LoRA +TAID", "LoRA +TED", "SLAD +TAID"]
 MAPPINGS = {"even": "SLAD", "first": "SLAD, first mapping", "last": "SLAD, last mapping"}
@@ -119,14 +119,16 @@ def plan(full, quick, extras, seeds):
     runs = []
     for task in ("synthetic", "synthetic-fine"):
         for s in seeds:
-            runs += [(task, m, "toy-b", "toy-s", s) for m in ("Probing", "Fine-tuning", "LoRA", "LoRA, student fully trained", "SLAD")]
+            runs += [(task, m, "toy-b", "toy-s", s)
+                     for m in ("Probing", "Fine-tuning", "LoRA", "LoRA, student fully trained", "SLAD")]
             for t, st in PAIRS[1:]:  # Table 2's other mappings on the fine-grained task only: the budget
                 mappings = MAPPINGS.values() if task == "synthetic-fine" else ["SLAD"]
                 runs += [(task, m, t, st, s) for m in ("Probing", "LoRA", *mappings)]
             if extras:
                 runs += [(task, m, "toy-b", "toy-s", s) for m in ("LoRA +TAID", "LoRA +TED", "SLAD +TAID")]
         runs.append((task, "Probing, random init", "toy-b", "toy-s", seeds[0]))
-    runs += [("synthetic-seg", m, t, st, seeds[0]) for t, st in PAIRS for m in ("Probing", "LoRA", "SLAD")]  # 4x the tokens
+    runs += [("synthetic-seg", m, t, st, seeds[0])  # 4x the tokens
+             for t, st in PAIRS for m in ("Probing", "LoRA", "SLAD")]
     return dict(TASKS), runs
 
 
@@ -141,8 +143,8 @@ def command(task, method, teacher, student, seed, settings, out_dir):
     family = method.split(",")[0].split()[0]  # "LoRA +TED": LoRA's LR; a teacher's own where it has one
     lr = s["lr"] if isinstance(s["lr"], float) else s["lr"].get(f"{family} {teacher}", s["lr"][family])
     cmd = [sys.executable, os.path.join(HERE, script), "--dataset", task, "--teacher", teacher, "--student", student,
-           "--seed", str(seed), "--device", "cpu", "--img_size", str(s["img_size"]), "--batch_size", str(s["batch_size"]),
-           "--lr", str(lr), "--out_dir", out_dir, "--log_every", "100000", *extra]
+           "--seed", str(seed), "--device", "cpu", "--img_size", str(s["img_size"]),
+           "--batch_size", str(s["batch_size"]), "--lr", str(lr), "--out_dir", out_dir, "--log_every", "100000", *extra]
     if script == "train_slad.py":
         return cmd + ["--epochs", str(s["epochs"])]
     return cmd + ["--teacher_epochs", str(s["epochs"]), "--student_epochs", str(s["epochs"]),
@@ -151,7 +153,8 @@ def command(task, method, teacher, student, seed, settings, out_dir):
 
 def cost(task, method, teacher):
     """A rough relative cost, to start the longest runs first (two workers finish together)."""
-    return (4 if task == "synthetic-seg" else 1) * (3 if teacher == "toy-l" else 1) * (1.5 if "train_twostep" in METHODS[method][0] else 1)
+    return ((4 if task == "synthetic-seg" else 1) * (3 if teacher == "toy-l" else 1)
+            * (1.5 if "train_twostep" in METHODS[method][0] else 1))
 
 
 def finished(d, cmd):
@@ -177,7 +180,8 @@ def run_all(jobs, workers, log):
             shutil.rmtree(d, ignore_errors=True)  # an interrupted run starts again
             os.makedirs(d)
             f = open(os.path.join(d, "stdout.txt"), "w")
-            running.append((d, c, subprocess.Popen(c, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=HERE), f, time.time()))
+            proc = subprocess.Popen(c, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=HERE)
+            running.append((d, c, proc, f, time.time()))
         time.sleep(0.2)
         for r in [r for r in running if r[2].poll() is not None]:
             running.remove(r)
@@ -242,7 +246,8 @@ def premise_cka(task, img_size, pairs, n_images=None, batch_size=64):
     loader = make_loader(val, eval_transform(img_size), batch_size, train=False)
     mats = layer_cka(models, loader)
     g = {p: layer_mapping(CONFIGS[p[1]].depth, CONFIGS[p[0]].depth, "even") for p in pairs}
-    return {p: (100 * mapped_mean(mats[k], g[p]), 100 * mapped_mean(mats[len(pairs) + k], g[p])) for k, p in enumerate(pairs)}
+    return {p: (100 * mapped_mean(mats[k], g[p]), 100 * mapped_mean(mats[len(pairs) + k], g[p]))
+            for k, p in enumerate(pairs)}
 
 
 # -----------------------------------------------------------------------------
@@ -367,29 +372,34 @@ def tables(runs, tasks, seeds, premise, cka, out):
     if any(k[1] in MAPPINGS.values() and k[1] != "SLAD" for k in runs):
         mapped = [k for k in cls if any(key[0] == k and key[1] == MAPPINGS["first"] for key in runs)]
         lines += ["", "### Table 2 in miniature: SLAD's mapping (students, test)", "",
-                  row(["student ← teacher", "mapping", *mapped, "paper: CUB / Aircraft / DTD"]), row(["---"] * (len(mapped) + 3))]
+                  row(["student ← teacher", "mapping", *mapped, "paper: CUB / Aircraft / DTD"]),
+                  row(["---"] * (len(mapped) + 3))]
         for t, s in PAIRS[1:]:
             for mapping, m in MAPPINGS.items():
                 paper = " / ".join(f"{v:.2f}" for v in PAPER_MAPPING[(t, s)][mapping])
-                lines.append(row([f"{s} ← {t}", mapping, *[mean_std([score(r, "student") for r in get(k, m, t, s)]) for k in mapped], paper]))
+                cells = [mean_std([score(r, "student") for r in get(k, m, t, s)]) for k in mapped]
+                lines.append(row([f"{s} ← {t}", mapping, *cells, paper]))
 
     lines += ["", "### Table 3 in miniature: teachers (test)", "",
               row(["teacher", "method", *head, "paper: CUB / DTD / Cityscapes"]), row(["---"] * (len(tasks) + 3))]
     for t in ("toy-b", "toy-l"):
         student = "toy-s"
-        for label, m, s in (("Probing", "Probing", student), ("Fine-tuning", "Fine-tuning", student), ("LoRA", "LoRA", student),
-                            ("SLAD (toy-s)", "SLAD", "toy-s"), ("SLAD (toy-b)", "SLAD", "toy-b")):
+        for label, m, s in (("Probing", "Probing", student), ("Fine-tuning", "Fine-tuning", student),
+                            ("LoRA", "LoRA", student), ("SLAD (toy-s)", "SLAD", "toy-s"),
+                            ("SLAD (toy-b)", "SLAD", "toy-b")):
             if not any(k[1:4] == (m, t, s) for k in runs):
                 continue
             paper = PAPER_TEACHER[t].get(label)
             paper = " / ".join(f"{paper[i]:.2f}" for i in (0, 2, 3)) if paper else ""
-            lines.append(row([t, label, *[mean_std([score(r, "teacher") for r in get(k, m, t, s)]) for k in tasks], paper]))
+            cells = [mean_std([score(r, "teacher") for r in get(k, m, t, s)]) for k in tasks]
+            lines.append(row([t, label, *cells, paper]))
 
     if cka:
         lines += ["", f"### Fig. 3 in miniature: CKA of CLS tokens, {cka['dataset']} val, {cka['teacher']} -> "
                   f"{cka['student']}, seed {cka['seed']}, mean over the mapped pairs g = {cka['g']}", "",
                   f"- pretrained: {100 * cka['pretrained']['mapped_mean']:.2f}%"]
-        lines += [f"- after {n}: {100 * r['mapped_mean']:.2f}% ({100 * r['change']:+.2f})" for n, r in cka["runs"].items()]
+        lines += [f"- after {n}: {100 * r['mapped_mean']:.2f}% ({100 * r['change']:+.2f})"
+                  for n, r in cka["runs"].items()]
 
     lines += ["", "### The val curves (mean over seeds, one number an epoch)", ""]
     for k in cls:
@@ -405,7 +415,8 @@ def tables(runs, tasks, seeds, premise, cka, out):
               row(["student ← teacher", "method", *tasks]), row(["---"] * (len(tasks) + 2))]
     for t, s in pairs:
         for m in [m for m in METHODS if any(k[1:4] == (m, t, s) for k in runs)]:
-            lines.append(row([f"{s} ← {t}", m, *[mean_std([r["train_seconds"] for r in get(k, m, t, s)]) for k in tasks]]))
+            cells = [mean_std([r["train_seconds"] for r in get(k, m, t, s)]) for k in tasks]
+            lines.append(row([f"{s} ← {t}", m, *cells]))
     md = "\n".join(lines) + "\n"
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write(md)
@@ -478,8 +489,9 @@ def ablation(args, log):
             dt = [v - d for v, d in zip(per_seed(m, "teacher"), per_seed(base, "teacher"))]
             spread = max(0.5, statistics.stdev(ds) if len(ds) > 1 else 0.0)
             wins = mean(ds) > spread and mean(dt) > -spread
-            lines.append(row([base, m.split(", ", 1)[1], mean_std(per_seed(m, "student")), f"{mean(ds):+.1f} ({spread:.1f})",
-                              mean_std(per_seed(m, "teacher")), f"{mean(dt):+.1f}", "**better**" if wins else "no change"]))
+            lines.append(row([base, m.split(", ", 1)[1], mean_std(per_seed(m, "student")),
+                              f"{mean(ds):+.1f} ({spread:.1f})", mean_std(per_seed(m, "teacher")), f"{mean(dt):+.1f}",
+                              "**better**" if wins else "no change"]))
     return "\n".join(lines) + "\n"
 
 
@@ -488,7 +500,8 @@ def parse_args(argv=None):
     p.add_argument("--full", action="store_true", help="every pair and task: Tables 1-3, Fig. 3, Fig. 1")
     p.add_argument("--quick", action="store_true",
                    help="one seed, synthetic-fine only, 14-px images (one patch), one epoch (into out/miniature-quick)")
-    p.add_argument("--extras", action="store_true", help="with --full: also LoRA +TAID, LoRA +TED and SLAD +TAID (toy-b -> toy-s)")
+    p.add_argument("--extras", action="store_true",
+                   help="with --full: also LoRA +TAID, LoRA +TED and SLAD +TAID (toy-b -> toy-s)")
     p.add_argument("--convergence", action="store_true",
                    help="find each task's shortest schedule that doubling moves by < 0.5 points of mean val, per model")
     p.add_argument("--ablation", action="store_true", help="the choices the paper leaves open, one at a time, on val")
@@ -496,7 +509,8 @@ def parse_args(argv=None):
                    help="with --convergence: the tasks to search")
     p.add_argument("--max_epochs", type=POSITIVE_INT, default=64, help="with --convergence: the longest schedule tried")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--workers", type=POSITIVE_INT, default=max(1, os.cpu_count() or 1), help="runs at a time (one CPU thread each)")
+    p.add_argument("--workers", type=POSITIVE_INT, default=max(1, os.cpu_count() or 1),
+                   help="runs at a time (one CPU thread each)")
     p.add_argument("--out_dir", default=None, help="default out/miniature (--quick: out/miniature-quick)")
     args = p.parse_args(argv)
     args.out_dir = args.out_dir or ("out/miniature-quick" if args.quick else "out/miniature")
@@ -545,7 +559,8 @@ def main():
     for m in [m for m in TABLE1 if any(k[:4] == (task, m, t, s) for k in runs)]:
         rs = [runs[k] for k in runs if k[:4] == (task, m, t, s)]
         points.append((m, mean([r["train_seconds"] for r in rs]), mean([r["student_acc"] for r in rs])))
-    fig1(points, f"Student {s} (teacher {t}) on {task}: test accuracy against training time", os.path.join(args.out_dir, "fig1.png"))
+    fig1(points, f"Student {s} (teacher {t}) on {task}: test accuracy against training time",
+         os.path.join(args.out_dir, "fig1.png"))
 
     print(tables(runs, tasks, args.seeds, premise, cka, args.out_dir))
     if args.full:  # the README's figures
