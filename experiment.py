@@ -1,10 +1,18 @@
 """
-Plain functions the two training scripts share, none of them the method: the flags and their per-dataset
-defaults; the run folder (its default name, its lock, what a fresh run or a resume may find in it) and atomic
-writes that fail with one line; torchrun's set-up (DDP, a download on the first process first, gradient
-accumulation); evaluation (accuracy, sliding-window mIoU); the checkpoint that --resume continues exactly (load
-with the config check, RNG states); MFU; printing on the first process. Each script owns its loop: AMP, the LR
-schedule, the loss, the log line and what it saves.
+The plain functions the two training scripts share, by job:
+
+    flags            parser, resolve_flags    the flags of both scripts, their per-dataset and per-model defaults,
+                                              what cannot run refused in one line; config_id, run_name
+    torchrun         ddp_init, ddp, ...       DDP, a download on the first process first (rank0_first), gradient
+                                              accumulation (sync_gradients), a mean over processes for the log
+    the run folder   claim_out_dir, print0    one run a folder (lock), what a fresh run or a resume may find in it;
+                                              the log, and files written whole or not at all (atomic_write)
+    the step         adamw, peak_flops        AdamW's decay groups, MFU's denominator, a loss that is not finite
+    evaluation       evaluate, per_class      accuracy, sliding-window mIoU, confusion matrices, per-class figures
+    checkpoints      save_checkpoint, ...     what --resume continues exactly (the trained tensors, RNG states;
+                                              load_checkpoint checks the config), and the exported models (export)
+
+Each script owns the method: its loop, AMP, the LR schedule, the loss, the log line and what it saves.
 """
 
 import argparse
@@ -228,7 +236,7 @@ def dataset_name(config):
 
 
 # -----------------------------------------------------------------------------
-# torchrun and printing
+# torchrun
 
 
 def ddp_init(device):
@@ -282,8 +290,104 @@ def ddp_mean(x, device):
     return float(x)
 
 
+# -----------------------------------------------------------------------------
+# the run folder: one run a folder, its log, files written whole
+
+
 class RunError(RuntimeError):
     """A run that cannot go on: its folder is taken, or a file cannot be written. The message is one line."""
+
+
+LOCKS = {}  # folder -> this process's lock on it
+
+
+def lock(out_dir):
+    """Hold out_dir/run.lock for as long as this process lives: a second run into the folder is refused while
+    this one runs. The OS lets go of the lock when the process ends, however it ends, so none is ever stale; a
+    process that starts another run in the folder (a test, a notebook) lets go of its own first."""
+    path = os.path.realpath(os.path.join(out_dir, "run.lock"))
+    if path in LOCKS:
+        LOCKS.pop(path).close()
+    f = open(path, "a+")
+    if fcntl is None:
+        return f
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        raise RunError(f"another run (process {f.read().strip() or '?'}) is writing to {out_dir}: wait for it to end, "
+                       f"or choose another --out_dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    LOCKS[path] = f
+    return f
+
+
+RUN_FILES = ("config.json", "log.txt", "metrics.jsonl", "ckpt.pt.tmp")  # what a run writes before its first checkpoint
+
+
+def claim_out_dir(args, config, ckpt, p):
+    """On the first process: make --out_dir this run's and only this run's, then write config.json. Returns the
+    lock (keep it). A fresh run refuses a folder that holds another run's checkpoint or results; a folder left by
+    a run that stopped before its first checkpoint (its config.json, no ckpt.pt) is started again if it was this
+    config, and refused with what to delete if not. A resume drops what the killed run wrote after its checkpoint
+    (drop_after_checkpoint)."""
+    if int(os.environ.get("RANK", 0)) > 0:
+        return None
+    out = args.out_dir
+    if os.path.exists(out) and not os.path.isdir(out):
+        p.error(f"--out_dir {out} is a file, not a folder: choose another --out_dir")
+    try:
+        os.makedirs(out, exist_ok=True)
+        held = lock(out)
+    except OSError as e:
+        p.error(f"cannot write to --out_dir {out}: {e.strerror or e}: choose another --out_dir")
+    has = lambda f: os.path.exists(os.path.join(out, f))
+    if ckpt is not None:
+        drop_after_checkpoint(out, ckpt)
+        return held
+    if has("results.json"):
+        p.error(f"{out} already holds a run, finished (its results.json is there): choose another --out_dir, or delete "
+                f"that folder to run it again")
+    if has("ckpt.pt"):
+        p.error(f"{out} already holds a run: continue it with --resume {os.path.join(out, 'ckpt.pt')}, or choose "
+                f"another --out_dir")
+    if has("config.json"):  # a run that stopped in its first epoch (a kill, a bad image, a full disk)
+        try:
+            before = json.load(open(os.path.join(out, "config.json")))
+        except (OSError, ValueError):
+            before = None
+        same = isinstance(before, dict) and config_id(before) == config_id(config)
+        if not same or before.get("seed") != config["seed"]:
+            p.error(f"{out} holds a run of another config that stopped before its first checkpoint: delete that "
+                    f"folder (rm -r {out}) or choose another --out_dir")
+        for f in RUN_FILES:
+            if has(f):
+                os.remove(os.path.join(out, f))
+        print(f"{out}: starting again the run that stopped before its first checkpoint", flush=True)
+    write_json(os.path.join(out, "config.json"), config)
+    return held
+
+
+def drop_after_checkpoint(out_dir, ckpt):
+    """A resume's folder as it was at its checkpoint: the partial checkpoint of the epoch the kill interrupted and
+    metrics.jsonl's rows past the checkpoint's (history["metrics_rows"]) go."""
+    path = lambda f: os.path.join(out_dir, f)
+    if os.path.exists(path("ckpt.pt.tmp")):
+        os.remove(path("ckpt.pt.tmp"))
+    keep = ckpt["history"]["metrics_rows"]
+    lines = open(path("metrics.jsonl")).readlines() if os.path.exists(path("metrics.jsonl")) else []
+    if len(lines) > keep:
+        atomic_write(path("metrics.jsonl"), lambda tmp: write_text(tmp, "".join(lines[:keep])))
+
+
+def print0(msg, out_dir):
+    """Print and append to out_dir/log.txt, on the first process only."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(msg, flush=True)
+        append_line(os.path.join(out_dir, "log.txt"), msg)
 
 
 def append_line(path, line):
@@ -320,11 +424,44 @@ def atomic_write(path, write):
                        f"then continue with --resume if a ckpt.pt was written") from None
 
 
-def print0(msg, out_dir):
-    """Print and append to out_dir/log.txt, on the first process only."""
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(msg, flush=True)
-        append_line(os.path.join(out_dir, "log.txt"), msg)
+def write_text(path, text):
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def write_json(path, obj):
+    atomic_write(path, lambda tmp: write_text(tmp, json.dumps(obj, indent=2)))
+
+
+def write_confusion(path, confusion, classes):
+    """A confusion matrix as CSV, written atomically: a row a label, a column a prediction, class names first."""
+    counts = torch.as_tensor(confusion).tolist()
+    rows = [["label \\ prediction", *classes]] + [[c, *row] for c, row in zip(classes, counts)]
+    text = io.StringIO()
+    csv.writer(text, lineterminator="\n").writerows(rows)
+    atomic_write(path, lambda tmp: write_text(tmp, text.getvalue()))
+
+
+def hms(seconds):
+    s = int(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+# -----------------------------------------------------------------------------
+# the step: AdamW's groups, MFU's peak, a loss that is not finite
+
+
+def adamw(groups, weight_decay, device):
+    """AdamW over groups of (named parameters, peak lr): matrices decay; biases, norms, LayerScale and the ViT's
+    learned tokens and position embeddings (ViT.NO_WEIGHT_DECAY, as timm and DINOv2) do not. Each group keeps
+    its peak as "peak_lr", which the scripts' get_lr scales."""
+    param_groups = []
+    for named, lr in groups:
+        for decay in (True, False):
+            ps = [p for n, p in named if (p.ndim >= 2 and n.rsplit(".", 1)[-1] not in ViT.NO_WEIGHT_DECAY) == decay]
+            if ps:
+                param_groups.append(dict(params=ps, lr=lr, peak_lr=lr, weight_decay=weight_decay if decay else 0.0))
+    return torch.optim.AdamW(param_groups, fused=device.startswith("cuda"))
 
 
 def peak_flops(device):
@@ -345,19 +482,6 @@ def stop_if_not_finite(first_bad, steps, stage, out_dir):
         sys.exit(f"error: the loss is not finite at {stage} epoch {it // steps + 1} step {it % steps + 1}: the run "
                  f"stops, and {os.path.join(out_dir, 'ckpt.pt')} keeps the last finished epoch (try a lower --lr, or "
                  f"--dtype float32)")
-
-
-def adamw(groups, weight_decay, device):
-    """AdamW over groups of (named parameters, peak lr): matrices decay; biases, norms, LayerScale and the ViT's
-    learned tokens and position embeddings (ViT.NO_WEIGHT_DECAY, as timm and DINOv2) do not. Each group keeps
-    its peak as "peak_lr", which the scripts' get_lr scales."""
-    param_groups = []
-    for named, lr in groups:
-        for decay in (True, False):
-            ps = [p for n, p in named if (p.ndim >= 2 and n.rsplit(".", 1)[-1] not in ViT.NO_WEIGHT_DECAY) == decay]
-            if ps:
-                param_groups.append(dict(params=ps, lr=lr, peak_lr=lr, weight_decay=weight_decay if decay else 0.0))
-    return torch.optim.AdamW(param_groups, fused=device.startswith("cuda"))
 
 
 # -----------------------------------------------------------------------------
@@ -435,7 +559,7 @@ def worst_classes(figures, name, k=5):
 
 
 # -----------------------------------------------------------------------------
-# checkpoints: only what training changes, so --resume continues exactly
+# checkpoints: only what training changes, so --resume continues exactly; the exported models
 
 
 def trained_keys(model):
@@ -507,83 +631,6 @@ def load_checkpoint(args, config, method, p):
     return ckpt
 
 
-LOCKS = {}  # folder -> this process's lock on it
-
-
-def lock(out_dir):
-    """Hold out_dir/run.lock for as long as this process lives: a second run into the folder is refused while
-    this one runs. The OS lets go of the lock when the process ends, however it ends, so none is ever stale; a
-    process that starts another run in the folder (a test, a notebook) lets go of its own first."""
-    path = os.path.realpath(os.path.join(out_dir, "run.lock"))
-    if path in LOCKS:
-        LOCKS.pop(path).close()
-    f = open(path, "a+")
-    if fcntl is None:
-        return f
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        raise RunError(f"another run (process {f.read().strip() or '?'}) is writing to {out_dir}: wait for it to end, "
-                       f"or choose another --out_dir") from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"{os.getpid()}\n")
-    f.flush()
-    LOCKS[path] = f
-    return f
-
-
-RUN_FILES = ("config.json", "log.txt", "metrics.jsonl", "ckpt.pt.tmp")  # what a run writes before its first checkpoint
-
-
-def claim_out_dir(args, config, ckpt, p):
-    """On the first process: make --out_dir this run's and only this run's, then write config.json. Returns the
-    lock (keep it). A fresh run refuses a folder that holds another run's checkpoint or results; a folder left by
-    a run that stopped before its first checkpoint (its config.json, no ckpt.pt) is started again if it was this
-    config, and refused with what to delete if not. A resume drops what the killed run wrote after its checkpoint."""
-    if int(os.environ.get("RANK", 0)) > 0:
-        return None
-    out = args.out_dir
-    if os.path.exists(out) and not os.path.isdir(out):
-        p.error(f"--out_dir {out} is a file, not a folder: choose another --out_dir")
-    try:
-        os.makedirs(out, exist_ok=True)
-        held = lock(out)
-    except OSError as e:
-        p.error(f"cannot write to --out_dir {out}: {e.strerror or e}: choose another --out_dir")
-    has = lambda f: os.path.exists(os.path.join(out, f))
-    if ckpt is not None:  # the rows and a partial checkpoint of the epoch the kill interrupted go
-        if has("ckpt.pt.tmp"):
-            os.remove(os.path.join(out, "ckpt.pt.tmp"))
-        keep = ckpt["history"]["metrics_rows"]
-        lines = open(os.path.join(out, "metrics.jsonl")).readlines() if has("metrics.jsonl") else []
-        if len(lines) > keep:
-            atomic_write(os.path.join(out, "metrics.jsonl"), lambda tmp: write_text(tmp, "".join(lines[:keep])))
-        return held
-    if has("results.json"):
-        p.error(f"{out} already holds a run, finished (its results.json is there): choose another --out_dir, or delete "
-                f"that folder to run it again")
-    if has("ckpt.pt"):
-        p.error(f"{out} already holds a run: continue it with --resume {os.path.join(out, 'ckpt.pt')}, or choose "
-                f"another --out_dir")
-    if has("config.json"):  # a run that stopped in its first epoch (a kill, a bad image, a full disk)
-        try:
-            before = json.load(open(os.path.join(out, "config.json")))
-        except (OSError, ValueError):
-            before = None
-        same = isinstance(before, dict) and config_id(before) == config_id(config)
-        if not same or before.get("seed") != config["seed"]:
-            p.error(f"{out} holds a run of another config that stopped before its first checkpoint: delete that "
-                    f"folder (rm -r {out}) or choose another --out_dir")
-        for f in RUN_FILES:
-            if has(f):
-                os.remove(os.path.join(out, f))
-        print(f"{out}: starting again the run that stopped before its first checkpoint", flush=True)
-    write_json(os.path.join(out, "config.json"), config)
-    return held
-
-
 def deploy_meta(args, classes):
     """What prediction needs, saved with the exported models (model.load_model gives it back as model.meta): the
     task, the class names in label order, and the preprocessing it was evaluated with at the size it trained at
@@ -605,26 +652,3 @@ def export(path, model, meta):
     merged.head.load_state_dict(model.head.state_dict())
     merged.meta = meta
     atomic_write(path, lambda tmp: save_model(tmp, merged))
-
-
-def write_confusion(path, confusion, classes):
-    """A confusion matrix as CSV, written atomically: a row a label, a column a prediction, class names first."""
-    counts = torch.as_tensor(confusion).tolist()
-    rows = [["label \\ prediction", *classes]] + [[c, *row] for c, row in zip(classes, counts)]
-    text = io.StringIO()
-    csv.writer(text, lineterminator="\n").writerows(rows)
-    atomic_write(path, lambda tmp: write_text(tmp, text.getvalue()))
-
-
-def write_text(path, text):
-    with open(path, "w") as f:
-        f.write(text)
-
-
-def write_json(path, obj):
-    atomic_write(path, lambda tmp: write_text(tmp, json.dumps(obj, indent=2)))
-
-
-def hms(seconds):
-    s = int(seconds)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
