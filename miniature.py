@@ -340,21 +340,27 @@ def tables(runs, tasks, seeds, premise, cka, out):
             lines.append(row([f"CKA, mapped pairs, pretrained {t} -> {s} (random init)",
                               *[f"{premise[(k, (t, s))][0]:.1f} ({premise[(k, (t, s))][1]:.1f})" for k in cls]]))
     val = lambda task, m, t, s, role: [r[f"val_{role}_acc"] for r in get(task, m, t, s)]
-    gap = lambda task, a, b, role: f"{mean(val(task, a, 'toy-b', 'toy-s', role)) - mean(val(task, b, 'toy-b', 'toy-s', role)):+.1f}"
+    gap = lambda task, a, b, role: (
+        f"{mean(val(task, a, 'toy-b', 'toy-s', role)) - mean(val(task, b, 'toy-b', 'toy-s', role)):+.1f}")
     has = lambda m: all(val(k, m, "toy-b", "toy-s", "teacher") for k in cls)
     if has("Probing") and has("Probing, random init"):
         lines.append(row(["probed toy-b, pretrained (random init)", *[
-            f"{mean_std(val(k, 'Probing', 'toy-b', 'toy-s', 'teacher'))} ({mean_std(val(k, 'Probing, random init', 'toy-b', 'toy-s', 'teacher'))})" for k in cls]]))
+            f"{mean_std(val(k, 'Probing', 'toy-b', 'toy-s', 'teacher'))} "
+            f"({mean_std(val(k, 'Probing, random init', 'toy-b', 'toy-s', 'teacher'))})" for k in cls]]))
     if has("Probing") and has("LoRA"):
         lines.append(row(["LoRA toy-b (minus the probed one)", *[
-            f"{mean_std(val(k, 'LoRA', 'toy-b', 'toy-s', 'teacher'))} ({gap(k, 'LoRA', 'Probing', 'teacher')})" for k in cls]]))
+            f"{mean_std(val(k, 'LoRA', 'toy-b', 'toy-s', 'teacher'))} ({gap(k, 'LoRA', 'Probing', 'teacher')})"
+            for k in cls]]))
     if has("LoRA") and has("LoRA, student fully trained"):
         lines.append(row(["LoRA toy-s (minus a fully trained toy-s, same LoRA teacher)", *[
-            f"{mean_std(val(k, 'LoRA', 'toy-b', 'toy-s', 'student'))} ({gap(k, 'LoRA', 'LoRA, student fully trained', 'student')})" for k in cls]]))
+            f"{mean_std(val(k, 'LoRA', 'toy-b', 'toy-s', 'student'))} "
+            f"({gap(k, 'LoRA', 'LoRA, student fully trained', 'student')})" for k in cls]]))
     rank = TOY_DEFAULTS["rank"]
-    lines.append(row(["LoRA rank / toy-s's width", *[f"{rank} / {CONFIGS['toy-s'].embed_dim} = {100 * rank / CONFIGS['toy-s'].embed_dim:.1f} %"] * len(cls)]))
+    width = CONFIGS['toy-s'].embed_dim
+    lines.append(row(["LoRA rank / toy-s's width", *[f"{rank} / {width} = {100 * rank / width:.1f} %"] * len(cls)]))
     gaps = {k: [max(c) - c[-1] for r in runs.values() if r["dataset"] == k for c in r["curves"].values()] for k in cls}
-    lines.append(row(["convergence: the largest best-minus-last val, over every run and model", *[f"{max(gaps[k]):.1f} ({len(gaps[k])} curves)" for k in cls]]))
+    lines.append(row(["convergence: the largest best-minus-last val, over every run and model",
+                      *[f"{max(gaps[k]):.1f} ({len(gaps[k])} curves)" for k in cls]]))
 
     lines += ["", "### Table 1 in miniature: students (test)", "",
               row(["student ← teacher", "method", *head, "avg. (classification)", "paper: CUB / DTD / Cityscapes"]),
@@ -442,13 +448,15 @@ def convergence(args, log):
             settings, epochs = dict(settings, img_size=14), 1
         methods = CONVERGED[task]
         while True:
-            keys = [(task, m, "toy-b", "toy-s", s, e) for e in (epochs, 2 * epochs) for m in methods for s in args.seeds]
+            keys = [(task, m, "toy-b", "toy-s", s, e)
+                    for e in (epochs, 2 * epochs) for m in methods for s in args.seeds]
             jobs = [(run_dir(args.out_dir, *k), command(*k[:5], dict(settings, epochs=k[5]), run_dir(args.out_dir, *k)))
                     for k in keys if k not in runs]
             run_all(jobs, args.workers, log)
             runs.update({k: read(run_dir(args.out_dir, *k)) for k in keys})
             moves = {(m, role): val_means(runs, task, m, 2 * epochs, args.seeds, role)
-                     - val_means(runs, task, m, epochs, args.seeds, role) for m in methods for role in ("teacher", "student")}
+                     - val_means(runs, task, m, epochs, args.seeds, role)
+                     for m in methods for role in ("teacher", "student")}
             lines.append(row([task, f"{epochs} → {2 * epochs}", *[f"{moves[(m, role)]:+.1f}" for m in methods
                                                                      for role in ("teacher", "student")]]))
             if all(abs(v) < 0.5 for v in moves.values()):
