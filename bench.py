@@ -26,12 +26,9 @@ the scripts, stripped of everything but the timing.
         the GPU checks of issue 24 in one command: every training script on real-size fake data, the steps,
         memory, the largest batches, the input pipeline, each with a time cap; one markdown table (out/proof.md)
 
-MFU counts model FLOPs analytically (ViT.flops: matmuls, 2 per multiply-add, as nanoGPT's estimate_mfu):
-a forward pass is F; a backward pass costs F more to propagate gradients through an encoder that has
-anything trainable in or below it (LoRA adapters, or everything), and F more again for the weight gradients
-of a fully trained encoder. So per image: slad 2 F_t + 2 F_s, probe F_t, lora 2 F_t, finetune 3 F_t, distill
-F_t + 2 F_s. Heads and LoRA's own matmuls (< 2 %) and recomputation under --grad_checkpointing are not
-counted. The peak is the device's dense bf16 figure (--peak_tflops to set it).
+MFU counts model FLOPs analytically, as the training scripts' log lines do (ViT.flops: matmuls, 2 per
+multiply-add, as nanoGPT's estimate_mfu; a step's, per method, model.step_flops). The peak is the device's dense
+bf16 figure (--peak_tflops to set it).
 """
 
 import argparse
@@ -62,15 +59,14 @@ from data import (CLASSIFICATION, SEG_BASE_RATIO, SEGMENTATION, SegTrainTransfor
                   normalize, train_transform)
 from experiment import PEAK_FLOPS, peak_flops
 from kd import distill_loss, slad_loss, task_loss
-from lora import add_lora, share_lora, trainable_parameters
-from model import CONFIGS, Classifier, ViT
-from train_slad import TeacherStudent
-from train_twostep import adapt
+from lora import adapt, add_lora, share_lora, trainable_parameters
+from model import CONFIGS, Classifier, TeacherStudent, ViT, step_flops
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 METHODS = ("slad", "probe", "finetune", "lora", "distill")
-# FLOPs of a training step per image, as multiples of the teacher's and the student's forward (F_t, F_s): see above
-STEP_FLOPS = {"slad": (2, 2), "probe": (1, 0), "lora": (2, 0), "finetune": (3, 0), "distill": (1, 2)}
+# how each method's step trains the teacher and the student (model.STEP_PASSES; None: not in the step)
+TRAINS = {"slad": ("lora", "lora"), "probe": ("probe", None), "lora": ("lora", None), "finetune": ("finetune", None),
+          "distill": ("frozen", "lora")}
 PAIRS = (("vitb14", "vits14"), ("vitl14", "vitb14"))  # the paper's teacher -> student pairs that bench.py reports
 TARGET_MFU = 0.4  # issue 24's goal for a SLAD step on an H100
 PREFETCH = 4  # batches each DataLoader worker keeps ready (data.make_loader)
@@ -95,9 +91,10 @@ def device_peak(args):
     return args.peak_tflops * 1e12 if args.peak_tflops else peak_flops(args.device)
 
 
-def step_flops(method, teacher_flops, student_flops):
-    a, b = STEP_FLOPS[method]
-    return a * teacher_flops + b * student_flops
+def method_flops(method, teacher_flops, student_flops):
+    """Matmul FLOPs per image of a method's training step (model.step_flops)."""
+    teacher, student = TRAINS[method]
+    return step_flops((teacher_flops, teacher), *([(student_flops, student)] if student else []))
 
 
 def forward_flops(name, img_size):
@@ -111,7 +108,7 @@ def build(method, args, num_classes=100):
     student = Classifier(ViT.from_name(args.student), num_classes)
     for m in (teacher, student):
         m.vit.grad_checkpointing = args.grad_checkpointing
-    flops = step_flops(method, teacher.vit.flops(args.img_size), student.vit.flops(args.img_size))
+    flops = method_flops(method, teacher.vit.flops(args.img_size), student.vit.flops(args.img_size))
     if method == "slad":
         add_lora(teacher.vit, rank=args.rank)
         share_lora(student.vit, teacher.vit, "even")
@@ -448,7 +445,7 @@ def cmd_data(args):
     for teacher, student in args.pairs:
         F_t, F_s = forward_flops(teacher, args.img_size), forward_flops(student, args.img_size)
         for method in METHODS:
-            flops = step_flops(method, F_t, F_s)
+            flops = method_flops(method, F_t, F_s)
             need = peak / flops
             print(f"| {teacher} -> {student} | {method} | {flops / 1e12:.2f} | {need:,.0f} | "
                   f"{math.ceil(need / per_worker)} ({math.ceil(2 * need / per_worker)}) |")

@@ -38,11 +38,17 @@ def linear_cka(X, Y):
     ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F) of the column-centred features; 1 when Y = X Q s for an
     orthogonal Q and a scale s, not invariant to other linear maps."""
     X, Y = X.double(), Y.double()
-    X, Y = X - X.mean(0), Y - Y.mean(0)
     if len(X) < max(X.shape[1], Y.shape[1]):  # n < p: the same value from the n x n Gram matrices, cheaper
+        X, Y = X - X.mean(0), Y - Y.mean(0)
         K, L = X @ X.T, Y @ Y.T
         return ((K * L).sum() / (K.norm() * L.norm())).item()
-    return ((Y.T @ X).norm() ** 2 / ((X.T @ X).norm() * (Y.T @ Y).norm())).item()
+    return batch_cka(X, Y).item()
+
+
+def batch_cka(X, Y):
+    """linear_cka as a tensor in the features' dtype, with its gradient: toys.py's distillation trains on it."""
+    X, Y = X - X.mean(0), Y - Y.mean(0)
+    return (Y.T @ X).pow(2).sum() / ((X.T @ X).norm() * (Y.T @ Y).norm())
 
 
 def unbiased_hsic(G):
@@ -209,15 +215,20 @@ def parse_args(argv=None):
     p.add_argument("--dataset", choices=list(DATASETS), help="default: the first run's, else dtd")
     p.add_argument("--data_dir", help="default: the first run's, else ./data")
     p.add_argument("--split", default="val", choices=["train", "val", "test"])
-    p.add_argument("--max_images", type=POSITIVE_INT, default=None, help="a fixed random subset of the split (default: all of it)")
+    p.add_argument("--max_images", type=POSITIVE_INT, default=None,
+                   help="a fixed random subset of the split (default: all of it)")
     p.add_argument("--teacher", choices=list(CONFIGS), help="default: the runs', else vitb14")
     p.add_argument("--student", choices=list(CONFIGS), help="default: the runs', else vits14")
-    p.add_argument("--init", choices=["dinov2", "random"], help="the pretrained encoders (default: the runs', else dinov2)")
-    p.add_argument("--teacher_weights", metavar="PATH_OR_URL", help="the teacher's official weights (default: the runs')")
-    p.add_argument("--student_weights", metavar="PATH_OR_URL", help="the student's official weights (default: the runs')")
+    p.add_argument("--init", choices=["dinov2", "random"],
+                   help="the pretrained encoders (default: the runs', else dinov2)")
+    p.add_argument("--teacher_weights", metavar="PATH_OR_URL",
+                   help="the teacher's official weights (default: the runs')")
+    p.add_argument("--student_weights", metavar="PATH_OR_URL",
+                   help="the student's official weights (default: the runs')")
     p.add_argument("--seed", type=int, help="rebuilds --init random's encoders (default: the runs', else 0)")
     p.add_argument("--img_size", type=POSITIVE_INT, help="default: the first run's, else the dataset's")
-    p.add_argument("--mapping", choices=MAPPINGS, help="the pairs (i, g(i)) to average (default: a SLAD or TED run's, else even)")
+    p.add_argument("--mapping", choices=MAPPINGS,
+                   help="the pairs (i, g(i)) to average (default: a SLAD or TED run's, else even)")
     p.add_argument("--token", default="cls", choices=["cls", "patch"], help="CLS token or mean patch token")
     p.add_argument("--pretrained_student", action="store_true",
                    help="(b-d) compare each run's teacher with the pretrained student, not the run's own student")

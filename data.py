@@ -488,7 +488,8 @@ class Procedural(Dataset):
 
 class SyntheticTextures(Procedural):
     """Procedural textures, one class each, with random colours, scale, phase and a little rotation, in low
-    contrast, uneven light and noise. Deterministic per (seed, split, index), generated on the fly. Every class is its own mirror
+    contrast, uneven light and noise. Deterministic per (seed, split, index), generated on the fly. Every class is its
+    own mirror
     image, so RandomHorizontalFlip keeps labels right."""
 
     CLASSES = ("horizontal stripes", "vertical stripes", "diagonal stripes", "checkerboard", "dots",
@@ -537,7 +538,8 @@ class SyntheticTextures(Procedural):
         fg = bg + rng.choice([-1, 1], size=3) * rng.uniform(20, 70, size=3)
         a, strength = rng.uniform(0, 2 * np.pi), rng.uniform(0, 0.5)  # light falls off along a random direction
         light = 1 + strength * (np.cos(a) * (x - s / 2) + np.sin(a) * (y - s / 2)) / (s / 2)
-        img = np.where(val[..., None], fg, bg) * light[..., None] + 20 * rng.standard_normal(size=(s, s, 1), dtype=np.float32)
+        noise = 20 * rng.standard_normal(size=(s, s, 1), dtype=np.float32)
+        img = np.where(val[..., None], fg, bg) * light[..., None] + noise
         return np.clip(img, 0, 255).astype(np.uint8)
 
 
@@ -594,12 +596,14 @@ class SyntheticFine(Procedural):
     def draw(self, i):
         rng = self.rng(i)
         label = i % len(self.CLASSES)
-        hue, marking = list(self.COLOURS.values())[label // len(self.MARKINGS)], self.MARKINGS[label % len(self.MARKINGS)]
+        hue = list(self.COLOURS.values())[label // len(self.MARKINGS)]
+        marking = self.MARKINGS[label % len(self.MARKINGS)]
         body = self.BODIES[rng.integers(len(self.BODIES))]
         s = self.size
         y, x = self.grid
         # clutter: smooth noise in a random colour, so the body is not the only thing in view
-        noise = np.array(Image.fromarray(rng.normal(size=(6, 6)).astype(np.float32)).resize((s, s), Image.Resampling.BICUBIC))
+        coarse = Image.fromarray(rng.normal(size=(6, 6)).astype(np.float32))
+        noise = np.array(coarse.resize((s, s), Image.Resampling.BICUBIC))
         img = rng.uniform(40, 215, 3) + rng.uniform(15, 40) * noise[..., None]
         r = rng.uniform(0.28, 0.36) * s
         cy, cx = rng.uniform(0.45 * s, 0.55 * s, size=2)
@@ -787,7 +791,8 @@ class Transformed(Dataset):
             rng.set_state(state)  # leave the caller's RNG as it was
 
 
-def make_loader(dataset, transform, batch_size, train, seed=0, num_workers=0, device="cpu", rank=0, world=1, step_batch=None):
+def make_loader(dataset, transform, batch_size, train, seed=0, num_workers=0, device="cpu", rank=0, world=1,
+                step_batch=None):
     """A DataLoader over dataset; batch_size is per process. Train loaders shuffle and keep whole steps of
     `step_batch` images over all processes (default batch_size x world)."""
     sampler = EpochSampler(len(dataset), seed, shuffle=train, rank=rank, world=world,
@@ -800,7 +805,8 @@ def make_loader(dataset, transform, batch_size, train, seed=0, num_workers=0, de
 SEG_BASE_RATIO = 640 / 560  # segmentation resizes around a short side of 640 for a 560 crop (App. C.2)
 
 
-def make_loaders(name, splits, img_size, batch_size, seed=0, num_workers=0, device="cpu", rank=0, world=1, grad_accum=1):
+def make_loaders(name, splits, img_size, batch_size, seed=0, num_workers=0, device="cpu", rank=0, world=1,
+                 grad_accum=1):
     """(train, val, test) loaders of dataset `name`'s splits with App. C.2's transforms for its task,
     batch_size images a step over all `world` processes; the train loader yields each process's share in
     `grad_accum` micro-batches a step."""

@@ -1,10 +1,18 @@
 """
-Plain functions the two training scripts share, none of them the method: the flags and their per-dataset
-defaults; the run folder (its default name, its lock, what a fresh run or a resume may find in it) and atomic
-writes that fail with one line; torchrun's set-up (DDP, a download on the first process first, gradient
-accumulation); evaluation (accuracy, sliding-window mIoU); the checkpoint that --resume continues exactly (load
-with the config check, RNG states); MFU; printing on the first process. Each script owns its loop: AMP, the LR
-schedule, the loss, the log line and what it saves.
+The plain functions the two training scripts share, by job:
+
+    flags            parser, resolve_flags    the flags of both scripts, their per-dataset and per-model defaults,
+                                              what cannot run refused in one line; config_id, run_name
+    torchrun         ddp_init, ddp, ...       DDP, a download on the first process first (rank0_first), gradient
+                                              accumulation (sync_gradients), a mean over processes for the log
+    the run folder   claim_out_dir, print0    one run a folder (lock), what a fresh run or a resume may find in it;
+                                              the log, and files written whole or not at all (atomic_write)
+    the step         adamw, peak_flops        AdamW's decay groups, MFU's denominator, a loss that is not finite
+    evaluation       evaluate, per_class      accuracy, sliding-window mIoU, confusion matrices, per-class figures
+    checkpoints      save_checkpoint, ...     what --resume continues exactly (the trained tensors, RNG states;
+                                              load_checkpoint checks the config), and the exported models (export)
+
+Each script owns the method: its loop, AMP, the LR schedule, the loss, the log line and what it saves.
 """
 
 import argparse
@@ -45,8 +53,8 @@ from model import CONFIGS, ViT, save_model, slide_inference
 REAL_MODEL_DEFAULTS = dict(rank=16, backbone_lr=2e-5)
 TOY_DEFAULTS = dict(rank=4, backbone_lr=1e-3)
 # flags that may change between a run and its --resume: where things are, not what is computed
-RESUMABLE_CHANGES = {"resume", "out_dir", "data_dir", "device", "num_workers", "compile", "log_every", "grad_checkpointing",
-                     "grad_accum", "teacher_weights", "student_weights"}
+RESUMABLE_CHANGES = {"resume", "out_dir", "data_dir", "device", "num_workers", "compile", "log_every",
+                     "grad_checkpointing", "grad_accum", "teacher_weights", "student_weights"}
 # dense bf16 peaks, FLOP/s, by a substring of torch.cuda.get_device_name(): MFU's denominator
 PEAK_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12,
               "L4": 121e12, "A10": 125e12, "V100": 125e12, "4090": 165e12}
@@ -101,21 +109,25 @@ def parser(doc, method):
                    help="images per optimizer step, split over torchrun's processes (32; cityscapes 8; synthetic 16)")
     p.add_argument("--lr", type=POSITIVE, default=None,
                    help="peak learning rate of the heads and LoRA adapters (1e-3; 3e-3 for synthetic)")
-    p.add_argument("--weight_decay", type=NON_NEGATIVE, default=0.05, help="AdamW decay on matrices (not biases, norms)")
+    p.add_argument("--weight_decay", type=NON_NEGATIVE, default=0.05,
+                   help="AdamW decay on matrices (not biases, norms)")
     p.add_argument("--img_size", type=POSITIVE_INT, default=None,
                    help="crop side, a multiple of the patch size (14; DINOv3 16): 518 for classification (DINOv3 512), "
-                        "560 for cityscapes (the sliding window too), 56 for synthetic (DINOv3 64), 112 for synthetic-seg")
+                        "560 for cityscapes (the sliding window too), 56 for synthetic (DINOv3 64), 112 for "
+                        "synthetic-seg")
     p.add_argument("--rank", type=POSITIVE_INT, default=None,
                    help="LoRA rank (paper: 16; 4 for the toy family, 8 %% of toy-s's width as 16 is 4 %% of ViT-S's)")
     p.add_argument("--qkv_adapters", default="fused", choices=["fused", "separate"],
                    help="LoRA on the fused qkv matrix: fused, one rank-r adapter for q, k and v (one A); separate, "
-                        "one each (three A's), as LoRA on separate q, k, v layers (Hugging Face + PEFT) (paper: silent)")
+                        "one each (three A's), as LoRA on separate q, k, v layers (Hugging Face + PEFT) "
+                        "(paper: silent)")
     p.add_argument("--temperature", type=POSITIVE, default=2.0, help="distillation temperature T (paper: 2)")
     p.add_argument("--kd", default="kl", choices=["kl", "taid"],
                    help="the distillation term: kl, the T^2 KL of eq. 2 / eq. 4 (paper); taid, TAID's KL towards an "
                         "interpolated target whose t rises to 1 (kd.TAID), at the same T")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="autocast dtype; bfloat16 on GPUs that have it, else float16 with a GradScaler; float32 on the CPU")
+                   help="autocast dtype; bfloat16 on GPUs that have it, else float16 with a GradScaler; float32 on "
+                        "the CPU")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile the teacher and the student")
     p.add_argument("--grad_checkpointing", action="store_true",
@@ -161,7 +173,8 @@ def resolve_flags(args, p, method):
     if method == "slad" and t.embed_dim // t.num_heads != s.embed_dim // s.num_heads:  # DINOv3's 7B: 128
         p.error(f"SLAD slices the teacher's adapters head by head (Fig. 4): {args.teacher}'s heads are "
                 f"{t.embed_dim // t.num_heads} wide, {args.student}'s {s.embed_dim // s.num_heads}")
-    if getattr(args, "feat", "none") == "ted" and (t.patch_size, t.num_register_tokens) != (s.patch_size, s.num_register_tokens):
+    same_tokens = (t.patch_size, t.num_register_tokens) == (s.patch_size, s.num_register_tokens)
+    if getattr(args, "feat", "none") == "ted" and not same_tokens:
         p.error(f"--feat ted compares the tokens of teacher and student one by one: {args.teacher} and {args.student} "
                 f"differ in patch size or registers")
     lora_models = [name for name, how in ((args.student, getattr(args, "student_adapt", "lora")),
@@ -223,7 +236,7 @@ def dataset_name(config):
 
 
 # -----------------------------------------------------------------------------
-# torchrun and printing
+# torchrun
 
 
 def ddp_init(device):
@@ -277,8 +290,104 @@ def ddp_mean(x, device):
     return float(x)
 
 
+# -----------------------------------------------------------------------------
+# the run folder: one run a folder, its log, files written whole
+
+
 class RunError(RuntimeError):
     """A run that cannot go on: its folder is taken, or a file cannot be written. The message is one line."""
+
+
+LOCKS = {}  # folder -> this process's lock on it
+
+
+def lock(out_dir):
+    """Hold out_dir/run.lock for as long as this process lives: a second run into the folder is refused while
+    this one runs. The OS lets go of the lock when the process ends, however it ends, so none is ever stale; a
+    process that starts another run in the folder (a test, a notebook) lets go of its own first."""
+    path = os.path.realpath(os.path.join(out_dir, "run.lock"))
+    if path in LOCKS:
+        LOCKS.pop(path).close()
+    f = open(path, "a+")
+    if fcntl is None:
+        return f
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        raise RunError(f"another run (process {f.read().strip() or '?'}) is writing to {out_dir}: wait for it to end, "
+                       f"or choose another --out_dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    LOCKS[path] = f
+    return f
+
+
+RUN_FILES = ("config.json", "log.txt", "metrics.jsonl", "ckpt.pt.tmp")  # what a run writes before its first checkpoint
+
+
+def claim_out_dir(args, config, ckpt, p):
+    """On the first process: make --out_dir this run's and only this run's, then write config.json. Returns the
+    lock (keep it). A fresh run refuses a folder that holds another run's checkpoint or results; a folder left by
+    a run that stopped before its first checkpoint (its config.json, no ckpt.pt) is started again if it was this
+    config, and refused with what to delete if not. A resume drops what the killed run wrote after its checkpoint
+    (drop_after_checkpoint)."""
+    if int(os.environ.get("RANK", 0)) > 0:
+        return None
+    out = args.out_dir
+    if os.path.exists(out) and not os.path.isdir(out):
+        p.error(f"--out_dir {out} is a file, not a folder: choose another --out_dir")
+    try:
+        os.makedirs(out, exist_ok=True)
+        held = lock(out)
+    except OSError as e:
+        p.error(f"cannot write to --out_dir {out}: {e.strerror or e}: choose another --out_dir")
+    has = lambda f: os.path.exists(os.path.join(out, f))
+    if ckpt is not None:
+        drop_after_checkpoint(out, ckpt)
+        return held
+    if has("results.json"):
+        p.error(f"{out} already holds a run, finished (its results.json is there): choose another --out_dir, or delete "
+                f"that folder to run it again")
+    if has("ckpt.pt"):
+        p.error(f"{out} already holds a run: continue it with --resume {os.path.join(out, 'ckpt.pt')}, or choose "
+                f"another --out_dir")
+    if has("config.json"):  # a run that stopped in its first epoch (a kill, a bad image, a full disk)
+        try:
+            before = json.load(open(os.path.join(out, "config.json")))
+        except (OSError, ValueError):
+            before = None
+        same = isinstance(before, dict) and config_id(before) == config_id(config)
+        if not same or before.get("seed") != config["seed"]:
+            p.error(f"{out} holds a run of another config that stopped before its first checkpoint: delete that "
+                    f"folder (rm -r {out}) or choose another --out_dir")
+        for f in RUN_FILES:
+            if has(f):
+                os.remove(os.path.join(out, f))
+        print(f"{out}: starting again the run that stopped before its first checkpoint", flush=True)
+    write_json(os.path.join(out, "config.json"), config)
+    return held
+
+
+def drop_after_checkpoint(out_dir, ckpt):
+    """A resume's folder as it was at its checkpoint: the partial checkpoint of the epoch the kill interrupted and
+    metrics.jsonl's rows past the checkpoint's (history["metrics_rows"]) go."""
+    path = lambda f: os.path.join(out_dir, f)
+    if os.path.exists(path("ckpt.pt.tmp")):
+        os.remove(path("ckpt.pt.tmp"))
+    keep = ckpt["history"]["metrics_rows"]
+    lines = open(path("metrics.jsonl")).readlines() if os.path.exists(path("metrics.jsonl")) else []
+    if len(lines) > keep:
+        atomic_write(path("metrics.jsonl"), lambda tmp: write_text(tmp, "".join(lines[:keep])))
+
+
+def print0(msg, out_dir):
+    """Print and append to out_dir/log.txt, on the first process only."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(msg, flush=True)
+        append_line(os.path.join(out_dir, "log.txt"), msg)
 
 
 def append_line(path, line):
@@ -309,16 +418,50 @@ def atomic_write(path, write):
         if isinstance(e, OSError) and e.strerror:
             reason = e.strerror
         else:  # e.g. "[enforce fail at inline_container.cc:626] . unexpected pos 835200 vs 835088"
-            reason = re.sub(r"^\[enforce fail at [^]]*\][ .]*", "", str(e).strip().splitlines()[0])[:120] + " (a full disk?)"
+            first = str(e).strip().splitlines()[0]
+            reason = re.sub(r"^\[enforce fail at [^]]*\][ .]*", "", first)[:120] + " (a full disk?)"
         raise RunError(f"cannot write {path}: {reason}{free_space(path)}; free space or fix the folder's permissions, "
                        f"then continue with --resume if a ckpt.pt was written") from None
 
 
-def print0(msg, out_dir):
-    """Print and append to out_dir/log.txt, on the first process only."""
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(msg, flush=True)
-        append_line(os.path.join(out_dir, "log.txt"), msg)
+def write_text(path, text):
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def write_json(path, obj):
+    atomic_write(path, lambda tmp: write_text(tmp, json.dumps(obj, indent=2)))
+
+
+def write_confusion(path, confusion, classes):
+    """A confusion matrix as CSV, written atomically: a row a label, a column a prediction, class names first."""
+    counts = torch.as_tensor(confusion).tolist()
+    rows = [["label \\ prediction", *classes]] + [[c, *row] for c, row in zip(classes, counts)]
+    text = io.StringIO()
+    csv.writer(text, lineterminator="\n").writerows(rows)
+    atomic_write(path, lambda tmp: write_text(tmp, text.getvalue()))
+
+
+def hms(seconds):
+    s = int(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+# -----------------------------------------------------------------------------
+# the step: AdamW's groups, MFU's peak, a loss that is not finite
+
+
+def adamw(groups, weight_decay, device):
+    """AdamW over groups of (named parameters, peak lr): matrices decay; biases, norms, LayerScale and the ViT's
+    learned tokens and position embeddings (ViT.NO_WEIGHT_DECAY, as timm and DINOv2) do not. Each group keeps
+    its peak as "peak_lr", which the scripts' get_lr scales."""
+    param_groups = []
+    for named, lr in groups:
+        for decay in (True, False):
+            ps = [p for n, p in named if (p.ndim >= 2 and n.rsplit(".", 1)[-1] not in ViT.NO_WEIGHT_DECAY) == decay]
+            if ps:
+                param_groups.append(dict(params=ps, lr=lr, peak_lr=lr, weight_decay=weight_decay if decay else 0.0))
+    return torch.optim.AdamW(param_groups, fused=device.startswith("cuda"))
 
 
 def peak_flops(device):
@@ -336,21 +479,9 @@ def stop_if_not_finite(first_bad, steps, stage, out_dir):
         dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
     it = int(first_bad)
     if it < 2**62:
-        sys.exit(f"error: the loss is not finite at {stage} epoch {it // steps + 1} step {it % steps + 1}: the run stops, "
-                 f"and {os.path.join(out_dir, 'ckpt.pt')} keeps the last finished epoch (try a lower --lr, or --dtype float32)")
-
-
-def adamw(groups, weight_decay, device):
-    """AdamW over groups of (named parameters, peak lr): matrices decay; biases, norms, LayerScale and the ViT's
-    learned tokens and position embeddings (ViT.NO_WEIGHT_DECAY, as timm and DINOv2) do not. Each group keeps
-    its peak as "peak_lr", which the scripts' get_lr scales."""
-    param_groups = []
-    for named, lr in groups:
-        for decay in (True, False):
-            ps = [p for n, p in named if (p.ndim >= 2 and n.rsplit(".", 1)[-1] not in ViT.NO_WEIGHT_DECAY) == decay]
-            if ps:
-                param_groups.append(dict(params=ps, lr=lr, peak_lr=lr, weight_decay=weight_decay if decay else 0.0))
-    return torch.optim.AdamW(param_groups, fused=device.startswith("cuda"))
+        sys.exit(f"error: the loss is not finite at {stage} epoch {it // steps + 1} step {it % steps + 1}: the run "
+                 f"stops, and {os.path.join(out_dir, 'ckpt.pt')} keeps the last finished epoch (try a lower --lr, or "
+                 f"--dtype float32)")
 
 
 # -----------------------------------------------------------------------------
@@ -428,7 +559,7 @@ def worst_classes(figures, name, k=5):
 
 
 # -----------------------------------------------------------------------------
-# checkpoints: only what training changes, so --resume continues exactly
+# checkpoints: only what training changes, so --resume continues exactly; the exported models
 
 
 def trained_keys(model):
@@ -437,7 +568,8 @@ def trained_keys(model):
 
 
 def trained_tensors(model, keys):
-    return {k: v.detach() for k, v in (dict(model.named_parameters()) | dict(model.named_buffers())).items() if k in keys}
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    return {k: v.detach() for k, v in tensors.items() if k in keys}
 
 
 def load_trained_tensors(model, state, keys, path):
@@ -451,7 +583,8 @@ def load_trained_tensors(model, state, keys, path):
 
 def rng_state(device):
     np_state = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "cuda": [torch.cuda.get_rng_state(device)] if device.startswith("cuda") else [],
+    return {"torch": torch.get_rng_state(),
+            "cuda": [torch.cuda.get_rng_state(device)] if device.startswith("cuda") else [],
             "numpy": torch.from_numpy(np_state[1].astype(np.int64)), "numpy_pos": list(np_state[2:]),
             "python": random.getstate()}
 
@@ -479,8 +612,9 @@ def load_checkpoint(args, config, method, p):
     except FileNotFoundError:
         folder = os.path.dirname(path) or "."
         killed = os.path.exists(os.path.join(folder, "config.json"))  # a run that stopped before its first epoch ended
-        p.error(f"--resume {path}: no such file" + (f"; {folder} holds a run that stopped before its first checkpoint: "
-                                                    f"run the same command without --resume to start it again" if killed else ""))
+        p.error(f"--resume {path}: no such file" + (
+            f"; {folder} holds a run that stopped before its first checkpoint: run the same command without "
+            f"--resume to start it again" if killed else ""))
     except Exception as e:
         p.error(f"--resume {path} is not a checkpoint written by these scripts (truncated?): {type(e).__name__}")
     if ckpt["method"] != method:
@@ -495,82 +629,6 @@ def load_checkpoint(args, config, method, p):
         p.error(f"--resume {path} continues the run in {folder}, not in --out_dir {args.out_dir}: drop --out_dir "
                 f"(to continue elsewhere, copy the whole run folder there first)")
     return ckpt
-
-
-LOCKS = {}  # folder -> this process's lock on it
-
-
-def lock(out_dir):
-    """Hold out_dir/run.lock for as long as this process lives: a second run into the folder is refused while
-    this one runs. The OS lets go of the lock when the process ends, however it ends, so none is ever stale; a
-    process that starts another run in the folder (a test, a notebook) lets go of its own first."""
-    path = os.path.realpath(os.path.join(out_dir, "run.lock"))
-    if path in LOCKS:
-        LOCKS.pop(path).close()
-    f = open(path, "a+")
-    if fcntl is None:
-        return f
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        raise RunError(f"another run (process {f.read().strip() or '?'}) is writing to {out_dir}: wait for it to end, "
-                       f"or choose another --out_dir") from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"{os.getpid()}\n")
-    f.flush()
-    LOCKS[path] = f
-    return f
-
-
-RUN_FILES = ("config.json", "log.txt", "metrics.jsonl", "ckpt.pt.tmp")  # what a run writes before its first checkpoint
-
-
-def claim_out_dir(args, config, ckpt, p):
-    """On the first process: make --out_dir this run's and only this run's, then write config.json. Returns the
-    lock (keep it). A fresh run refuses a folder that holds another run's checkpoint or results; a folder left by
-    a run that stopped before its first checkpoint (its config.json, no ckpt.pt) is started again if it was this
-    config, and refused with what to delete if not. A resume drops what the killed run wrote after its checkpoint."""
-    if int(os.environ.get("RANK", 0)) > 0:
-        return None
-    out = args.out_dir
-    if os.path.exists(out) and not os.path.isdir(out):
-        p.error(f"--out_dir {out} is a file, not a folder: choose another --out_dir")
-    try:
-        os.makedirs(out, exist_ok=True)
-        held = lock(out)
-    except OSError as e:
-        p.error(f"cannot write to --out_dir {out}: {e.strerror or e}: choose another --out_dir")
-    has = lambda f: os.path.exists(os.path.join(out, f))
-    if ckpt is not None:  # the rows and a partial checkpoint of the epoch the kill interrupted go
-        if has("ckpt.pt.tmp"):
-            os.remove(os.path.join(out, "ckpt.pt.tmp"))
-        keep = ckpt["history"]["metrics_rows"]
-        lines = open(os.path.join(out, "metrics.jsonl")).readlines() if has("metrics.jsonl") else []
-        if len(lines) > keep:
-            atomic_write(os.path.join(out, "metrics.jsonl"), lambda tmp: write_text(tmp, "".join(lines[:keep])))
-        return held
-    if has("results.json"):
-        p.error(f"{out} already holds a run, finished (its results.json is there): choose another --out_dir, or delete "
-                f"that folder to run it again")
-    if has("ckpt.pt"):
-        p.error(f"{out} already holds a run: continue it with --resume {os.path.join(out, 'ckpt.pt')}, or choose "
-                f"another --out_dir")
-    if has("config.json"):  # a run that stopped in its first epoch (a kill, a bad image, a full disk)
-        try:
-            before = json.load(open(os.path.join(out, "config.json")))
-        except (OSError, ValueError):
-            before = None
-        if not isinstance(before, dict) or config_id(before) != config_id(config) or before.get("seed") != config["seed"]:
-            p.error(f"{out} holds a run of another config that stopped before its first checkpoint: delete that "
-                    f"folder (rm -r {out}) or choose another --out_dir")
-        for f in RUN_FILES:
-            if has(f):
-                os.remove(os.path.join(out, f))
-        print(f"{out}: starting again the run that stopped before its first checkpoint", flush=True)
-    write_json(os.path.join(out, "config.json"), config)
-    return held
 
 
 def deploy_meta(args, classes):
@@ -594,26 +652,3 @@ def export(path, model, meta):
     merged.head.load_state_dict(model.head.state_dict())
     merged.meta = meta
     atomic_write(path, lambda tmp: save_model(tmp, merged))
-
-
-def write_confusion(path, confusion, classes):
-    """A confusion matrix as CSV, written atomically: a row a label, a column a prediction, class names first."""
-    counts = torch.as_tensor(confusion).tolist()
-    rows = [["label \\ prediction", *classes]] + [[c, *row] for c, row in zip(classes, counts)]
-    text = io.StringIO()
-    csv.writer(text, lineterminator="\n").writerows(rows)
-    atomic_write(path, lambda tmp: write_text(tmp, text.getvalue()))
-
-
-def write_text(path, text):
-    with open(path, "w") as f:
-        f.write(text)
-
-
-def write_json(path, obj):
-    atomic_write(path, lambda tmp: write_text(tmp, json.dumps(obj, indent=2)))
-
-
-def hms(seconds):
-    s = int(seconds)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"

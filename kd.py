@@ -12,6 +12,7 @@ Two other objectives, to compare with (--kd taid, --feat ted):
 
     TAID(total_steps)                     TAID (Shing et al. 2025): the KL term towards p_t, an interpolation of
                                           student and teacher whose t rises adaptively to 1; replaces eq. 2/4's KL
+    distill_term(kd, total_steps, device) --kd's term, kl_term or a TAID: the losses' kd_term
     TaskFilters, ted_loss                 TED (Liang et al. 2023): task-aware filters on chosen blocks, and the
                                           MSE between filtered student and teacher blocks, added to eq. 2
 
@@ -23,7 +24,7 @@ import torch.nn as nn
 import torch.distributed as dist
 import torch.nn.functional as F
 
-IGNORE = 255
+from data import IGNORE
 
 
 def task_loss(logits, labels):
@@ -44,23 +45,22 @@ def kl_term(student_logits, teacher_logits, T=2.0, labels=None):
     return T * T * (kl * valid).sum() / valid.sum().clamp(min=1)
 
 
-def distill_loss(student_logits, teacher_logits, labels, T=2.0, alpha_s=0.5, alpha_kl=0.5, taid=None):
+def distill_loss(student_logits, teacher_logits, labels, T=2.0, alpha_s=0.5, alpha_kl=0.5, kd_term=kl_term):
     """eq. 2: alpha_s CE(f_s, y) at T = 1 + alpha_KL T^2 KL(f_t || f_s) at T > 1. The teacher is a fixed
-    target (its logits carry no gradient). With a TAID, its term takes the KL's place."""
-    kd = kl_term if taid is None else taid
-    return alpha_s * task_loss(student_logits, labels) + alpha_kl * kd(student_logits, teacher_logits.detach(), T, labels)
+    target (its logits carry no gradient). kd_term: the KL's, or another in its place (distill_term)."""
+    return (alpha_s * task_loss(student_logits, labels)
+            + alpha_kl * kd_term(student_logits, teacher_logits.detach(), T, labels))
 
 
 def slad_loss(student_logits, teacher_logits, labels, T=2.0, alpha_s=1.0, alpha_t=1.0, alpha_kl=1.0,
-              kl_into_teacher=False, taid=None):
+              kl_into_teacher=False, kd_term=kl_term):
     """eq. 4: alpha_s CE(f_s, y) + alpha_t CE(f_t, y) + alpha_KL T^2 KL(f_t || f_s). By default the KL term
     treats the teacher's logits as a target, as in eq. 2 (the teacher still feels the student through the
     shared adapters); kl_into_teacher=True lets it pull the teacher's logits towards the student's too.
-    With a TAID, its term takes the KL's place."""
+    kd_term: the KL's, or another in its place (distill_term)."""
     target = teacher_logits if kl_into_teacher else teacher_logits.detach()
-    kd = kl_term if taid is None else taid
     return (alpha_s * task_loss(student_logits, labels) + alpha_t * task_loss(teacher_logits, labels)
-            + alpha_kl * kd(student_logits, target, T, labels))
+            + alpha_kl * kd_term(student_logits, target, T, labels))
 
 
 # -----------------------------------------------------------------------------
@@ -122,12 +122,20 @@ class TAID(nn.Module):
         delta = (self.prev_loss - loss) / (self.prev_loss + 1e-15)
         momentum = torch.where(skip, self.momentum, self.beta * self.momentum + (1 - self.beta) * delta)
         t_linear = self.t_start + (self.t_end - self.t_start) * self.steps_done / self.total_steps
-        t = torch.clamp(torch.maximum(self.t + self.alpha * torch.sigmoid(momentum) * (1 - self.t), t_linear), max=self.t_end)
+        t_adaptive = self.t + self.alpha * torch.sigmoid(momentum) * (1 - self.t)
+        t = torch.clamp(torch.maximum(t_adaptive, t_linear), max=self.t_end)
         # new tensors rather than in-place updates: the step's graph still holds the t it was computed with
         self.t = torch.where(skip, self.t, t)
         self.momentum = momentum
         self.prev_loss = torch.where(torch.isfinite(loss), loss.float(), self.prev_loss)
         self.steps_done = self.steps_done + 1
+
+
+def distill_term(kd, total_steps, device):
+    """The distillation term of --kd, called as term(student_logits, teacher_logits, T, labels): "kl", eq. 2's and
+    eq. 4's T^2 KL (kl_term); "taid", a TAID on `device` whose t rises over total_steps optimizer steps (a module
+    with a state: the scripts step it, log its t and checkpoint it with the models)."""
+    return TAID(total_steps).to(device) if kd == "taid" else kl_term
 
 
 # -----------------------------------------------------------------------------

@@ -4,6 +4,7 @@ LoRA (Hu et al. 2022; paper eq. 3) and SLAD's sharing of the teacher's adapters 
     add_lora(teacher.vit)                  # adapters on every block's attn.qkv, the backbone frozen
     share_lora(student.vit, teacher.vit)   # student block i uses teacher block g(i)'s adapters, sliced
     merge_lora(student.vit)                # a plain ViT with the adapters folded in, official layout
+    adapt(model, "lora" | "finetune" | "probe", rank)   # what of a Classifier or Segmenter trains
 
 In the style of minLoRA: one small module and plain functions to add, share and merge.
 """
@@ -92,6 +93,16 @@ def add_lora(vit, rank=16, alpha=None, targets=("attn.qkv",), separate=False, in
                 return LoRALinear(base, A, B, (alpha or rank) / rank, chunks)
             _swap(block, target, make)
     return vit
+
+
+def adapt(model, how, rank, separate=False):
+    """Choose what of a Classifier or Segmenter trains (--teacher_adapt, --student_adapt): the head always; the
+    encoder's LoRA adapters ("lora"), all of it ("finetune"), or nothing ("probe")."""
+    if how == "lora":
+        add_lora(model.vit, rank=rank, separate=separate)  # freezes the encoder, adds trainable adapters
+    else:
+        model.vit.requires_grad_(how == "finetune")
+        model.vit.mask_token.requires_grad_(False)  # unused here (iBOT's masking): nothing would train it
 
 
 def layer_mapping(n_student, n_teacher, mapping="even"):

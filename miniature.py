@@ -31,6 +31,7 @@ from torch.utils.data import Subset
 from cka import BLUE_WHITE_RED, VIRIDIS, ImagesOnly, draw_panel, font, layer_cka, mapped_mean, text
 from data import eval_transform, load_splits, make_loader
 import experiment
+import report
 from experiment import POSITIVE_INT, TOY_DEFAULTS, Parser
 from lora import layer_mapping
 from model import CONFIGS, initial_backbone
@@ -78,29 +79,32 @@ ABLATION = {"SLAD": ["SLAD, KL into the teacher", "SLAD, separate q/k/v adapters
                      "SLAD, KL warm-up 20 %"],
             "LoRA": ["LoRA, separate q/k/v adapters"]}
 # --convergence: the methods whose every stage must converge, and the first schedule tried (epochs a stage)
-CONVERGED = {"synthetic-fine": ["Probing", "Fine-tuning", "LoRA", "SLAD"], "synthetic": ["Probing", "Fine-tuning", "LoRA", "SLAD"],
-             "synthetic-seg": ["Probing", "LoRA", "SLAD"]}
+CONVERGED = {"synthetic-fine": ["Probing", "Fine-tuning", "LoRA", "SLAD"],
+             "synthetic": ["Probing", "Fine-tuning", "LoRA", "SLAD"], "synthetic-seg": ["Probing", "LoRA", "SLAD"]}
 FIRST_SCHEDULE = {"synthetic-fine": 8, "synthetic": 3, "synthetic-seg": 1}
 TABLE1 = ["Probing", "Fine-tuning", "LoRA", "SLAD", "LoRA +TAID", "LoRA +TED", "SLAD +TAID"]
 MAPPINGS = {"even": "SLAD", "first": "SLAD, first mapping", "last": "SLAD, last mapping"}
 
-# The paper's numbers (Table 1: students; Table 3: teachers; CUB, Aircraft, DTD, Cityscapes), by pair
-PAPER_STUDENT = {
-    ("toy-b", "toy-s"): {"Probing": (89.80, 89.44, 81.93, 69.32), "LoRA": (90.01, 91.82, 84.71, 72.75),
-                         "SLAD": (90.54, 92.50, 84.56, 73.91)},
-    ("toy-l", "toy-s"): {"Probing": (89.61, 90.10, 81.61, 72.42), "Fine-tuning": (88.60, 88.90, 81.50, None),
-                         "LoRA": (90.04, 91.46, 84.18, 73.43), "SLAD": (90.44, 92.44, 84.24, 73.97)},
-    ("toy-l", "toy-b"): {"Probing": (90.61, 91.02, 83.49, 73.87), "LoRA": (91.41, 93.25, 86.58, 77.06),
-                         "SLAD": (91.81, 94.18, 86.40, 77.35)},
-}
-PAPER_MAPPING = {("toy-l", "toy-s"): {"even": (90.44, 92.44, 84.24), "first": (90.32, 92.64, 84.29), "last": (90.33, 92.58, 84.38)},
-                 ("toy-l", "toy-b"): {"even": (91.81, 94.18, 86.40), "first": (91.81, 93.95, 86.67), "last": (91.82, 94.04, 86.67)}}
-PAPER_TEACHER = {"toy-b": {"Probing": (90.29, 87.35, 83.76, 69.54), "LoRA": (90.64, 92.86, 86.28, 77.90),
-                           "SLAD (toy-s)": (91.50, 93.50, 86.17, 75.45)},
-                 "toy-l": {"Probing": (91.46, 90.84, 84.40, 72.58), "LoRA": (91.78, 94.32, 87.23, 79.99),
-                           "SLAD (toy-s)": (92.21, 94.96, 87.21, 77.61), "SLAD (toy-b)": (92.57, 95.14, 87.52, 79.02)}}
-PAPER_COLUMN = {"synthetic": 2, "synthetic-fine": 0, "synthetic-seg": 3}  # DTD, CUB, Cityscapes
 VIT = {"toy-s": "ViT-S", "toy-b": "ViT-B", "toy-l": "ViT-L"}
+
+
+def paper_numbers():
+    """The paper's numbers (report.py's) on the toys' names, each CUB, Aircraft, DTD, Cityscapes: Table 1's
+    students by pair and method (the paper's own runs over those it cites; no average), Table 2's by mapping (CUB,
+    Aircraft, DTD) and Table 3's teachers, by method."""
+    toy = {v: k for k, v in VIT.items()}
+    students = {}
+    for s, t, m, _, _, v in sorted(report.PAPER, key=lambda row: "Marrie" not in row[3]):  # Marrie et al.'s first
+        students.setdefault((toy[t], toy[s]), {})[m] = (*v[:3], v[4])
+    mapping = {(toy[t], toy[s]): {"even": students[toy[t], toy[s]]["SLAD"][:3], **other}
+               for (s, t), other in report.PAPER_MAPPING.items()}
+    in_toys = lambda label: label.replace("ViT-S", "toy-s").replace("ViT-B", "toy-b")  # "SLAD (ViT-S)"
+    teachers = {toy[t]: {in_toys(label): v for label, v in by.items()} for t, by in report.PAPER_TEACHER.items()}
+    return students, mapping, teachers
+
+
+PAPER_STUDENT, PAPER_MAPPING, PAPER_TEACHER = paper_numbers()
+PAPER_COLUMN = {"synthetic": 2, "synthetic-fine": 0, "synthetic-seg": 3}  # DTD, CUB, Cityscapes
 
 
 def plan(full, quick, extras, seeds, pairs=PAIRS):
@@ -117,14 +121,16 @@ def plan(full, quick, extras, seeds, pairs=PAIRS):
     runs = []
     for task in ("synthetic", "synthetic-fine"):
         for s in seeds:
-            runs += [(task, m, "toy-b", "toy-s", s) for m in ("Probing", "Fine-tuning", "LoRA", "LoRA, student fully trained", "SLAD")]
+            runs += [(task, m, "toy-b", "toy-s", s)
+                     for m in ("Probing", "Fine-tuning", "LoRA", "LoRA, student fully trained", "SLAD")]
             for t, st in PAIRS[1:]:  # Table 2's other mappings on the fine-grained task only: the budget
                 mappings = MAPPINGS.values() if task == "synthetic-fine" else ["SLAD"]
                 runs += [(task, m, t, st, s) for m in ("Probing", "LoRA", *mappings)]
             if extras:
                 runs += [(task, m, "toy-b", "toy-s", s) for m in ("LoRA +TAID", "LoRA +TED", "SLAD +TAID")]
         runs.append((task, "Probing, random init", "toy-b", "toy-s", seeds[0]))
-    runs += [("synthetic-seg", m, t, st, seeds[0]) for t, st in PAIRS for m in ("Probing", "LoRA", "SLAD")]  # 4x the tokens
+    runs += [("synthetic-seg", m, t, st, seeds[0])  # 4x the tokens
+             for t, st in PAIRS for m in ("Probing", "LoRA", "SLAD")]
     return dict(TASKS), [k for k in runs if k[2:4] in pairs]
 
 
@@ -139,8 +145,8 @@ def command(task, method, teacher, student, seed, settings, out_dir):
     family = method.split(",")[0].split()[0]  # "LoRA +TED": LoRA's LR; a teacher's own where it has one
     lr = s["lr"] if isinstance(s["lr"], float) else s["lr"].get(f"{family} {teacher}", s["lr"][family])
     cmd = [sys.executable, os.path.join(HERE, script), "--dataset", task, "--teacher", teacher, "--student", student,
-           "--seed", str(seed), "--device", "cpu", "--img_size", str(s["img_size"]), "--batch_size", str(s["batch_size"]),
-           "--lr", str(lr), "--out_dir", out_dir, "--log_every", "100000", *extra]
+           "--seed", str(seed), "--device", "cpu", "--img_size", str(s["img_size"]),
+           "--batch_size", str(s["batch_size"]), "--lr", str(lr), "--out_dir", out_dir, "--log_every", "100000", *extra]
     if script == "train_slad.py":
         return cmd + ["--epochs", str(s["epochs"])]
     return cmd + ["--teacher_epochs", str(s["epochs"]), "--student_epochs", str(s["epochs"]),
@@ -149,7 +155,8 @@ def command(task, method, teacher, student, seed, settings, out_dir):
 
 def cost(task, method, teacher):
     """A rough relative cost, to start the longest runs first (two workers finish together)."""
-    return (4 if task == "synthetic-seg" else 1) * (3 if teacher == "toy-l" else 1) * (1.5 if "train_twostep" in METHODS[method][0] else 1)
+    return ((4 if task == "synthetic-seg" else 1) * (3 if teacher == "toy-l" else 1)
+            * (1.5 if "train_twostep" in METHODS[method][0] else 1))
 
 
 def finished(d, cmd):
@@ -175,7 +182,8 @@ def run_all(jobs, workers, log):
             shutil.rmtree(d, ignore_errors=True)  # an interrupted run starts again
             os.makedirs(d)
             f = open(os.path.join(d, "stdout.txt"), "w")
-            running.append((d, c, subprocess.Popen(c, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=HERE), f, time.time()))
+            proc = subprocess.Popen(c, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=HERE)
+            running.append((d, c, proc, f, time.time()))
         time.sleep(0.2)
         for r in [r for r in running if r[2].poll() is not None]:
             running.remove(r)
@@ -240,7 +248,8 @@ def premise_cka(task, img_size, pairs, n_images=None, batch_size=64):
     loader = make_loader(val, eval_transform(img_size), batch_size, train=False)
     mats = layer_cka(models, loader)
     g = {p: layer_mapping(CONFIGS[p[1]].depth, CONFIGS[p[0]].depth, "even") for p in pairs}
-    return {p: (100 * mapped_mean(mats[k], g[p]), 100 * mapped_mean(mats[len(pairs) + k], g[p])) for k, p in enumerate(pairs)}
+    return {p: (100 * mapped_mean(mats[k], g[p]), 100 * mapped_mean(mats[len(pairs) + k], g[p]))
+            for k, p in enumerate(pairs)}
 
 
 # -----------------------------------------------------------------------------
@@ -333,24 +342,29 @@ def tables(runs, tasks, seeds, premise, cka, out):
             lines.append(row([f"CKA, mapped pairs, pretrained {t} -> {s} (random init)",
                               *[f"{premise[(k, (t, s))][0]:.1f} ({premise[(k, (t, s))][1]:.1f})" for k in cls]]))
     val = lambda task, m, t, s, role: [r[f"val_{role}_acc"] for r in get(task, m, t, s)]
-    gap = lambda task, a, b, role: f"{mean(val(task, a, 'toy-b', 'toy-s', role)) - mean(val(task, b, 'toy-b', 'toy-s', role)):+.1f}"
+    gap = lambda task, a, b, role: (
+        f"{mean(val(task, a, 'toy-b', 'toy-s', role)) - mean(val(task, b, 'toy-b', 'toy-s', role)):+.1f}")
     has = lambda m: all(val(k, m, "toy-b", "toy-s", "teacher") for k in cls)
     if has("Probing") and has("Probing, random init"):
         lines.append(row(["probed toy-b, pretrained (random init)", *[
-            f"{mean_std(val(k, 'Probing', 'toy-b', 'toy-s', 'teacher'))} ({mean_std(val(k, 'Probing, random init', 'toy-b', 'toy-s', 'teacher'))})" for k in cls]]))
+            f"{mean_std(val(k, 'Probing', 'toy-b', 'toy-s', 'teacher'))} "
+            f"({mean_std(val(k, 'Probing, random init', 'toy-b', 'toy-s', 'teacher'))})" for k in cls]]))
     if has("Probing") and has("LoRA"):
         lines.append(row(["LoRA toy-b (minus the probed one)", *[
-            f"{mean_std(val(k, 'LoRA', 'toy-b', 'toy-s', 'teacher'))} ({gap(k, 'LoRA', 'Probing', 'teacher')})" for k in cls]]))
+            f"{mean_std(val(k, 'LoRA', 'toy-b', 'toy-s', 'teacher'))} ({gap(k, 'LoRA', 'Probing', 'teacher')})"
+            for k in cls]]))
     if has("LoRA") and has("LoRA, student fully trained"):
         lines.append(row(["LoRA toy-s (minus a fully trained toy-s, same LoRA teacher)", *[
-            f"{mean_std(val(k, 'LoRA', 'toy-b', 'toy-s', 'student'))} ({gap(k, 'LoRA', 'LoRA, student fully trained', 'student')})" for k in cls]]))
+            f"{mean_std(val(k, 'LoRA', 'toy-b', 'toy-s', 'student'))} "
+            f"({gap(k, 'LoRA', 'LoRA, student fully trained', 'student')})" for k in cls]]))
     rank = TOY_DEFAULTS["rank"]
-    lines.append(row(["LoRA rank / toy-s's width", *[f"{rank} / {CONFIGS['toy-s'].embed_dim} = {100 * rank / CONFIGS['toy-s'].embed_dim:.1f} %"] * len(cls)]))
+    width = CONFIGS['toy-s'].embed_dim
+    lines.append(row(["LoRA rank / toy-s's width", *[f"{rank} / {width} = {100 * rank / width:.1f} %"] * len(cls)]))
     doubled = {k: doubling_runs(out, k, tasks[k]["epochs"], seeds) for k in cls}
+    moved = lambda k: max(abs(v) for v in doubling_moves(doubled[k], k, tasks[k]["epochs"], seeds).values())
     lines.append(row(["convergence: the largest move of a model's mean val when the schedule doubles (< 0.5)", *[
-        f"{max(abs(v) for v in doubling_moves(doubled[k], k, tasks[k]['epochs'], seeds).values()):.1f} "
-        f"({tasks[k]['epochs']} → {2 * tasks[k]['epochs']} epochs)" if doubled[k] else "not measured: `--convergence`"
-        for k in cls]]))
+        f"{moved(k):.1f} ({tasks[k]['epochs']} → {2 * tasks[k]['epochs']} epochs)" if doubled[k]
+        else "not measured: `--convergence`" for k in cls]]))
 
     lines += ["", "### Table 1 in miniature: students (test)", "",
               row(["student ← teacher", "method", *head, "avg. (classification)", "paper: CUB / DTD / Cityscapes"]),
@@ -368,31 +382,37 @@ def tables(runs, tasks, seeds, premise, cka, out):
     if any(k[1] in MAPPINGS.values() and k[1] != "SLAD" for k in runs):
         mapped = [k for k in cls if any(key[0] == k and key[1] == MAPPINGS["first"] for key in runs)]
         lines += ["", "### Table 2 in miniature: SLAD's mapping (students, test)", "",
-                  row(["student ← teacher", "mapping", *mapped, "paper: CUB / Aircraft / DTD"]), row(["---"] * (len(mapped) + 3))]
+                  row(["student ← teacher", "mapping", *mapped, "paper: CUB / Aircraft / DTD"]),
+                  row(["---"] * (len(mapped) + 3))]
         for t, s in [p for p in PAIRS[1:] if p in pairs]:
             for mapping, m in MAPPINGS.items():
                 paper = " / ".join(f"{v:.2f}" for v in PAPER_MAPPING[(t, s)][mapping])
-                lines.append(row([f"{s} ← {t}", mapping, *[mean_std([score(r, "student") for r in get(k, m, t, s)]) for k in mapped], paper]))
+                cells = [mean_std([score(r, "student") for r in get(k, m, t, s)]) for k in mapped]
+                lines.append(row([f"{s} ← {t}", mapping, *cells, paper]))
 
     lines += ["", "### Table 3 in miniature: teachers (test)", "",
               row(["teacher", "method", *head, "paper: CUB / DTD / Cityscapes"]), row(["---"] * (len(tasks) + 3))]
     for t in ("toy-b", "toy-l"):
         student = "toy-s"
-        for label, m, s in (("Probing", "Probing", student), ("Fine-tuning", "Fine-tuning", student), ("LoRA", "LoRA", student),
-                            ("SLAD (toy-s)", "SLAD", "toy-s"), ("SLAD (toy-b)", "SLAD", "toy-b")):
+        for label, m, s in (("Probing", "Probing", student), ("Fine-tuning", "Fine-tuning", student),
+                            ("LoRA", "LoRA", student), ("SLAD (toy-s)", "SLAD", "toy-s"),
+                            ("SLAD (toy-b)", "SLAD", "toy-b")):
             if not any(k[1:4] == (m, t, s) for k in runs):
                 continue
             paper = PAPER_TEACHER[t].get(label)
             paper = " / ".join(f"{paper[i]:.2f}" for i in (0, 2, 3)) if paper else ""
-            lines.append(row([t, label, *[mean_std([score(r, "teacher") for r in get(k, m, t, s)]) for k in tasks], paper]))
+            cells = [mean_std([score(r, "teacher") for r in get(k, m, t, s)]) for k in tasks]
+            lines.append(row([t, label, *cells, paper]))
 
     if cka:
         lines += ["", f"### Fig. 3 in miniature: CKA of CLS tokens, {cka['dataset']} val, {cka['teacher']} -> "
                   f"{cka['student']}, seed {cka['seed']}, mean over the mapped pairs g = {cka['g']}", "",
                   f"- pretrained: {100 * cka['pretrained']['mapped_mean']:.2f}%"]
-        lines += [f"- after {n}: {100 * r['mapped_mean']:.2f}% ({100 * r['change']:+.2f})" for n, r in cka["runs"].items()]
+        lines += [f"- after {n}: {100 * r['mapped_mean']:.2f}% ({100 * r['change']:+.2f})"
+                  for n, r in cka["runs"].items()]
 
-    for name, title in (("convergence.md", "Convergence: doubling each schedule, toy-b -> toy-s (mean val, `--convergence`)"),
+    for name, title in (("convergence.md", "Convergence: doubling each schedule, toy-b -> toy-s (mean val, "
+                                           "`--convergence`)"),
                         ("ablation.md", "The open choices, one at a time (val, `--ablation`)")):
         if os.path.exists(os.path.join(out, name)):
             lines += ["", f"### {title}", "", open(os.path.join(out, name)).read().strip()]
@@ -410,7 +430,8 @@ def tables(runs, tasks, seeds, premise, cka, out):
               row(["student ← teacher", "method", *tasks]), row(["---"] * (len(tasks) + 2))]
     for t, s in pairs:
         for m in [m for m in METHODS if any(k[1:4] == (m, t, s) for k in runs)]:
-            lines.append(row([f"{s} ← {t}", m, *[mean_std([r["train_seconds"] for r in get(k, m, t, s)]) for k in tasks]]))
+            cells = [mean_std([r["train_seconds"] for r in get(k, m, t, s)]) for k in tasks]
+            lines.append(row([f"{s} ← {t}", m, *cells]))
     md = "\n".join(lines) + "\n"
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write(md)
@@ -451,16 +472,16 @@ def convergence(args, log):
         if args.quick:  # the search's machinery, in seconds
             settings, epochs = dict(settings, img_size=14), 1
         while True:
-            keys = [(task, m, "toy-b", "toy-s", s, e) for e in (epochs, 2 * epochs) for m in CONVERGED[task]
-                    for s in args.seeds]
+            keys = [(task, m, "toy-b", "toy-s", s, e)
+                    for e in (epochs, 2 * epochs) for m in CONVERGED[task] for s in args.seeds]
             jobs = [(run_dir(args.out_dir, *k), command(*k[:5], dict(settings, epochs=k[5]), run_dir(args.out_dir, *k)))
                     for k in keys if k not in runs]
             run_all(jobs, args.workers, log)
             runs.update({k: read(run_dir(args.out_dir, *k)) for k in keys})
             moves = doubling_moves(runs, task, epochs, args.seeds)
-            lines.append(row([task, f"{epochs} → {2 * epochs}", *[f"{moves[(m, role)]:+.1f}" if m in CONVERGED[task]
-                                                                     else "–" for m in TABLE1[:4]
-                                                                     for role in ("teacher", "student")]]))
+            lines.append(row([task, f"{epochs} → {2 * epochs}", *[
+                f"{moves[(m, role)]:+.1f}" if m in CONVERGED[task] else "–"  # segmentation: no Fine-tuning
+                for m in TABLE1[:4] for role in ("teacher", "student")]]))
             if all(abs(v) < 0.5 for v in moves.values()):
                 chosen[task] = epochs
                 break
@@ -477,7 +498,7 @@ def convergence_table(path, lines, tasks):
     task's search runs on its own: `--tasks`)."""
     kept = []
     if os.path.exists(path):
-        kept = [l for l in open(path).read().splitlines()[2:] if l.split(" | ")[0][2:] not in tasks]
+        kept = [line for line in open(path).read().splitlines()[2:] if line.split(" | ")[0][2:] not in tasks]
     head = [f"{m} {role}" for m in TABLE1[:4] for role in ("teacher", "student")]
     table = [row(["task", "epochs a stage", *head]), row(["---"] * (len(head) + 2)), *kept, *lines]
     return "\n".join(table) + "\n"
@@ -508,8 +529,9 @@ def ablation(args, log):
             dt = [v - d for v, d in zip(per_seed(m, "teacher"), per_seed(base, "teacher"))]
             spread = max(0.5, statistics.stdev(ds) if len(ds) > 1 else 0.0)
             wins = mean(ds) > spread and mean(dt) > -spread
-            lines.append(row([base, m.split(", ", 1)[1], mean_std(per_seed(m, "student")), f"{mean(ds):+.1f} ({spread:.1f})",
-                              mean_std(per_seed(m, "teacher")), f"{mean(dt):+.1f}", "**better**" if wins else "no change"]))
+            lines.append(row([base, m.split(", ", 1)[1], mean_std(per_seed(m, "student")),
+                              f"{mean(ds):+.1f} ({spread:.1f})", mean_std(per_seed(m, "teacher")), f"{mean(dt):+.1f}",
+                              "**better**" if wins else "no change"]))
     return "\n".join(lines) + "\n"
 
 
@@ -518,10 +540,12 @@ def parse_args(argv=None):
     p.add_argument("--full", action="store_true", help="every pair and task: Tables 1-3, Fig. 3, Fig. 1")
     p.add_argument("--quick", action="store_true",
                    help="one seed, synthetic-fine only, 14-px images (one patch), one epoch (into out/miniature-quick)")
-    p.add_argument("--pairs", nargs="+", default=[f"{t}:{s}" for t, s in PAIRS], choices=[f"{t}:{s}" for t, s in PAIRS],
-                   metavar="TEACHER:STUDENT", help="with --full: only these pairs (default: all three; toy-b:toy-s, "
-                                                   "of which Fig. 1 and Fig. 3 are, always)")
-    p.add_argument("--extras", action="store_true", help="with --full: also LoRA +TAID, LoRA +TED and SLAD +TAID (toy-b -> toy-s)")
+    p.add_argument("--pairs", nargs="+", default=[f"{t}:{s}" for t, s in PAIRS],
+                   choices=[f"{t}:{s}" for t, s in PAIRS], metavar="TEACHER:STUDENT",
+                   help="with --full: only these pairs (default: all three; toy-b:toy-s, of which Fig. 1 and Fig. 3 "
+                        "are, always)")
+    p.add_argument("--extras", action="store_true",
+                   help="with --full: also LoRA +TAID, LoRA +TED and SLAD +TAID (toy-b -> toy-s)")
     p.add_argument("--convergence", action="store_true",
                    help="find each task's shortest schedule that doubling moves by < 0.5 points of mean val, per model")
     p.add_argument("--ablation", action="store_true", help="the choices the paper leaves open, one at a time, on val")
@@ -529,7 +553,8 @@ def parse_args(argv=None):
                    help="with --convergence: the tasks to search")
     p.add_argument("--max_epochs", type=POSITIVE_INT, default=64, help="with --convergence: the longest schedule tried")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--workers", type=POSITIVE_INT, default=max(1, os.cpu_count() or 1), help="runs at a time (one CPU thread each)")
+    p.add_argument("--workers", type=POSITIVE_INT, default=max(1, os.cpu_count() or 1),
+                   help="runs at a time (one CPU thread each)")
     p.add_argument("--out_dir", default=None, help="default out/miniature (--quick: out/miniature-quick)")
     args = p.parse_args(argv)
     args.out_dir = args.out_dir or ("out/miniature-quick" if args.quick else "out/miniature")
@@ -586,7 +611,8 @@ def main():
     for m in [m for m in TABLE1 if any(k[:4] == (task, m, t, s) for k in runs)]:
         rs = [runs[k] for k in runs if k[:4] == (task, m, t, s)]
         points.append((m, mean([r["train_seconds"] for r in rs]), mean([r["student_acc"] for r in rs])))
-    fig1(points, f"Student {s} (teacher {t}) on {task}: test accuracy against training time", os.path.join(args.out_dir, "fig1.png"))
+    fig1(points, f"Student {s} (teacher {t}) on {task}: test accuracy against training time",
+         os.path.join(args.out_dir, "fig1.png"))
 
     print(tables(runs, tasks, args.seeds, premise, cka, args.out_dir))
     if args.full:  # the README's figures

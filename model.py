@@ -170,13 +170,19 @@ class Mlp(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
+def swiglu_hidden(hidden):
+    """SwiGLU's hidden width: the MLP's shrunk by 2/3 and rounded up to 8 (6144 -> 4096 for ViT-g; the 7B rounds to
+    64, 8192 either way)."""
+    return (int(hidden * 2 / 3) + 7) // 8 * 8
+
+
 class SwiGLUFFN(nn.Module):
-    """w3(silu(w1 x) * w2 x), its hidden width shrunk by 2/3 and rounded up to 8 (6144 -> 4096 for ViT-g; the 7B
-    rounds to 64, 8192 either way). DINOv2 stores w1 and w2 fused, as w12; DINOv3 as they are."""
+    """w3(silu(w1 x) * w2 x), its hidden width swiglu_hidden's. DINOv2 stores w1 and w2 fused, as w12; DINOv3 as
+    they are."""
 
     def __init__(self, dim, hidden, fused):
         super().__init__()
-        hidden = (int(hidden * 2 / 3) + 7) // 8 * 8
+        hidden = swiglu_hidden(hidden)
         if fused:
             self.w12 = nn.Linear(dim, 2 * hidden)
         else:
@@ -240,7 +246,7 @@ class ViT(nn.Module):
             self.rope_embed = RoPE(D // c.num_heads, c.rope_rescale)
             if R:
                 self.storage_tokens = nn.Parameter(torch.zeros(1, R, D))
-        self.mask_token = nn.Parameter(torch.zeros(1, D))  # unused here (iBOT masking); kept so checkpoints load strictly
+        self.mask_token = nn.Parameter(torch.zeros(1, D))  # unused (iBOT masking); kept so checkpoints load strictly
         self.blocks = nn.ModuleList(Block(c) for _ in range(c.depth))
         self.norm = nn.LayerNorm(D, eps=NORM_EPS[c.family])
         if c.local_cls_norm:
@@ -353,9 +359,22 @@ class ViT(nn.Module):
         n = 1 + c.num_register_tokens + (img_size // c.patch_size) ** 2
         D = c.embed_dim
         hidden = int(D * c.mlp_ratio)
-        ffn = 3 * D * ((int(hidden * 2 / 3) + 7) // 8 * 8) if c.ffn == "swiglu" else 2 * D * hidden
+        ffn = 3 * D * swiglu_hidden(hidden) if c.ffn == "swiglu" else 2 * D * hidden
         per_block = 2 * n * (3 * D * D + D * D + ffn) + 2 * 2 * n * n * D  # qkv, proj, FFN; q k^T and attn v
         return c.depth * per_block + 2 * (n - 1 - c.num_register_tokens) * 3 * c.patch_size**2 * D
+
+
+# A training step's matmul FLOPs per image, in forward passes F of each encoder (ViT.flops), by how the step trains
+# it: the forward F; F more to propagate gradients through an encoder with anything trainable in or below it (LoRA
+# adapters, or everything); F more again for a fully trained encoder's weight gradients. So SLAD 2 F_t + 2 F_s, a
+# probed teacher F_t, a LoRA one 2 F_t, a fine-tuned one 3 F_t, distillation into a LoRA student F_t + 2 F_s. Heads,
+# LoRA's own matmuls (< 2 %) and recomputation under --grad_checkpointing are not counted.
+STEP_PASSES = {"frozen": 1, "probe": 1, "lora": 2, "finetune": 3}
+
+
+def step_flops(*encoders):
+    """Matmul FLOPs per image of a training step, from each encoder's (F, how the step trains it): MFU's numerator."""
+    return sum(flops * STEP_PASSES[how] for flops, how in encoders)
 
 
 # -----------------------------------------------------------------------------
@@ -413,6 +432,18 @@ class Segmenter(nn.Module):
         patches = tokens[:, 1 + self.vit.config.num_register_tokens:]
         logits = self.head(patches.transpose(1, 2).reshape(len(tokens), -1, H // p, W // p))
         return F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False)
+
+
+class TeacherStudent(nn.Module):
+    """Both models in one module: one forward for SLAD's step (train_slad.py, bench.py),
+    and DDP sees each shared adapter once."""
+
+    def __init__(self, teacher, student):
+        super().__init__()
+        self.teacher, self.student = teacher, student
+
+    def forward(self, x):
+        return self.teacher(x), self.student(x)
 
 
 def slide_inference(model, x, window, stride):
@@ -509,7 +540,8 @@ def weights_file(name, path=None, progress=True):
         try:  # writes to a temporary file, then renames: an interrupted download leaves nothing behind
             torch.hub.download_url_to_file(url, path, progress=progress)
         except (urllib.error.URLError, OSError) as e:
-            expired = " (a DINOv3 signed URL expires: a new access request gives new ones)" if family == "dinov3" else ""
+            expired = (" (a DINOv3 signed URL expires: a new access request gives new ones)" if family == "dinov3"
+                       else "")
             raise CheckpointError(  # a signed URL's signature stays out of the message
                 f"could not download the {family.upper()} weights of {describe(name)} from {url.split('?')[0]} ({e}). "
                 f"Without network, fetch that file elsewhere and put it at {path}{expired}") from None

@@ -59,6 +59,14 @@ PAPER = [
     ("ViT-B", "ViT-L", "LoRA", "LoRA", "Table 1", (91.41, 93.25, 86.58, 90.41, 77.06)),
     ("ViT-B", "ViT-L", "SLAD", "SLAD", "Table 1", (91.81, 94.18, 86.40, 90.80, 77.35)),
 ]
+# Table 2: SLAD's students by mapping (CUB, Aircraft, DTD), the first and last ones (even: Table 1's SLAD rows)
+PAPER_MAPPING = {("ViT-S", "ViT-L"): {"first": (90.32, 92.64, 84.29), "last": (90.33, 92.58, 84.38)},
+                 ("ViT-B", "ViT-L"): {"first": (91.81, 93.95, 86.67), "last": (91.82, 94.04, 86.67)}}
+# Table 3: the teachers (CUB, Aircraft, DTD, Cityscapes), by method; SLAD's by its student too
+PAPER_TEACHER = {"ViT-B": {"Probing": (90.29, 87.35, 83.76, 69.54), "LoRA": (90.64, 92.86, 86.28, 77.90),
+                           "SLAD (ViT-S)": (91.50, 93.50, 86.17, 75.45)},
+                 "ViT-L": {"Probing": (91.46, 90.84, 84.40, 72.58), "LoRA": (91.78, 94.32, 87.23, 79.99),
+                           "SLAD (ViT-S)": (92.21, 94.96, 87.21, 77.61), "SLAD (ViT-B)": (92.57, 95.14, 87.52, 79.02)}}
 
 
 class Parser(argparse.ArgumentParser):  # experiment.Parser's twin: importing torch would take seconds to read JSON
@@ -84,7 +92,8 @@ def find_runs(folder):
             paths.append(os.path.join(d, "results.json"))
     paths.sort(key=lambda p: (os.path.getmtime(p), p))  # oldest first: a seed's newest run is read last
     if not paths:
-        sys.exit(f"report.py: error: no results.json below {folder}: point it at the runs' --out_dir, or a folder above them")
+        sys.exit(f"report.py: error: no results.json below {folder}: point it at the runs' --out_dir, or a folder "
+                 f"above them")
     runs = []
     for path in paths:
         try:
@@ -93,7 +102,8 @@ def find_runs(folder):
             assert {"method", "dataset", "teacher", "student", "seed"} <= set(r)
             assert "student_acc" in r or "student_miou" in r
         except Exception as e:
-            sys.exit(f"report.py: error: {path} is not a results.json of train_slad.py or train_twostep.py ({type(e).__name__})")
+            sys.exit(f"report.py: error: {path} is not a results.json of train_slad.py or train_twostep.py "
+                     f"({type(e).__name__})")
         r["_dir"] = os.path.dirname(path)  # not in the file: where it was found
         runs.append(r)
     return runs

@@ -28,11 +28,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from cka import batch_cka
 from data import hsv, normalize
 from lora import layer_mapping
-from model import CONFIGS, ViT
+from model import CONFIGS, TOY_WEIGHTS, ViT
 
-WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
 SIDE, CROP = 64, 56  # images are drawn at 64 px and randomly cropped to 56 (4 x 4 patches of 14)
 
 # -----------------------------------------------------------------------------
@@ -49,7 +49,8 @@ FACTORS = {  # what generates an image, each a label: pretraining predicts them 
     "fill": ("flat", "stripes", "checks", "spots", "rings", "halves"),  # a pattern on the shape (none: any)
 }
 PERIODS = (4, 6, 9, 13, 20)
-POLYGONS = {"triangle": (3, -np.pi / 2), "square": (4, 0.0), "diamond": (4, np.pi / 4), "hexagon": (6, None)}  # sides, angle
+POLYGONS = {"triangle": (3, -np.pi / 2), "square": (4, 0.0), "diamond": (4, np.pi / 4),  # sides, angle
+            "hexagon": (6, None)}
 
 
 def render(rng, s=SIDE):
@@ -66,10 +67,12 @@ def render(rng, s=SIDE):
     other = u * np.cos(np.pi / 3) + v * np.sin(np.pi / 3)  # a second direction, 60 degrees away
     near = lambda d: u * np.cos(d) + v * np.sin(d)  # a direction d radians from the field's
     field = FACTORS["field"][label["field"]]
-    f = {"grating": lambda: wave(u), "rings": lambda: wave(np.hypot(u, 1.5 * v)), "swirl": lambda: wave(u + 0.4 * np.hypot(u, v)),
+    f = {"grating": lambda: wave(u), "rings": lambda: wave(np.hypot(u, 1.5 * v)),
+         "swirl": lambda: wave(u + 0.4 * np.hypot(u, v)),
          "bend": lambda: wave(u + 0.25 * period * np.sin(v / period * 2)), "plaid": lambda: wave(u) * wave(other),
          "max of two": lambda: np.maximum(wave(u), wave(other)),
-         "mixture": lambda: sum(wave(near(rng.uniform(-0.4, 0.4)), period * rng.uniform(0.7, 1.5)) for _ in range(4))}[field]()
+         "mixture": lambda: sum(wave(near(rng.uniform(-0.4, 0.4)), period * rng.uniform(0.7, 1.5))
+                                for _ in range(4))}[field]()
     t = ((f - f.min()) / (np.ptp(f) + 1e-6))[..., None]
     pal = rng.uniform(0, 255, size=(3, 3))
     if FACTORS["tone"][label["tone"]] == "smooth":  # a ramp through three random colours
@@ -137,7 +140,8 @@ def optimizer(params, lr, weight_decay=0.05):
     params = [p for p in params if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]  # matrices only, not biases, norms or LayerScale
     rest = [p for p in params if p.ndim < 2]
-    return torch.optim.AdamW([dict(params=decay, weight_decay=weight_decay), dict(params=rest, weight_decay=0.0)], lr=lr)
+    groups = [dict(params=decay, weight_decay=weight_decay), dict(params=rest, weight_decay=0.0)]
+    return torch.optim.AdamW(groups, lr=lr)
 
 
 # -----------------------------------------------------------------------------
@@ -181,15 +185,11 @@ def pretrain(name, images, labels, masks, epochs, batch_size, lr, seed, log):
             opt.step()
             step += 1
             correct += torch.stack([(l.argmax(-1) == y[:, k]).sum() for k, l in enumerate(logits)])
-        accs = " ".join(f"{n} {100 * c / (len(images) // batch_size * batch_size):.0f}" for n, c in zip(FACTORS, correct))
-        log(f"pretrain {name} epoch {epoch + 1}/{epochs} | loss {loss.item():.3f} | train acc % {accs} | {time.time() - t0:.0f}s")
+        seen = len(images) // batch_size * batch_size
+        accs = " ".join(f"{n} {100 * c / seen:.0f}" for n, c in zip(FACTORS, correct))
+        log(f"pretrain {name} epoch {epoch + 1}/{epochs} | loss {loss.item():.3f} | train acc % {accs} | "
+            f"{time.time() - t0:.0f}s")
     return vit
-
-
-def batch_cka(X, Y):
-    """Linear CKA of two batches of features (B, p), (B, q) of the same images (Kornblith et al. 2019)."""
-    X, Y = X - X.mean(0), Y - Y.mean(0)
-    return (Y.T @ X).pow(2).sum() / ((X.T @ X).norm() * (Y.T @ Y).norm())
 
 
 def distill(names, teacher, images, masks, epochs, batch_size, lr, seed, log, cka_weight=1.0):
@@ -262,7 +262,7 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (the result depends on it, slightly)")
-    p.add_argument("--out_dir", default=WEIGHTS_DIR)
+    p.add_argument("--out_dir", default=TOY_WEIGHTS)
     return p.parse_args(argv), p
 
 

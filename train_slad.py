@@ -19,7 +19,6 @@ import time
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 
 from data import SEGMENTATION, DataError, describe, held_out, load_splits, make_loaders, normalize
 from experiment import (NON_NEGATIVE, RunError, adamw, append_line, claim_out_dir, config_id, dataset_name, ddp,
@@ -27,20 +26,9 @@ from experiment import (NON_NEGATIVE, RunError, adamw, append_line, claim_out_di
                         load_trained_tensors, parser, peak_flops, per_class, print0, rank0_first, resolve_flags,
                         rng_state, save_checkpoint, set_rng_state, stop_if_not_finite, sync_gradients, trained_keys,
                         trained_tensors, worst_classes, write_confusion, write_json)
-from kd import TAID, slad_loss
+from kd import distill_term, slad_loss
 from lora import MAPPINGS, add_lora, share_lora, trainable_parameters
-from model import CheckpointError, Classifier, Segmenter, initial_backbone
-
-
-class TeacherStudent(nn.Module):
-    """Both models in one module: one forward for the step, and DDP sees each shared adapter once."""
-
-    def __init__(self, teacher, student):
-        super().__init__()
-        self.teacher, self.student = teacher, student
-
-    def forward(self, x):
-        return self.teacher(x), self.student(x)
+from model import CheckpointError, Classifier, Segmenter, TeacherStudent, initial_backbone, step_flops
 
 
 def get_lr(it, total):
@@ -89,18 +77,22 @@ def main():
     # data: each process loads its share of every global batch, in --grad_accum micro-batches
     with rank0_first():  # a download happens once
         splits, num_classes = load_splits(args.dataset, args.data_dir)
-    train_loader, val_loader, test_loader = make_loaders(args.dataset, splits, args.img_size, args.batch_size, args.seed,
-                                                         args.num_workers, device, rank, world, args.grad_accum)
+    train_loader, val_loader, test_loader = make_loaders(args.dataset, splits, args.img_size, args.batch_size,
+                                                         args.seed, args.num_workers, device, rank, world,
+                                                         args.grad_accum)
     steps = len(train_loader) // args.grad_accum  # optimizer steps an epoch, the same on every process
     if steps == 0:
-        p.error(f"--batch_size {args.batch_size} is more than the {len(splits['train'])} training images: no step to take")
+        p.error(f"--batch_size {args.batch_size} is more than the {len(splits['train'])} training images: no step "
+                f"to take")
 
     # models: a teacher with LoRA adapters on qkv, a student whose adapters are the teacher's (Fig. 4)
     torch.manual_seed(args.seed)  # the heads' init
     Model = Segmenter if args.dataset in SEGMENTATION else Classifier  # the heads of App. C.1
     with rank0_first():
-        teacher = Model(initial_backbone(args.teacher, "teacher", args.init, args.seed, args.teacher_weights), num_classes)
-        student = Model(initial_backbone(args.student, "student", args.init, args.seed, args.student_weights), num_classes)
+        teacher = Model(initial_backbone(args.teacher, "teacher", args.init, args.seed, args.teacher_weights),
+                        num_classes)
+        student = Model(initial_backbone(args.student, "student", args.init, args.seed, args.student_weights),
+                        num_classes)
     teacher.vit.grad_checkpointing = student.vit.grad_checkpointing = args.grad_checkpointing
     add_lora(teacher.vit, rank=args.rank, separate=args.qkv_adapters == "separate",  # eq. 3 on every block's qkv;
              init_width=student.vit.embed_dim if args.shared_init == "student" else None)  # the backbone frozen
@@ -109,8 +101,8 @@ def main():
     named = trainable_parameters(teacher, student, named=True)  # each shared adapter once
     params = [p for _, p in named]
     optimizer = adamw([(named, args.lr)], args.weight_decay, device)
-    taid = TAID(args.epochs * steps).to(device) if args.kd == "taid" else None
-    trained = {"teacher": teacher, "student": student, **({"taid": taid} if taid is not None else {})}
+    kd_term = distill_term(args.kd, args.epochs * steps, device)  # eq. 4's KL term, or TAID's (a module: its state)
+    trained = {"teacher": teacher, "student": student, **({"taid": kd_term} if args.kd == "taid" else {})}
     keys = {name: trained_keys(m) for name, m in trained.items()}  # what a checkpoint holds: no frozen backbone
 
     # the output folder (this run's alone while it runs), and --resume
@@ -135,7 +127,7 @@ def main():
 
     # training: eq. 4 on every batch, both models at once
     total = args.epochs * steps
-    flops_per_img = 2 * teacher.vit.flops(args.img_size) + 2 * student.vit.flops(args.img_size)  # forward + backward
+    flops_per_img = step_flops((teacher.vit.flops(args.img_size), "lora"), (student.vit.flops(args.img_size), "lora"))
     peak = peak_flops(device)
     if peak is None:
         print0(f"mfu: no dense bf16 peak is known for {device}, so the log shows none", args.out_dir)
@@ -160,15 +152,15 @@ def main():
                     teacher_logits, student_logits = step_model(x)  # the same augmented batch for both (App. C.2)
                     loss = slad_loss(student_logits, teacher_logits, y, T=args.temperature,  # eq. 4, (1, 1, 1)
                                      alpha_kl=min(1.0, it / (args.kl_warmup * total)) if args.kl_warmup else 1.0,
-                                     kl_into_teacher=args.kl_into_teacher, taid=taid) / args.grad_accum
+                                     kl_into_teacher=args.kl_into_teacher, kd_term=kd_term) / args.grad_accum
                 scaler.scale(loss).backward()  # reaches the shared adapters from both models
                 loss_sum += loss.detach()
                 first_bad = torch.where(torch.isfinite(loss.detach()), first_bad, first_bad.clamp(max=it))
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            if taid is not None:
-                taid.step()  # TAID's t moves on, once a step
+            if args.kd == "taid":
+                kd_term.step()  # TAID's t moves on, once a step
 
             # the loss stays on the device; it is read (a host sync) only for a log line
             n += 1
@@ -189,7 +181,8 @@ def main():
         val = evaluate({"teacher": teacher, "student": student}, val_loader, device, autocast, window)
         seconds = time.perf_counter() - t_epoch
         history["train_seconds"] += seconds
-        metrics = {"train_loss": epoch_loss / steps, **flat(val, "val_"), **({"taid_t": float(taid.t)} if taid is not None else {})}
+        metrics = {"train_loss": epoch_loss / steps, **flat(val, "val_"),
+                   **({"taid_t": float(kd_term.t)} if args.kd == "taid" else {})}
         print0(f"slad epoch {epoch + 1} | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()), args.out_dir)
         if rank == 0:
             row = {"stage": "slad", "epoch": epoch + 1, **{k: round(v, 4) for k, v in metrics.items()},
@@ -208,8 +201,9 @@ def main():
     confusions = {name: test[name]["confusion"] for name in ("teacher", "student")}
     results = {"method": "slad", "dataset": args.dataset, "data_name": dataset_name(config), "teacher": args.teacher,
                "student": args.student, "seed": args.seed, **{k: round(v, 3) for k, v in flat(test).items()},
-               "num_classes": num_classes, "mapping": args.mapping, "epochs": args.epochs, "kd": args.kd, "feat": "none",
-               **({"taid_t": round(float(taid.t), 3)} if taid is not None else {}), "train_seconds": round(history["train_seconds"], 1),
+               "num_classes": num_classes, "mapping": args.mapping, "epochs": args.epochs, "kd": args.kd,
+               "feat": "none", **({"taid_t": round(float(kd_term.t), 3)} if args.kd == "taid" else {}),
+               "train_seconds": round(history["train_seconds"], 1),
                "held_out": list(held_out(splits)), "per_class": per_class(classes, confusions, window is not None),
                "config_id": config_id(config), "config": config}
     if rank == 0:

@@ -38,18 +38,9 @@ from experiment import (NON_NEGATIVE, POSITIVE, POSITIVE_INT, REAL_MODEL_DEFAULT
                         per_class, print0, rank0_first, resolve_flags, rng_state, save_checkpoint, set_rng_state,
                         stop_if_not_finite, sync_gradients, trained_keys, trained_tensors, worst_classes,
                         write_confusion, write_json)
-from kd import TAID, TaskFilters, distill_loss, task_loss, ted_loss
-from lora import MAPPINGS, add_lora, layer_mapping, trainable_parameters
-from model import CheckpointError, Classifier, Segmenter, initial_backbone
-
-
-def adapt(model, how, rank, separate=False):
-    """Choose what of a Classifier or Segmenter trains: the head always; the encoder's LoRA adapters, all of it, or nothing."""
-    if how == "lora":
-        add_lora(model.vit, rank=rank, separate=separate)  # freezes the encoder, adds trainable adapters
-    else:
-        model.vit.requires_grad_(how == "finetune")
-        model.vit.mask_token.requires_grad_(False)  # unused here (iBOT's masking): nothing would train it
+from kd import TaskFilters, distill_loss, distill_term, task_loss, ted_loss
+from lora import MAPPINGS, adapt, layer_mapping, trainable_parameters
+from model import CheckpointError, Classifier, Segmenter, initial_backbone, step_flops
 
 
 def add_ted_filters(teacher, student, mapping, num_classes):
@@ -73,12 +64,6 @@ def get_lr(it, total):
     return 0.5 * (1 + math.cos(math.pi * (it - warmup) / max(1, total - warmup)))
 
 
-def flops_per_image(model, how, img_size):
-    """Matmul FLOPs of a training step per image (bench.py): the forward pass F, F more to backpropagate
-    through an encoder with anything trainable, F more for a fully trained encoder's weight gradients."""
-    return model.vit.flops(img_size) * {"probe": 1, "lora": 2, "finetune": 3}[how]
-
-
 def parse_args(argv=None):
     p = parser(__doc__, "twostep")
     p.add_argument("--teacher_adapt", default="lora", choices=["probe", "finetune", "lora"],
@@ -96,7 +81,8 @@ def parse_args(argv=None):
                    help="a layer-wise term on top of eq. 2: ted, TED's task-aware filters (kd.TaskFilters)")
     p.add_argument("--mapping", default="even", choices=MAPPINGS,
                    help="with --feat ted: the teacher block g(i) that student block i is distilled from (as SLAD's)")
-    p.add_argument("--ted_beta", type=NON_NEGATIVE, default=1.0, help="with --feat ted: the weight of TED's layer-wise MSE")
+    p.add_argument("--ted_beta", type=NON_NEGATIVE, default=1.0,
+                   help="with --feat ted: the weight of TED's layer-wise MSE")
     args = p.parse_args(argv)
     args.teacher_epochs = args.teacher_epochs or args.epochs or 30
     args.student_epochs = args.student_epochs or args.epochs or (80 if args.teacher_adapt == "probe" else 30)
@@ -122,25 +108,29 @@ def main():
     # data: each process loads its share of every global batch, in --grad_accum micro-batches
     with rank0_first():  # a download happens once
         splits, num_classes = load_splits(args.dataset, args.data_dir)
-    train_loader, val_loader, test_loader = make_loaders(args.dataset, splits, args.img_size, args.batch_size, args.seed,
-                                                         args.num_workers, device, rank, world, args.grad_accum)
+    train_loader, val_loader, test_loader = make_loaders(args.dataset, splits, args.img_size, args.batch_size,
+                                                         args.seed, args.num_workers, device, rank, world,
+                                                         args.grad_accum)
     steps = len(train_loader) // args.grad_accum  # optimizer steps an epoch, the same on every process
     if steps == 0:
-        p.error(f"--batch_size {args.batch_size} is more than the {len(splits['train'])} training images: no step to take")
+        p.error(f"--batch_size {args.batch_size} is more than the {len(splits['train'])} training images: no step "
+                f"to take")
 
     # models: each adapted as its flag says; TED's filters and TAID's state train and checkpoint with them
     torch.manual_seed(args.seed)  # the heads' init
     Model = Segmenter if args.dataset in SEGMENTATION else Classifier  # the heads of App. C.1
     with rank0_first():
-        teacher = Model(initial_backbone(args.teacher, "teacher", args.init, args.seed, args.teacher_weights), num_classes)
-        student = Model(initial_backbone(args.student, "student", args.init, args.seed, args.student_weights), num_classes)
+        teacher = Model(initial_backbone(args.teacher, "teacher", args.init, args.seed, args.teacher_weights),
+                        num_classes)
+        student = Model(initial_backbone(args.student, "student", args.init, args.seed, args.student_weights),
+                        num_classes)
     teacher.vit.grad_checkpointing = student.vit.grad_checkpointing = args.grad_checkpointing
     adapt(teacher, args.teacher_adapt, args.rank, args.qkv_adapters == "separate")
     adapt(student, args.student_adapt, args.rank, args.qkv_adapters == "separate")
     g = add_ted_filters(teacher, student, args.mapping, num_classes) if args.feat == "ted" else None
-    taid = TAID(args.student_epochs * steps).to(device) if args.kd == "taid" else None
+    kd_term = distill_term(args.kd, args.student_epochs * steps, device)  # eq. 2's KL term, or TAID's (its state)
     teacher.to(device), student.to(device)
-    trained = {"teacher": teacher, "student": student, **({"taid": taid} if taid is not None else {})}
+    trained = {"teacher": teacher, "student": student, **({"taid": kd_term} if args.kd == "taid" else {})}
     keys = {name: trained_keys(m) for name, m in trained.items()}  # what a checkpoint holds: no frozen backbone
 
     # the output folder (this run's alone while it runs), and --resume
@@ -205,8 +195,8 @@ def main():
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
-                if taid is not None and name == "student":
-                    taid.step()  # TAID's t moves on, once a step
+                if args.kd == "taid" and name == "student":
+                    kd_term.step()  # TAID's t moves on, once a step
 
                 # the loss stays on the device; it is read (a host sync) only for a log line
                 n += 1
@@ -228,8 +218,9 @@ def main():
             seconds = time.perf_counter() - t_epoch
             history["train_seconds"] += seconds
             metrics = {"train_loss": epoch_loss / steps, **flat(val, "val_"),
-                       **({"taid_t": float(taid.t)} if taid is not None and name == "student" else {})}
-            print0(f"{name} epoch {epoch + 1} | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()), args.out_dir)
+                       **({"taid_t": float(kd_term.t)} if args.kd == "taid" and name == "student" else {})}
+            print0(f"{name} epoch {epoch + 1} | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
+                   args.out_dir)
             if rank == 0:
                 row = {"stage": name, "epoch": epoch + 1, **{k: round(v, 4) for k, v in metrics.items()},
                        "epoch_seconds": round(seconds, 1)}
@@ -257,8 +248,9 @@ def main():
             filters = teacher.ted_filters
             return task_loss(logits, y) + filters.task_loss(filters([b.detach() for b in blocks]), y)
 
-        train_stage("teacher", teacher, teacher_ddp, teach, optimizer, args.teacher_epochs, done if stage == "teacher" else 0,
-                    flops_per_image(teacher, args.teacher_adapt, args.img_size))
+        train_stage("teacher", teacher, teacher_ddp, teach, optimizer, args.teacher_epochs,
+                    done if stage == "teacher" else 0,
+                    step_flops((teacher.vit.flops(args.img_size), args.teacher_adapt)))
         teacher_test = evaluate({"teacher": teacher}, test_loader, device, autocast, window)
         history["teacher_test"] = flat(teacher_test)
         history["teacher_confusion"] = teacher_test["teacher"]["confusion"].tolist()  # for the end, through a resume
@@ -277,17 +269,19 @@ def main():
         if args.feat == "none":
             with torch.no_grad():
                 teacher_logits = teacher_fwd(x)
-            return distill_loss(student_step(x), teacher_logits, y, T=args.temperature, taid=taid)
+            return distill_loss(student_step(x), teacher_logits, y, T=args.temperature, kd_term=kd_term)
         # TED's Stage II: eq. 2 + beta * MSE(student filters(block i), frozen teacher filters(block g(i)))
         with torch.no_grad():
             teacher_logits, teacher_blocks = teacher_fwd(x, g)
             teacher_filtered = teacher.ted_filters(teacher_blocks)
         student_logits, student_blocks = student_step(x, range(len(g)))
-        return (distill_loss(student_logits, teacher_logits, y, T=args.temperature, taid=taid)
+        return (distill_loss(student_logits, teacher_logits, y, T=args.temperature, kd_term=kd_term)
                 + args.ted_beta * ted_loss(student.ted_filters(student_blocks), teacher_filtered))
 
-    train_stage("student", student, student_ddp, distill, optimizer, args.student_epochs, done if stage == "student" else 0,
-                teacher.vit.flops(args.img_size) + flops_per_image(student, args.student_adapt, args.img_size))
+    train_stage("student", student, student_ddp, distill, optimizer, args.student_epochs,
+                done if stage == "student" else 0,
+                step_flops((teacher.vit.flops(args.img_size), "frozen"),
+                           (student.vit.flops(args.img_size), args.student_adapt)))
 
     # test, the exported models (adapters merged, with what prediction needs), the confusion matrices, results.json
     test = evaluate({"student": student}, test_loader, device, autocast, window)
@@ -299,7 +293,7 @@ def main():
                **{k: round(v, 3) for k, v in {**history["teacher_test"], **flat(test)}.items()},
                "num_classes": num_classes, "teacher_adapt": args.teacher_adapt, "student_adapt": args.student_adapt,
                "teacher_epochs": args.teacher_epochs, "student_epochs": args.student_epochs, "kd": args.kd,
-               "feat": args.feat, **({"taid_t": round(float(taid.t), 3)} if taid is not None else {}),
+               "feat": args.feat, **({"taid_t": round(float(kd_term.t), 3)} if args.kd == "taid" else {}),
                **({"mapping": args.mapping} if args.feat == "ted" else {}),
                "train_seconds": round(history["train_seconds"], 1), "held_out": list(held_out(splits)),
                "per_class": per_class(classes, confusions, window is not None), "config_id": config_id(config),
