@@ -27,6 +27,7 @@ import random
 import re
 import shutil
 import sys
+import time
 
 try:
     import fcntl  # the run folder's lock (Linux, macOS)
@@ -288,6 +289,17 @@ def ddp_mean(x, device):
         dist.all_reduce(x)
         x /= dist.get_world_size()
     return float(x)
+
+
+def ddp_end():
+    """The end of a torchrun run: each process waits for the others, then leaves the process group. The pause
+    between lets gloo's worker threads free the last collective's tensors, which takes the GIL: torch before 2.8
+    frees a gloo group (here, with the DDP reducer that holds it, as the script returns) while holding the GIL
+    and waits for those threads (pytorch/pytorch#154976), which hung a process at exit now and then (seen on
+    torch 2.4, about one run in three under load)."""
+    dist.barrier()
+    time.sleep(0.2)  # releases the GIL: the worker threads finish, then wait idle for the group's end
+    dist.destroy_process_group()
 
 
 # -----------------------------------------------------------------------------

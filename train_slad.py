@@ -18,11 +18,10 @@ import sys
 import time
 
 import torch
-import torch.distributed as dist
 
 from data import SEGMENTATION, DataError, describe, held_out, load_splits, make_loaders, normalize
 from experiment import (NON_NEGATIVE, RunError, adamw, append_line, claim_out_dir, config_id, dataset_name, ddp,
-                        ddp_init, ddp_mean, deploy_meta, evaluate, export, flat, hms, load_checkpoint,
+                        ddp_end, ddp_init, ddp_mean, deploy_meta, evaluate, export, flat, hms, load_checkpoint,
                         load_trained_tensors, parser, peak_flops, per_class, print0, rank0_first, resolve_flags,
                         rng_state, save_checkpoint, set_rng_state, stop_if_not_finite, sync_gradients, trained_keys,
                         trained_tensors, worst_classes, write_confusion, write_json)
@@ -218,8 +217,7 @@ def main():
     print0(f"worst classes of the student: {worst_classes(results['per_class'], 'student')} (every class: python "
            f"report.py {args.out_dir} --per_class)", args.out_dir)
     if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+        ddp_end()
 
 
 if __name__ == "__main__":
