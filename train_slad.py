@@ -8,7 +8,7 @@ With --kd taid, TAID's KL towards an interpolated target, whose t rises to 1, re
     python train_slad.py --dataset dtd          # DINOv2 ViT-B/14 -> ViT-S/14, 30 epochs
     python train_slad.py --dataset dtd --teacher dinov3_vitl16 --student dinov3_vits16  # DINOv3, at 512 px
     python train_slad.py --dataset synthetic --teacher toy-b --student toy-s --epochs 1 --device cpu
-                                                # the offline demo, on the pretrained toy family: ~25 s on a CPU
+                                                # the offline demo, on the pretrained toy family: ~22 s on 2 CPU cores
 """
 
 import json
