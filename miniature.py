@@ -453,9 +453,14 @@ def doubling_moves(runs, task, epochs, seeds):
             for m in CONVERGED[task] for role in ("teacher", "student")}
 
 
+def doubling_keys(task, epochs, seeds):
+    """The runs of one doubling: each method of CONVERGED[task], toy-b -> toy-s, at `epochs` and twice that."""
+    return [(task, m, "toy-b", "toy-s", s, e) for e in (epochs, 2 * epochs) for m in CONVERGED[task] for s in seeds]
+
+
 def doubling_runs(out_dir, task, epochs, seeds):
     """The runs doubling_moves reads, from the folders --convergence leaves in out_dir; None if any is missing."""
-    keys = [(task, m, "toy-b", "toy-s", s, e) for e in (epochs, 2 * epochs) for m in CONVERGED[task] for s in seeds]
+    keys = doubling_keys(task, epochs, seeds)
     if not all(os.path.exists(os.path.join(run_dir(out_dir, *k), "results.json")) for k in keys):
         return None
     return {k: read(run_dir(out_dir, *k)) for k in keys}
@@ -472,8 +477,7 @@ def convergence(args, log):
         if args.quick:  # the search's machinery, in seconds
             settings, epochs = dict(settings, img_size=14), 1
         while True:
-            keys = [(task, m, "toy-b", "toy-s", s, e)
-                    for e in (epochs, 2 * epochs) for m in CONVERGED[task] for s in args.seeds]
+            keys = doubling_keys(task, epochs, args.seeds)
             jobs = [(run_dir(args.out_dir, *k), command(*k[:5], dict(settings, epochs=k[5]), run_dir(args.out_dir, *k)))
                     for k in keys if k not in runs]
             run_all(jobs, args.workers, log)
