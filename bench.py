@@ -72,6 +72,7 @@ TARGET_MFU = 0.4  # issue 24's goal for a SLAD step on an H100
 PREFETCH = 4  # batches each DataLoader worker keeps ready (data.make_loader)
 # training images per epoch (train split; CUB and Cityscapes after holding out 10 % for validation)
 TRAIN_SIZES = {"dtd": 1880, "aircraft": 3334, "cub": 5395}
+VAL_SIZES = {"dtd": 1880, "aircraft": 3333, "cub": 599}  # validated every epoch
 TIMM_NAMES = {"vits14": "vit_small_patch14_dinov2", "vitb14": "vit_base_patch14_dinov2",
               "vitl14": "vit_large_patch14_dinov2", "vitg14": "vit_giant_patch14_dinov2"}
 
@@ -217,12 +218,34 @@ def cmd_step(args):
     print_step(bench_step(args.method, args, batches), args.device)
 
 
+def bench_eval(args):
+    """Time a validation batch: the teacher's and the student's forward (experiment.evaluate), seconds a batch."""
+    device = args.device
+    with torch.device(device):
+        models = [Classifier(ViT.from_name(name), 100).eval() for name in (args.teacher, args.student)]
+    x = normalize(torch.randint(0, 256, (args.batch_size, 3, args.img_size, args.img_size), dtype=torch.uint8,
+                                device=device))
+    dtype = getattr(torch, args.dtype)
+    autocast = torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
+    with torch.no_grad(), autocast:
+        for i in range(args.warmup + args.iters):
+            if i == args.warmup:
+                sync(device)
+                t0 = time.perf_counter()
+            for m in models:
+                m(x).argmax(-1)
+    sync(device)
+    return (time.perf_counter() - t0) / args.iters
+
+
 def cmd_schedule(args):
     header(args, "whole schedules from measured steps")
     r = {}
     for m in METHODS:
         r[m] = bench_step(m, args)
         print_step(r[m], args.device)
+    val = bench_eval(args)
+    print(f"  {'validate':9s} {1000 * val:9.1f} ms/batch of teacher + student forward passes")
     print(f"\n  wall-clock of the training steps (no evaluation, no data stalls), {args.batch_size} images a step:")
     print(f"  {'dataset':9s} {'SLAD 30':>9s} {'LoRA 30+30':>11s} {'FT 30+30':>9s} {'probe 30+80':>12s}   "
           "SLAD / two-step")
@@ -234,6 +257,11 @@ def cmd_schedule(args):
                "probe": steps * (30 * t["probe"] + 80 * t["distill"])}
         print(f"  {name:9s} {hours(slad):>9s} {hours(two['lora']):>11s} {hours(two['finetune']):>9s} "
               f"{hours(two['probe']):>12s}   " + "  ".join(f"{k} {slad / v:.2f}" for k, v in two.items()))
+    print("\n  SLAD's 30 epochs with both models validated every epoch (no data stalls):")
+    for name, n in TRAIN_SIZES.items():
+        validation = 30 * math.ceil(VAL_SIZES[name] / args.batch_size) * val
+        print(f"  {name:9s} SLAD 30 epochs + validation: {hours(30 * (n // args.batch_size) * t['slad'] + validation)}"
+              f" ({hours(validation)} of it validation, {VAL_SIZES[name]} images an epoch)")
 
 
 # -----------------------------------------------------------------------------
@@ -570,7 +598,8 @@ TRAIN_FIGURE = r"epoch \d+/\d+ step .*?(\d+ ms/step.*mfu \S+)"  # a training log
 
 def proof_steps(tiny, cuda, dtd, cityscapes, runs):
     """[(name, argv, time cap in s, regex of the output lines that carry the figure, why skipped or None)], in the
-    order that loses the least if the --budget runs out: training scripts, steps, memory, data, compilation."""
+    order that loses the least if the --budget runs out: the training scripts, the steps and the goals' figures
+    (schedule, MFU, LoRA against PEFT), the input pipeline, memory, then the rest of compilation."""
     py, cpu = [sys.executable], [] if cuda else ["--device", "cpu"]
     pair, big = ["--teacher", "vitb14", "--student", "vits14"], ["--teacher", "vitl14", "--student", "vitb14"]
     sizes, seg_sizes = [], []  # the scripts' defaults: 518 px, batch 32 (DTD); 560 px, batch 8 (Cityscapes)
@@ -593,6 +622,7 @@ def proof_steps(tiny, cuda, dtd, cityscapes, runs):
     missing = [m for m in ("timm", "peft") if importlib.util.find_spec(m) is None]
     no_peft = f"{' and '.join(missing)} not installed (pip install timm peft)" if missing else None
     speed, memory_rows = r"slad\s+(.*)|attention: (.*)", r"^((?:measured|traced) on.*)|^(\|.*\| slad \|.*)"
+    schedule = r"^\s+(slad\s+.*)|^\s+(validate\s+.*)|^\s+((?:dtd|aircraft) +SLAD 30 epochs.*)"
     return [
         ("SLAD, the defaults", py + ["train_slad.py", *train, *out("slad")], 60 * cap, TRAIN_FIGURE, None),
         ("SLAD under torchrun, 1 process", py + torchrun + ["train_slad.py", *train, *out("slad-torchrun")],
@@ -600,19 +630,22 @@ def proof_steps(tiny, cuda, dtd, cityscapes, runs):
         *[(f"two-step, {how} teacher", py + ["train_twostep.py", *train, "--teacher_adapt", how,
            *out(f"twostep-{how}")], 60 * cap, TRAIN_FIGURE, None) for how in ("probe", "lora", "finetune")],
         ("segmentation, SLAD", py + ["train_slad.py", *seg, *out("seg")], 60 * cap, TRAIN_FIGURE, None),
-        *[(f"step, {p[1]} -> {p[3]}", py + ["bench.py", "step", "--method", "slad", *p, *step], 45 * cap, speed, None)
-          for p in (pair, big)],
+        (f"schedule, {pair[1]} -> {pair[3]}", py + ["bench.py", "schedule", *pair, *step], 90 * cap, schedule, None),
+        (f"step, {big[1]} -> {big[3]}", py + ["bench.py", "step", "--method", "slad", *big, *step], 45 * cap, speed,
+         None),
+        ("LoRA step: ours against timm + PEFT", py + ["bench.py", "backbone", "--lora", "--model", pair[1], *step],
+         60 * cap, r"(.* ms/iter.*)|ours / .* time: (.*)", no_peft),
+        *[(f"step --compile, {p[1]} -> {p[3]}", py + ["bench.py", "step", "--method", "slad", *p, *step, "--compile"],
+           120 * cap, speed, slow) for p in (big,)],  # the 40 % MFU goal
+        ("input pipeline", py + ["bench.py", "data", "--dataset", "dtd", "--data_dir", dtd, "--img_size", "518",
+         *data], 45 * cap, r"(\d+ workers?, batch .* a worker)", None),
         ("memory", py + ["bench.py", "memory", *memory, *cpu], 150 * cap, memory_rows, None),
         *[(f"largest batch, {p[1]} -> {p[3]}", py + ["bench.py", "fit", "--method", "slad", *p, *step], 45 * cap,
            r"largest batch that fits: (.*)", no_gpu) for p in (pair, big)],
-        ("input pipeline", py + ["bench.py", "data", "--dataset", "dtd", "--data_dir", dtd, "--img_size", "518",
-         *data], 45 * cap, r"(\d+ workers?, batch .* a worker)", None),
-        *[(f"step --compile, {p[1]} -> {p[3]}", py + ["bench.py", "step", "--method", "slad", *p, *step, "--compile"],
-           120 * cap, speed, slow) for p in (big, pair)],  # vitl14 -> vitb14 first: the 40 % MFU goal
         ("SLAD --compile", py + ["train_slad.py", *train, "--compile", *out("slad-compile")], 150 * cap,
          TRAIN_FIGURE, slow),
-        ("LoRA step: ours against timm + PEFT", py + ["bench.py", "backbone", "--lora", "--model", pair[1], *step],
-         60 * cap, r"(.* ms/iter.*)|ours / .* time: (.*)", no_peft),
+        *[(f"step --compile, {p[1]} -> {p[3]}", py + ["bench.py", "step", "--method", "slad", *p, *step, "--compile"],
+           120 * cap, speed, slow) for p in (pair,)],
     ]
 
 
@@ -685,6 +718,8 @@ def cmd_proof(args):
     for i, (name, argv, cap, pattern, skip) in enumerate(proof_steps(args.tiny, cuda, dtd, cityscapes, runs), 1):
         command = " ".join(argv).replace(sys.executable, "python").replace(work, os.path.splitext(args.out)[0])
         left = deadline - time.perf_counter()
+        if args.only and not re.search(args.only, name):
+            skip = f"not in --only {args.only}"
         if skip or left < 10:
             rows.append((name, command, "", f"skipped: {skip or f'the --budget of {args.budget} s is spent'}", 0))
             continue
@@ -762,6 +797,7 @@ def parse_args(argv=None):
     proof.add_argument("--tiny", action="store_true", help="the toy family at toy sizes: tests the proof on a CPU")
     proof.add_argument("--out", default="out/proof.md", help="the table; logs, data and runs go in out/proof/")
     proof.add_argument("--budget", type=float, default=660, help="seconds for all steps: later ones are skipped")
+    proof.add_argument("--only", default=None, help="a regex: run only the steps whose name it matches")
     latency = sub.add_parser("latency")  # the CPU alone, float32: its own flags
     latency.set_defaults(device="cpu")
     latency.add_argument("--model", default="vits14", choices=list(CONFIGS))
