@@ -586,7 +586,7 @@ def forever(loader):
 
 
 def hours(seconds):
-    return f"{seconds / 3600:.2f} h" if seconds >= 360 else f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.2f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
 
 
 # -----------------------------------------------------------------------------

@@ -2668,6 +2668,19 @@ def test_cka_removes_its_own_earlier_pngs_only(tmp_path):
 # bench.py: the step, memory, the input pipeline, latency, the proof
 
 
+def test_bench_schedule_adds_validation_every_epoch(monkeypatch, capsys):
+    """SLAD's 30 epochs with per-epoch validation, from the step and the validation batch (issue 24's Aircraft
+    goal): 30 x 104 steps x 0.1 s + 30 x ceil(3,333 / 32) batches x 0.05 s = 312 + 157.5 s."""
+    monkeypatch.setattr(bench, "bench_step", lambda method, args: dict(method=method, ms=100.0, img_s=320.0,
+                                                                       tflops=1.0, mfu=None, mem_gib=1.0))
+    monkeypatch.setattr(bench, "bench_eval", lambda args: 0.05)
+    bench.main(["schedule", "--teacher", "toy-b", "--student", "toy-s", "--batch_size", "32", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "validate       50.0 ms/batch" in out
+    assert "aircraft  SLAD 30 epochs + validation: 7.8 min (2.6 min of it validation, 3333 images an epoch)" in out
+    assert "dtd       SLAD 30 epochs + validation: " in out and "cub       SLAD 30 epochs + validation: " in out
+
+
 def test_bench_prints_figures_on_cpu(capsys):
     toy = ["--teacher", "toy-l", "--student", "toy-s", "--img_size", "28", "--batch_size", "4", "--iters", "1",
            "--warmup", "1", "--device", "cpu"]
@@ -2676,6 +2689,7 @@ def test_bench_prints_figures_on_cpu(capsys):
     for m in bench.METHODS:
         assert f"  {m} " in out
     assert "ms/step" in out and "img/s" in out and "MFU" in out and "SLAD / two-step" in out and "cub" in out
+    assert "ms/batch of teacher + student forward passes" in out  # bench_eval ran
     bench.main(["step", "--method", "slad", "--dataset", "synthetic", "--peak_tflops", "1", *toy])
     assert "%" in capsys.readouterr().out.split("MFU")[-1]  # a known peak gives a percentage
     for dataset, size in (("synthetic", "56"), ("synthetic-seg", "112")):
