@@ -5,7 +5,9 @@ the scripts, stripped of everything but the timing.
     python bench.py step --method slad --teacher vitb14 --student vits14 --img_size 518 --batch_size 32
         one method's training step: ms/step, img/s, MFU, peak memory. Methods: slad (train_slad.py), the
         two-step stage 1 by teacher adaptation -- probe, finetune, lora -- and distill (stage 2, a LoRA
-        student and a frozen teacher). Random tensors by default; --dataset times real batches instead.
+        student and a frozen teacher). Random tensors by default; --dataset times real batches instead;
+        --profile N then splits a step's time by kind of op (matmul, attention, LayerNorm, ...) and lists the
+        N ops that take most.
     python bench.py schedule --teacher vitb14 --student vits14 --img_size 518 --batch_size 32
         every step above, then the wall-clock of whole schedules on each dataset: SLAD (30 epochs) against
         two-step (30 + 30; 30 + 80 after a probed teacher), as a ratio (the paper: SLAD 2x faster)
@@ -147,12 +149,7 @@ def bench_step(method, args, batches=None):
         x = torch.randint(0, 256, (args.batch_size, 3, args.img_size, args.img_size), dtype=torch.uint8, device=device)
         y = torch.randint(0, 100, (args.batch_size,), device=device)
         batches = itertools.repeat((x, y))
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats(device)
-    for i in range(args.warmup + args.iters):
-        if i == args.warmup:
-            sync(device)
-            t0 = time.perf_counter()
+    def one_step():
         x, y = next(batches)
         x, y = normalize(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
         with autocast:
@@ -161,8 +158,18 @@ def bench_step(method, args, batches=None):
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
+
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
+    for i in range(args.warmup + args.iters):
+        if i == args.warmup:
+            sync(device)
+            t0 = time.perf_counter()
+        one_step()
     sync(device)
     dt = (time.perf_counter() - t0) / args.iters
+    if getattr(args, "profile", 0):
+        profile_steps(one_step, device, args.profile)
     peak = device_peak(args)
     mem = (torch.cuda.max_memory_allocated(device) / 2**30 if device.startswith("cuda")
            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
@@ -173,6 +180,37 @@ def bench_step(method, args, batches=None):
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     return out
+
+
+# where a step's time goes, by kind of op: aten ops of torch.profiler, by their own (self) time on the device
+OP_KINDS = (("matmul, conv", r"^aten::(mm|addmm|bmm|baddbmm|matmul|linear)$|convolution"),
+            ("attention", r"attention|^aten::_?(efficient|flash|cudnn)"),
+            ("layer norm", r"layer_norm"), ("gelu / silu", r"gelu|silu"),
+            ("optimizer", r"adam|_foreach"), ("copies", r"copy_|^aten::(to|_to_copy|clone|contiguous)$"))
+
+
+def profile_steps(one_step, device, rows):
+    """Profile 3 steps (after the timed ones): the time each kind of op takes (OP_KINDS; the rest: elementwise
+    and reductions), then the `rows` ops that take most. On CUDA the ops' kernel time, else their CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = device.startswith("cuda")
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for _ in range(3):
+            one_step()
+        sync(device)
+    events = [e for e in prof.key_averages() if e.key.startswith("aten::")]
+    own = {e.key: (getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0) if cuda
+                   else e.self_cpu_time_total) / 3e3 for e in events}  # us over 3 steps -> ms a step
+    total = sum(own.values()) or 1.0
+    kinds = {}
+    for key, ms in own.items():
+        kind = next((k for k, pattern in OP_KINDS if re.search(pattern, key)), "elementwise, other")
+        kinds[kind] = kinds.get(kind, 0.0) + ms
+    print(f"  profile, {'device' if cuda else 'CPU'} time of aten ops a step ({total:.1f} ms):")
+    for kind, ms in sorted(kinds.items(), key=lambda kv: -kv[1]):
+        print(f"    {kind:18s} {ms:8.2f} ms  {100 * ms / total:5.1f} %")
+    for key, ms in sorted(own.items(), key=lambda kv: -kv[1])[:rows]:
+        print(f"      {key:50s} {ms:8.2f} ms")
 
 
 def print_step(r, device):
@@ -786,6 +824,8 @@ def parse_args(argv=None):
             s.add_argument("--data_dir", default="./data")
             s.add_argument("--num_workers", type=int, default=8 if cuda else 0)
     parsers["step"].add_argument("--method", default="slad", choices=METHODS)
+    parsers["step"].add_argument("--profile", type=int, default=0, metavar="N",
+                                 help="then profile 3 steps: time by kind of op, and the N ops that take most")
     parsers["fit"].add_argument("--method", default="slad", choices=METHODS)
     parsers["memory"].add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parsers["memory"].add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])

@@ -2681,6 +2681,16 @@ def test_bench_schedule_adds_validation_every_epoch(monkeypatch, capsys):
     assert "dtd       SLAD 30 epochs + validation: " in out and "cub       SLAD 30 epochs + validation: " in out
 
 
+def test_bench_step_profile_splits_the_step_by_kind_of_op(capsys):
+    bench.main(["step", "--method", "lora", "--teacher", "toy-b", "--student", "toy-s", "--img_size", "28",
+                "--batch_size", "2", "--iters", "1", "--warmup", "1", "--device", "cpu", "--profile", "4"])
+    out = capsys.readouterr().out
+    kinds = dict(re.findall(r"^    (\S.*?)\s+[\d.]+ ms\s+([\d.]+) %$", out, re.M))
+    assert {"matmul, conv", "layer norm", "attention"} <= set(kinds), out  # AdamW: fused on CUDA alone
+    assert abs(sum(map(float, kinds.values())) - 100) < 0.5  # every aten op counted once
+    assert len(re.findall(r"^      aten::\S+\s+[\d.]+ ms$", out, re.M)) == 4
+
+
 def test_bench_prints_figures_on_cpu(capsys):
     toy = ["--teacher", "toy-l", "--student", "toy-s", "--img_size", "28", "--batch_size", "4", "--iters", "1",
            "--warmup", "1", "--device", "cpu"]
