@@ -790,6 +790,14 @@ def pair(text):
     return teacher, student
 
 
+def regex(text):
+    try:
+        re.compile(text)
+    except re.error as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a regular expression ({e})")
+    return text
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
@@ -837,7 +845,7 @@ def parse_args(argv=None):
     proof.add_argument("--tiny", action="store_true", help="the toy family at toy sizes: tests the proof on a CPU")
     proof.add_argument("--out", default="out/proof.md", help="the table; logs, data and runs go in out/proof/")
     proof.add_argument("--budget", type=float, default=900, help="seconds for all steps: later ones are skipped")
-    proof.add_argument("--only", default=None, help="a regex: run only the steps whose name it matches")
+    proof.add_argument("--only", type=regex, default=None, help="a regex: run only the steps whose name it matches")
     latency = sub.add_parser("latency")  # the CPU alone, float32: its own flags
     latency.set_defaults(device="cpu")
     latency.add_argument("--model", default="vits14", choices=list(CONFIGS))

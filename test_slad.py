@@ -2803,6 +2803,18 @@ def test_proof_steps_are_capped_and_a_failure_keeps_its_last_line(tmp_path):
     assert bench.run_capped([sys.executable, "-c", "print('fine')"], 30, log)[0] == "ok"
 
 
+def test_bench_proof_only_runs_the_steps_it_names(tmp_path, capsys):
+    out = tmp_path / "proof.md"
+    bench.main(["proof", "--tiny", "--only", "^two-step, (probe|lora)", "--out", str(out)])
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[3] for line in out.read_text().splitlines()[6:]}
+    ran = {name for name, status in rows.items() if not status.startswith("skipped")}
+    assert ran == {"device", "versions", "fake data", "two-step, probe teacher", "two-step, lora teacher"}
+    assert rows["memory"] == "skipped: not in --only ^two-step, (probe|lora)"
+    with pytest.raises(SystemExit):
+        bench.parse_args(["proof", "--only", "["])
+    assert "is not a regular expression" in capsys.readouterr().err
+
+
 def test_bench_proof_tiny_runs_every_step_on_the_cpu(tmp_path):
     """The GPU proof's one command, on toy sizes: a row per step, the training scripts ok, nothing failed."""
     out = tmp_path / "proof.md"
