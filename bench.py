@@ -149,6 +149,7 @@ def bench_step(method, args, batches=None):
         x = torch.randint(0, 256, (args.batch_size, 3, args.img_size, args.img_size), dtype=torch.uint8, device=device)
         y = torch.randint(0, 100, (args.batch_size,), device=device)
         batches = itertools.repeat((x, y))
+
     def one_step():
         x, y = next(batches)
         x, y = normalize(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
@@ -176,7 +177,8 @@ def bench_step(method, args, batches=None):
     flops = flops_per_image * args.batch_size / dt
     out = dict(method=method, ms=dt * 1000, img_s=args.batch_size / dt, tflops=flops / 1e12,
                mfu=flops / peak if peak else None, mem_gib=mem)
-    del model, optimizer
+    del model
+    optimizer = one_step = None  # freed (the step holds the optimizer) before the cache is emptied
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     return out
