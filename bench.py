@@ -663,6 +663,8 @@ def proof_steps(tiny, cuda, dtd, cityscapes, runs):
     no_peft = f"{' and '.join(missing)} not installed (pip install timm peft)" if missing else None
     speed, memory_rows = r"slad\s+(.*)|attention: (.*)", r"^((?:measured|traced) on.*)|^(\|.*\| slad \|.*)"
     schedule = r"^\s+(slad\s+.*)|^\s+(validate\s+.*)|^\s+((?:dtd|aircraft) +SLAD 30 epochs.*)"
+    compiled = lambda p: (f"step --compile, {p[1]} -> {p[3]}", py + ["bench.py", "step", "--method", "slad", *p,
+                          *step, "--compile"], 240 * cap, speed, slow)  # inductor took > 120 s on an H200
     return [
         ("SLAD, the defaults", py + ["train_slad.py", *train, *out("slad")], 60 * cap, TRAIN_FIGURE, None),
         ("SLAD under torchrun, 1 process", py + torchrun + ["train_slad.py", *train, *out("slad-torchrun")],
@@ -675,8 +677,7 @@ def proof_steps(tiny, cuda, dtd, cityscapes, runs):
          None),
         ("LoRA step: ours against timm + PEFT", py + ["bench.py", "backbone", "--lora", "--model", pair[1], *step],
          60 * cap, r"(.* ms/iter.*)|ours / .* time: (.*)", no_peft),
-        *[(f"step --compile, {p[1]} -> {p[3]}", py + ["bench.py", "step", "--method", "slad", *p, *step, "--compile"],
-           240 * cap, speed, slow) for p in (big,)],  # the 40 % MFU goal; inductor took > 120 s on an H200
+        compiled(big),  # the 40 % MFU goal
         ("input pipeline", py + ["bench.py", "data", "--dataset", "dtd", "--data_dir", dtd, "--img_size", "518",
          *data], 45 * cap, r"(\d+ workers?, batch .* a worker)", None),
         ("memory", py + ["bench.py", "memory", *memory, *cpu], 150 * cap, memory_rows, None),
@@ -684,8 +685,7 @@ def proof_steps(tiny, cuda, dtd, cityscapes, runs):
            r"largest batch that fits: (.*)", no_gpu) for p in (pair, big)],
         ("SLAD --compile", py + ["train_slad.py", *train, "--compile", *out("slad-compile")], 240 * cap,
          TRAIN_FIGURE, slow),
-        *[(f"step --compile, {p[1]} -> {p[3]}", py + ["bench.py", "step", "--method", "slad", *p, *step, "--compile"],
-           240 * cap, speed, slow) for p in (pair,)],
+        compiled(pair),
     ]
 
 
