@@ -6,8 +6,8 @@ the scripts, stripped of everything but the timing.
         one method's training step: ms/step, img/s, MFU, peak memory. Methods: slad (train_slad.py), the
         two-step stage 1 by teacher adaptation -- probe, finetune, lora -- and distill (stage 2, a LoRA
         student and a frozen teacher). Random tensors by default; --dataset times real batches instead;
-        --profile N then splits a step's time by kind of op (matmul, attention, LayerNorm, ...) and lists the
-        N ops that take most.
+        --profile N then splits a step's time by kind of op (matmul, attention, LayerNorm, ..., Inductor's fused
+        kernels under --compile) and lists the N ops that take most, with their input shapes.
     python bench.py schedule --teacher vitb14 --student vits14 --img_size 518 --batch_size 32
         every step above, then the wall-clock of whole schedules on each dataset: SLAD (30 epochs) against
         two-step (30 + 30; 30 + 80 after a probed teacher), as a ratio (the paper: SLAD 2x faster)
@@ -28,9 +28,9 @@ the scripts, stripped of everything but the timing.
         the GPU checks of issue 24 in one command: every training script on real-size fake data, the steps,
         memory, the largest batches, the input pipeline, each with a time cap; one markdown table (out/proof.md)
 
-MFU counts model FLOPs analytically, as the training scripts' log lines do (ViT.flops: matmuls, 2 per
-multiply-add, as nanoGPT's estimate_mfu; a step's, per method, model.step_flops). The peak is the device's dense
-bf16 figure (--peak_tflops to set it).
+MFU counts model FLOPs analytically, as the training scripts' log lines do (model.step_flops: a step's matmuls,
+2 per multiply-add, as nanoGPT's estimate_mfu, exactly as torch.utils.flop_counter counts them). The peak is the
+device's dense bf16 figure (--peak_tflops to set it).
 """
 
 import argparse
@@ -66,7 +66,7 @@ from model import CONFIGS, Classifier, TeacherStudent, ViT, step_flops
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 METHODS = ("slad", "probe", "finetune", "lora", "distill")
-# how each method's step trains the teacher and the student (model.STEP_PASSES; None: not in the step)
+# how each method's step trains the teacher and the student (model.step_flops' `how`; None: not in the step)
 TRAINS = {"slad": ("lora", "lora"), "probe": ("probe", None), "lora": ("lora", None), "finetune": ("finetune", None),
           "distill": ("frozen", "lora")}
 PAIRS = (("vitb14", "vits14"), ("vitl14", "vitb14"))  # the paper's teacher -> student pairs that bench.py reports
@@ -94,15 +94,12 @@ def device_peak(args):
     return args.peak_tflops * 1e12 if args.peak_tflops else peak_flops(args.device)
 
 
-def method_flops(method, teacher_flops, student_flops):
-    """Matmul FLOPs per image of a method's training step (model.step_flops)."""
-    teacher, student = TRAINS[method]
-    return step_flops((teacher_flops, teacher), *([(student_flops, student)] if student else []))
-
-
-def forward_flops(name, img_size):
-    with torch.device("meta"):  # the config's arithmetic: no weights made
-        return ViT.from_name(name).flops(img_size)
+def planned_flops(method, teacher, student, img_size, rank=16):
+    """A method's FLOPs per image for a pair by name, as build() counts them: the models made on the meta device,
+    the configs' arithmetic, no weights."""
+    args = argparse.Namespace(teacher=teacher, student=student, img_size=img_size, rank=rank, grad_checkpointing=False)
+    with torch.device("meta"):
+        return build(method, args)[3]
 
 
 def build(method, args, num_classes=100):
@@ -111,10 +108,18 @@ def build(method, args, num_classes=100):
     student = Classifier(ViT.from_name(args.student), num_classes)
     for m in (teacher, student):
         m.vit.grad_checkpointing = args.grad_checkpointing
-    flops = method_flops(method, teacher.vit.flops(args.img_size), student.vit.flops(args.img_size))
     if method == "slad":
         add_lora(teacher.vit, rank=args.rank)
         share_lora(student.vit, teacher.vit, "even")
+    elif method in ("probe", "finetune", "lora"):
+        adapt(teacher, method, args.rank)
+    else:  # distill: stage 2 with a frozen teacher (eval mode, no grad)
+        adapt(student, "lora", args.rank)
+        teacher.eval().requires_grad_(False)
+    how_teacher, how_student = TRAINS[method]  # MFU's numerator, per image, of the models as adapted
+    flops = step_flops(teacher.vit, args.img_size, how_teacher) + (
+        step_flops(student.vit, args.img_size, how_student) if how_student else 0)
+    if method == "slad":
         both = TeacherStudent(teacher, student)
 
         def step(x, y):
@@ -122,10 +127,7 @@ def build(method, args, num_classes=100):
             return slad_loss(student_logits, teacher_logits, y)  # eq. 4
         return both, step, trainable_parameters(both), flops
     if method in ("probe", "finetune", "lora"):
-        adapt(teacher, method, args.rank)
         return teacher, lambda x, y: task_loss(teacher(x), y), trainable_parameters(teacher), flops
-    adapt(student, "lora", args.rank)  # distill: stage 2 with a frozen teacher (eval mode, no grad)
-    teacher.eval().requires_grad_(False)
 
     def step(x, y):
         with torch.no_grad():
@@ -140,6 +142,9 @@ def bench_step(method, args, batches=None):
     with torch.device(device):  # made and initialised where they run: seconds less for ViT-L on a GPU
         model, loss_fn, params, flops_per_image = build(method, args)
     if args.compile:
+        if getattr(args, "profile", 0):  # Inductor's CPU kernels then mark themselves for the profiler
+            from torch._inductor import config as inductor
+            inductor.cpp.enable_kernel_profile = True
         loss_fn = torch.compile(loss_fn)
     dtype = getattr(torch, args.dtype)
     autocast = torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
@@ -184,8 +189,11 @@ def bench_step(method, args, batches=None):
     return out
 
 
-# where a step's time goes, by kind of op: aten ops of torch.profiler, by their own (self) time on the device
-OP_KINDS = (("matmul, conv", r"^aten::(mm|addmm|bmm|baddbmm|matmul|linear)$|convolution"),
+# where a step's time goes, by kind of op: torch.profiler's aten ops and, under --compile, Inductor's generated
+# kernels (cpp_fused_... on a CPU, graph_N_ before it; triton_... on a GPU), by their own (self) time on the device
+INDUCTOR = r"^(graph_\d+_)?(cpp|triton)_"
+OP_KINDS = (("fused (Inductor)", INDUCTOR),  # first: their names hold the ops they fuse (layer_norm, gelu, ...)
+            ("matmul, conv", r"^aten::(mm|addmm|bmm|baddbmm|matmul|linear)$|convolution"),
             ("attention", r"attention|^aten::_?(efficient|flash|cudnn)"),
             ("layer norm", r"layer_norm"), ("gelu / silu", r"gelu|silu"),
             ("optimizer", r"adam|_foreach"), ("copies", r"copy_|^aten::(to|_to_copy|clone|contiguous)$"))
@@ -193,26 +201,33 @@ OP_KINDS = (("matmul, conv", r"^aten::(mm|addmm|bmm|baddbmm|matmul|linear)$|conv
 
 def profile_steps(one_step, device, rows):
     """Profile 3 steps (after the timed ones): the time each kind of op takes (OP_KINDS; the rest: elementwise
-    and reductions), then the `rows` ops that take most. On CUDA the ops' kernel time, else their CPU time."""
+    and reductions), then the `rows` ops that take most, with their input shapes. On CUDA the ops' kernel time,
+    else their CPU time. Inductor's CPU kernels show only if compiled with its kernel profiling on (bench_step
+    does) and record no shapes."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
     cuda = device.startswith("cuda")
-    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []),
+                 record_shapes=True) as prof:
         for _ in range(3):
             one_step()
         sync(device)
-    events = [e for e in prof.key_averages() if e.key.startswith("aten::")]
-    own = {e.key: (getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0) if cuda
-                   else e.self_cpu_time_total) / 3e3 for e in events}  # us over 3 steps -> ms a step
+    own = {}  # (op, input shapes) -> ms a step; the host-side events alone: a GPU kernel counts in the op launching it
+    for e in prof.events():
+        if e.device_type == DeviceType.CPU and (e.name.startswith("aten::") or re.search(INDUCTOR, e.name)):
+            key = (e.name, ", ".join("x".join(map(str, s)) for s in e.input_shapes or () if s))
+            us = e.self_device_time_total if cuda else e.self_cpu_time_total
+            own[key] = own.get(key, 0.0) + us / 3e3  # us over 3 steps -> ms a step
     total = sum(own.values()) or 1.0
     kinds = {}
-    for key, ms in own.items():
-        kind = next((k for k, pattern in OP_KINDS if re.search(pattern, key)), "elementwise, other")
+    for (name, _), ms in own.items():
+        kind = next((k for k, pattern in OP_KINDS if re.search(pattern, name)), "elementwise, other")
         kinds[kind] = kinds.get(kind, 0.0) + ms
-    print(f"  profile, {'device' if cuda else 'CPU'} time of aten ops a step ({total:.1f} ms):")
+    print(f"  profile, {'device' if cuda else 'CPU'} time of aten ops and Inductor kernels a step ({total:.1f} ms):")
     for kind, ms in sorted(kinds.items(), key=lambda kv: -kv[1]):
         print(f"    {kind:18s} {ms:8.2f} ms  {100 * ms / total:5.1f} %")
-    for key, ms in sorted(own.items(), key=lambda kv: -kv[1])[:rows]:
-        print(f"      {key:50s} {ms:8.2f} ms")
+    for (name, shapes), ms in sorted(own.items(), key=lambda kv: -kv[1])[:rows]:
+        print(f"      {ms:8.2f} ms  {name}" + (f"  ({shapes})" if shapes else ""))  # Inductor's names run long
 
 
 def print_step(r, device):
@@ -511,9 +526,8 @@ def cmd_data(args):
     print("| teacher -> student | method | TFLOP an image | img/s | workers (2x to spare) |")
     print("| --- | --- | ---: | ---: | ---: |")
     for teacher, student in args.pairs:
-        F_t, F_s = forward_flops(teacher, args.img_size), forward_flops(student, args.img_size)
         for method in METHODS:
-            flops = method_flops(method, F_t, F_s)
+            flops = planned_flops(method, teacher, student, args.img_size)
             need = peak / flops
             print(f"| {teacher} -> {student} | {method} | {flops / 1e12:.2f} | {need:,.0f} | "
                   f"{math.ceil(need / per_worker)} ({math.ceil(2 * need / per_worker)}) |")

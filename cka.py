@@ -349,7 +349,8 @@ def main(argv=None):
     base = mapped_mean(mats[0], g)
     student_of = "pretrained student" if args.pretrained_student else "its own student"
     token = "CLS" if args.token == "cls" else "mean patch"
-    print(f"CKA of {token} tokens, {args.dataset} {args.split} ({len(ds)} images), {args.teacher} (teacher) vs "
+    images = f"{len(ds)} image{'s' * (len(ds) != 1)}"
+    print(f"CKA of {token} tokens, {args.dataset} {args.split} ({images}), {args.teacher} (teacher) vs "
           f"{args.student} (student); mean over the pairs (i, g(i)) of --mapping {args.mapping}, g = {g}")
     print(f"(a) pretrained: {100 * base:.2f}%")
     limit = max([1e-6] + [(C - mats[0]).abs().max().item() for C in mats[1:]])  # one scale for (b), (c), ...
@@ -373,7 +374,8 @@ def main(argv=None):
                                           mapped_mean=m, change=m - base)
     side_by_side(panels).save(os.path.join(args.out_dir, "cka.png"))
     write_json(os.path.join(args.out_dir, "cka.json"), results)
-    print(f"wrote to {args.out_dir}: cka.png ({len(panels)} panels side by side), one PNG a panel, cka.json")
+    shown = f"{len(panels)} panels side by side" if len(panels) > 1 else "1 panel"
+    print(f"wrote to {args.out_dir}: cka.png ({shown}), one PNG a panel, cka.json")
 
 
 if __name__ == "__main__":
@@ -381,3 +383,6 @@ if __name__ == "__main__":
         main()
     except (DataError, CheckpointError) as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback; 130, a shell's exit status for it
+        print("cka.py: interrupted", file=sys.stderr)
+        sys.exit(130)

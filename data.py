@@ -24,8 +24,8 @@ import numpy as np
 import torch
 import torchvision.transforms as T
 import torchvision.transforms.functional as TF
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from PIL import Image, ImageOps
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset, default_collate
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 SPLITS = ("train", "val", "test")
@@ -48,11 +48,32 @@ def unreadable(path, e, fix=ARCHIVE_FIX):
     return DataError(f"cannot read {path} ({type(e).__name__}: {e}): the file is missing, truncated or corrupt; {fix}")
 
 
+ORIENTATION = 0x0112  # the EXIF tag of how a photo is shown: 1 as stored, 5 to 8 turned by 90 degrees
+SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I")  # 16-bit grayscale as pillow opens it (older pillow: "I")
+
+
+def orientation(img):
+    """An opened image's EXIF orientation (1: as stored), from its header; a PNG's only if its header holds it, so
+    that image_size never decodes pixels, and open_image agrees with it."""
+    if img.format == "PNG" and "exif" not in img.info:  # pillow would decode the PNG to look after its pixels
+        return 1
+    try:
+        return img.getexif().get(ORIENTATION, 1)
+    except Exception:  # a broken EXIF block: viewers show the photo as stored
+        return 1
+
+
 def open_image(path, mode="RGB", fix=ARCHIVE_FIX):
-    """An image file, decoded now (mode None: as stored), so that a bad file stops here, named."""
+    """An image file, decoded now, so that a bad file stops here, named; turned as its EXIF orientation says, as a
+    photo viewer shows it (a phone stores portraits sideways). With a mode (images), 16-bit grayscale is scaled to
+    8 bits; mode None (masks) keeps the values as stored, class indices."""
     try:
         with Image.open(path) as img:
-            return img.convert(mode) if mode else img.copy()
+            if orientation(img) != 1:
+                img = ImageOps.exif_transpose(img)
+            if mode and img.mode in SIXTEEN_BIT:  # convert() would clip every value over 255: a white image
+                img = Image.fromarray((np.clip(np.asarray(img), 0, 65535) >> 8).astype(np.uint8))  # the high byte,
+            return img.convert(mode) if mode else img.copy()  # as pillow reads a 16-bit colour PNG
     except OSError as e:  # PIL's "image file is truncated" and UnidentifiedImageError are OSErrors
         raise unreadable(path, e, fix) from None
 
@@ -257,6 +278,7 @@ def read_cityscapes(root):
 @functools.cache
 def image_extensions():
     """The file extensions of every format pillow opens (.jpg, .png, .webp, .tif, ...), looked up once."""
+    Image.init()  # every plugin: pillow 9 lists only those loaded so far once an image was opened (no .webp)
     return {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
 
 
@@ -332,6 +354,13 @@ def read_image_folder(root):
     for path, _ in (sample for split in samples.values() for sample in split):
         image_size(path)  # ~0.1 ms an image
     missing = [s for s in ("val", "test") if s not in samples]
+    small = [c for c in classes if len(found["train"][c]) < 5] if missing else []  # 10 % of under 5 rounds to none
+    if small:  # such a class would be trained on but go untested, its figures empty
+        n = len(found["train"][small[0]])
+        own = f"a {missing[0]}/ folder" if len(missing) == 1 else "val/ and test/ folders"
+        raise DataError(f"{os.path.join(root, 'train', small[0])} holds {n} image{'s' * (n != 1)}, too few to hold "
+                        f"10 % of a class out for {' and '.join(missing)} (5 at least): add images to it, or {own} of "
+                        f"your own")
     samples.update(hold_out(samples["train"], missing, group=lambda sample: sample[1]))
     splits = {s: ImageFiles(samples[s], classes, fix=OWN_FIX) for s in SPLITS}
     for s in missing:
@@ -354,25 +383,31 @@ class MaskFiles(Dataset):
 
 
 def image_size(path):
-    """(width, height) from an image file's header (not its pixels): a file pillow cannot open is refused now, one
-    line that names it, before a run writes anything; one cut short is found when it is read."""
+    """(width, height) of an image as shown (its EXIF orientation applied, as open_image does), from the file's
+    header (not its pixels): a file pillow cannot open is refused now, one line that names it, before a run writes
+    anything; one cut short is found when it is read."""
     try:
         with Image.open(path) as img:
-            return img.size
+            w, h = img.size
+            return (h, w) if orientation(img) in (5, 6, 7, 8) else (w, h)  # turned by 90 degrees
     except OSError as e:
         raise unreadable(path, e, OWN_FIX) from None
 
 
 def check_mask(img, mask, num_classes):
-    """Refuse a mask that does not fit its image: another size, more than one channel, an index past the classes."""
+    """Refuse a mask that does not fit its image: another size, more than one channel, an index past the classes.
+    A mask labels the image as shown: a photo stored sideways with an EXIF orientation, its mask upright."""
     size = image_size(img)
     m = np.array(open_image(mask, mode=None, fix=OWN_FIX))
     if m.ndim != 2:
         raise DataError(f"{mask} has {m.shape[2]} channels: a mask holds one class index a pixel (an 8-bit grayscale "
                         f"or palette PNG, 255 ignored)")
     if (m.shape[1], m.shape[0]) != size:
-        raise DataError(f"{mask} is {m.shape[1]}x{m.shape[0]} pixels but its image {img} is {size[0]}x{size[1]}: a "
-                        f"mask labels each pixel of its image, at the same size")
+        with Image.open(img) as stored:  # say so when a mask may have been drawn on the photo as stored, sideways
+            w, h = stored.size
+            turned = f" as shown (its EXIF orientation turns the {w}x{h} it is stored at)" if (w, h) != size else ""
+        raise DataError(f"{mask} is {m.shape[1]}x{m.shape[0]} pixels but its image {img} is {size[0]}x{size[1]}"
+                        f"{turned}: a mask labels each pixel of its image, at the same size")
     if m.max() >= num_classes:
         top = int(m[m != IGNORE].max(initial=0))
         if top >= num_classes:
@@ -393,8 +428,8 @@ def read_mask_folder(root):
                         f"the first is index 0)")
     classes = [line.strip() for line in open(names_file) if line.strip()]
     if not 2 <= len(classes) <= IGNORE:
-        raise DataError(f"{names_file} names {len(classes)} classes: a segmentation needs 2 to 255 (e.g. background "
-                        f"and one object; index 255 is ignored)")
+        raise DataError(f"{names_file} names {len(classes)} class{'es' * (len(classes) != 1)}: a segmentation needs "
+                        f"2 to 255 (e.g. background and one object; index 255 is ignored)")
     samples = {}
     for split in SPLITS:
         folder = os.path.join(root, split)
@@ -791,15 +826,26 @@ class Transformed(Dataset):
             rng.set_state(state)  # leave the caller's RNG as it was
 
 
+def keep_sizes(batch):
+    """DataLoader's collate for evaluation: a batch stacked as usual when its images (and masks) are all one size;
+    otherwise (photos, portrait and landscape, evaluated at their own sizes) a list of images and a list of their
+    labels or masks, which experiment.evaluate takes one at a time."""
+    if len({(x.shape, torch.as_tensor(y).shape) for x, y in batch}) == 1:
+        return default_collate(batch)
+    return [x for x, _ in batch], [torch.as_tensor(y) for _, y in batch]
+
+
 def make_loader(dataset, transform, batch_size, train, seed=0, num_workers=0, device="cpu", rank=0, world=1,
                 step_batch=None):
     """A DataLoader over dataset; batch_size is per process. Train loaders shuffle and keep whole steps of
-    `step_batch` images over all processes (default batch_size x world)."""
+    `step_batch` images over all processes (default batch_size x world); evaluation loaders keep each image's
+    size (keep_sizes)."""
     sampler = EpochSampler(len(dataset), seed, shuffle=train, rank=rank, world=world,
                            batch=(step_batch or batch_size * world) if train else None)
     return DataLoader(Transformed(dataset, transform), batch_size=batch_size, sampler=sampler, drop_last=train,
-                      num_workers=num_workers, pin_memory=device.startswith("cuda"),
-                      persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None)
+                      collate_fn=None if train else keep_sizes, num_workers=num_workers,
+                      pin_memory=device.startswith("cuda"), persistent_workers=num_workers > 0,
+                      prefetch_factor=4 if num_workers > 0 else None)
 
 
 SEG_BASE_RATIO = 640 / 560  # segmentation resizes around a short side of 640 for a 560 crop (App. C.2)

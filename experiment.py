@@ -6,7 +6,8 @@ The plain functions the two training scripts share, by job:
     torchrun         ddp_init, ddp, ...       DDP, a download on the first process first (rank0_first), gradient
                                               accumulation (sync_gradients), a mean over processes for the log
     the run folder   claim_out_dir, print0    one run a folder (lock), what a fresh run or a resume may find in it;
-                                              the log, and files written whole or not at all (atomic_write)
+                                              the log, and files written whole or not at all (atomic_write);
+                                              Ctrl-C told in one line (interrupted)
     the step         adamw, peak_flops        AdamW's decay groups, MFU's denominator, a loss that is not finite
     evaluation       evaluate, per_class      accuracy, sliding-window mIoU, confusion matrices, per-class figures
     checkpoints      save_checkpoint, ...     what --resume continues exactly (the trained tensors, RNG states;
@@ -25,6 +26,7 @@ import math
 import os
 import random
 import re
+import shlex
 import shutil
 import sys
 import time
@@ -349,8 +351,11 @@ def claim_out_dir(args, config, ckpt, p):
     if int(os.environ.get("RANK", 0)) > 0:
         return None
     out = args.out_dir
-    if os.path.exists(out) and not os.path.isdir(out):
+    in_the_way = file_in_path(out)  # makedirs would only say "Not a directory" or "File exists" of the whole path
+    if in_the_way == os.path.normpath(out):
         p.error(f"--out_dir {out} is a file, not a folder: choose another --out_dir")
+    if in_the_way:
+        p.error(f"--out_dir {out}: {in_the_way} is a file, not a folder: choose another --out_dir")
     try:
         os.makedirs(out, exist_ok=True)
         held = lock(out)
@@ -383,6 +388,18 @@ def claim_out_dir(args, config, ckpt, p):
     return held
 
 
+def file_in_path(path):
+    """The first part of path (a of a/b/c, or path itself) that exists but is not a folder; None if there is none."""
+    parts = os.path.normpath(path).split(os.sep)
+    for k in range(1, len(parts) + 1):
+        head = os.sep.join(parts[:k]) or os.sep
+        if not os.path.exists(head):
+            return None
+        if not os.path.isdir(head):
+            return head
+    return None
+
+
 def drop_after_checkpoint(out_dir, ckpt):
     """A resume's folder as it was at its checkpoint: the partial checkpoint of the epoch the kill interrupted and
     metrics.jsonl's rows past the checkpoint's (history["metrics_rows"]) go."""
@@ -393,6 +410,40 @@ def drop_after_checkpoint(out_dir, ckpt):
     lines = open(path("metrics.jsonl")).readlines() if os.path.exists(path("metrics.jsonl")) else []
     if len(lines) > keep:
         atomic_write(path("metrics.jsonl"), lambda tmp: write_text(tmp, "".join(lines[:keep])))
+
+
+def interrupted(args):
+    """Ctrl-C in a training script: in place of KeyboardInterrupt's traceback, one line that says what the run
+    folder keeps and the command that continues, and exit status 130 (a shell's for Ctrl-C). A file caught
+    mid-write (NAME.tmp) goes, and so does the folder's lock."""
+    if int(os.environ.get("RANK", 0)) > 0:  # torchrun's first process speaks for all
+        sys.exit(130)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    launch = ["python"] if world == 1 else ["torchrun", f"--nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', world)}"]
+    flags = sys.argv[1:]
+    resume_at = {i + 1 for i, a in enumerate(flags) if a == "--resume"}  # the flag and its value are replaced
+    flags = [a for i, a in enumerate(flags) if not (a == "--resume" or a.startswith("--resume=") or i in resume_at)]
+    out, lock_path = args.out_dir, os.path.realpath(os.path.join(args.out_dir, "run.lock"))
+    ckpt = os.path.join(os.path.dirname(args.resume) if args.resume else out, "ckpt.pt")
+    if lock_path not in LOCKS:  # stopped before it claimed the folder (claim_out_dir): it wrote nothing
+        print(f"interrupted before the run wrote anything: run the same command again: "
+              f"{shlex.join(launch + sys.argv)}", file=sys.stderr)
+        sys.exit(130)
+    for f in os.listdir(out):
+        if f.endswith(".tmp"):
+            os.remove(os.path.join(out, f))
+    LOCKS.pop(lock_path).close()
+    if os.path.exists(os.path.join(out, "results.json")):
+        line = f"interrupted after the run finished: its results are in {os.path.join(out, 'results.json')}"
+    elif os.path.exists(ckpt):
+        state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)  # mmap: reads only what it uses
+        line = (f"interrupted: {ckpt} keeps {state['stage']} epoch {state['epoch']}; continue with: "
+                f"{shlex.join(launch + [sys.argv[0], *flags, '--resume', ckpt])}")
+    else:
+        line = (f"interrupted before the first checkpoint, so nothing is kept: run the same command again: "
+                f"{shlex.join(launch + sys.argv)}")
+    print(line, file=sys.stderr)
+    sys.exit(130)
 
 
 def print0(msg, out_dir):
@@ -417,9 +468,10 @@ def free_space(path):
         return ""
 
 
-def atomic_write(path, write):
+def atomic_write(path, write, then="then continue with --resume if a ckpt.pt was written"):
     """write(temporary path), then rename it to `path`: a kill or a full disk mid-write leaves the previous file
-    whole and no partial one. A failed write is one line that names the file."""
+    whole and no partial one. A failed write is one line that names the file and, in `then`, the caller's way on
+    (a training run's by default)."""
     tmp = path + ".tmp"
     try:
         write(tmp)
@@ -433,7 +485,11 @@ def atomic_write(path, write):
             first = str(e).strip().splitlines()[0]
             reason = re.sub(r"^\[enforce fail at [^]]*\][ .]*", "", first)[:120] + " (a full disk?)"
         raise RunError(f"cannot write {path}: {reason}{free_space(path)}; free space or fix the folder's permissions, "
-                       f"then continue with --resume if a ckpt.pt was written") from None
+                       f"{then}") from None
+    except KeyboardInterrupt:  # Ctrl-C mid-write: no partial file left behind either
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def write_text(path, text):
@@ -491,13 +547,27 @@ def stop_if_not_finite(first_bad, steps, stage, out_dir):
         dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
     it = int(first_bad)
     if it < 2**62:
-        sys.exit(f"error: the loss is not finite at {stage} epoch {it // steps + 1} step {it % steps + 1}: the run "
-                 f"stops, and {os.path.join(out_dir, 'ckpt.pt')} keeps the last finished epoch (try a lower --lr, or "
-                 f"--dtype float32)")
+        epoch, ckpt = it // steps + 1, os.path.join(out_dir, "ckpt.pt")
+        where = f"error: the loss is not finite at {stage} epoch {epoch} step {it % steps + 1}: the run stops"
+        retry = "a lower --lr (or --dtype float32 after bfloat16)"
+        if not os.path.exists(ckpt):  # a checkpoint is written when an epoch ends
+            sys.exit(f"{where} before its first checkpoint, so nothing is kept: run again with {retry}")
+        kept = f"{stage} epoch {epoch - 1}" if epoch > 1 else "the end of the stage before"  # twostep's teacher
+        sys.exit(f"{where}; {ckpt} keeps {kept}, but a --resume would take the same steps (its flags are fixed): "
+                 f"start a new run with {retry}, in another --out_dir")
 
 
 # -----------------------------------------------------------------------------
 # evaluation
+
+
+def same_size_batches(loader):
+    """The loader's batches, those of images of different sizes (lists, data.keep_sizes) cut into batches of one."""
+    for x, y in loader:
+        if isinstance(x, list):  # photos, portrait and landscape: each predicted at its own size
+            yield from ((xi[None], yi[None]) for xi, yi in zip(x, y))
+        else:
+            yield x, y
 
 
 @torch.no_grad()
@@ -505,14 +575,15 @@ def evaluate(models, loader, device, autocast, window=None):
     """{name: {"acc": %, "miou": % for segmentation, "confusion": (n, n) counts}} of each model in {name: model} on
     loader, in one pass over the data. Accuracy is top-1, or per pixel; with a `window` (segmentation) each image
     is predicted by a sliding window of that side and stride window // 2 (App. C.2), and mIoU is counted at the
-    labels' resolution. The confusion matrix counts images (pixels) by label (row) and prediction (column)."""
+    labels' resolution, whatever each image's size. The confusion matrix counts images (pixels) by label (row) and
+    prediction (column)."""
     for m in models.values():
         m.eval()
     n = next(iter(models.values())).num_classes
     hits = {k: torch.zeros((), device=device, dtype=torch.long) for k in models}
     confusion = {k: torch.zeros(n, n, device=device, dtype=torch.long) for k in models}
     total = torch.zeros((), device=device, dtype=torch.long)
-    for x, y in loader:  # each process evaluates its share of the split
+    for x, y in same_size_batches(loader):  # each process evaluates its share of the split
         x, y = normalize(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
         valid = y != IGNORE if window else torch.ones_like(y, dtype=torch.bool)  # an image's label 255 is a class
         total += valid.sum()
@@ -621,7 +692,9 @@ def load_checkpoint(args, config, method, p):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         assert isinstance(ckpt, dict) and {"method", "config", "stage", "epoch", "models", "history"} <= set(ckpt)
-    except FileNotFoundError:
+    except IsADirectoryError:
+        p.error(f"--resume {path} is a folder: give the checkpoint in it, --resume {os.path.join(path, 'ckpt.pt')}")
+    except (FileNotFoundError, NotADirectoryError):  # NotADirectoryError: a part of the path is a file
         folder = os.path.dirname(path) or "."
         killed = os.path.exists(os.path.join(folder, "config.json"))  # a run that stopped before its first epoch ended
         p.error(f"--resume {path}: no such file" + (
@@ -649,11 +722,15 @@ def deploy_meta(args, classes):
     (the ViT config's img_size is the grid its position embeddings were pretrained on, not this)."""
     segmentation = DATASETS[args.dataset].task == "segmentation"
     resize = round(args.img_size * (SEG_BASE_RATIO if segmentation else RESIZE_RATIO))
-    how = (f"resize the short side to {resize} px, then windows of {args.img_size} px, stride {args.img_size // 2}"
-           if segmentation else f"resize the short side to {resize} px, center-crop {args.img_size} px")
+    crop = (f"windows of {args.img_size} px, stride {args.img_size // 2}" if segmentation
+            else f"center-crop {args.img_size} px")
+    how = (f"turn upright as its EXIF orientation says, resize the short side to {resize} px (bilinear, "
+           f"antialiased), then {crop}")
     return {"task": "segmentation" if segmentation else "classification", "classes": list(classes),
             "img_size": args.img_size, "resize": resize, "preprocess": how, "mean": list(IMAGENET_MEAN),
             "std": list(IMAGENET_STD), "input": "RGB, (pixel / 255 - mean) / std, (batch, 3, height, width)",
+            "orientation": "EXIF orientation applied first (PIL.ImageOps.exif_transpose): the image as shown",
+            "interpolation": "bilinear, antialiased (PIL's Image.resize, as torchvision resizes a PIL image)",
             "dataset": dataset_name(vars(args))}
 
 

@@ -19,6 +19,7 @@ import copy
 import inspect
 import io
 import json
+import logging
 import os
 import sys
 import warnings
@@ -32,6 +33,9 @@ from experiment import POSITIVE_INT, Parser, RunError, atomic_write
 from model import CheckpointError, Segmenter, load_model
 
 TOLERANCE = 1e-4  # the most ONNX Runtime's logits may differ from torch's in float32, for logits up to 1 in size
+# the opsets both of torch's exporters write as asked: below 17 (no LayerNormalization) torch >= 2.9's writes 18
+# instead, and torch < 2.9's TorchScript one writes none above 20
+OPSETS = range(17, 21)
 
 
 def parse_args(argv=None):
@@ -42,8 +46,13 @@ def parse_args(argv=None):
                    help="the input's side, a multiple of the patch size, 14 for DINOv2 and 16 for DINOv3 (default: "
                         "the size the model trained at)")
     p.add_argument("--opset", type=POSITIVE_INT, default=18,
-                   help="the ONNX opset (18: torch's exporter needs no conversion; 17 for TensorRT 8)")
-    return p.parse_args(argv), p
+                   help=f"the ONNX opset, {OPSETS[0]} to {OPSETS[-1]} (18: torch's exporter needs no conversion; 17 "
+                        f"for TensorRT 8)")
+    args = p.parse_args(argv)
+    if args.opset not in OPSETS:
+        p.error(f"--opset {args.opset}: torch's exporters write this model at opsets {OPSETS[0]} to {OPSETS[-1]} "
+                f"alone (ViT blocks need opset 17's LayerNormalization): give one of them, 17 for TensorRT 8")
+    return args, p
 
 
 def fix_size(vit, img_size):
@@ -82,19 +91,21 @@ def to_onnx(net, x, opset):
     with warnings.catch_warnings():  # the exporters' deprecation and tracer notes: the check below is what counts
         warnings.simplefilter("ignore")
         if dynamo is not None and dynamo.default is True:
-            program = torch.onnx.export(net, (x,), dynamo=True, dynamic_shapes=({0: torch.export.Dim("batch")},),
-                                        verbose=False, **names)
+            logging.disable(logging.WARNING)  # its notes on converting opset 18 to the one asked: main checks that
+            try:
+                program = torch.onnx.export(net, (x,), dynamo=True, dynamic_shapes=({0: torch.export.Dim("batch")},),
+                                            verbose=False, **names)
+            finally:
+                logging.disable(logging.NOTSET)
             return program.model_proto
         f = io.BytesIO()
         torch.onnx.export(net, (x,), f, dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, **names)
         return onnx.load_model_from_string(f.getvalue())
 
 
-def max_difference(onnx_bytes, model, img_size, batches=(1, 3)):
+def max_difference(session, model, img_size, batches=(1, 3)):
     """(the largest |ONNX Runtime - torch|, the largest |torch|) over the logits of random inputs, at two batch
-    sizes."""
-    import onnxruntime as ort
-    session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    sizes, the graph in an onnxruntime.InferenceSession."""
     g, worst, largest = torch.Generator().manual_seed(0), 0.0, 0.0
     for b in batches:
         x = torch.randn(b, 3, img_size, img_size, generator=g)
@@ -128,6 +139,10 @@ def main(argv=None):
     fix_size(fixed.vit, img_size)
     net = SegmenterWindow(fixed).eval() if isinstance(model, Segmenter) else fixed
     proto = to_onnx(net, torch.randn(2, 3, img_size, img_size), args.opset)
+    opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    if opset != args.opset:  # an exporter that cannot convert to the opset asked keeps its own, and only warns
+        sys.exit(f"error: torch's exporter wrote opset {opset}, not the --opset {args.opset} asked: {out} is not "
+                 f"written; give --opset {opset}")
     meta.update(img_size=img_size, source=os.path.basename(args.model), tolerance=TOLERANCE)
     meta.setdefault("classes", [str(k) for k in range(model.num_classes)])
     meta.setdefault("task", "segmentation" if isinstance(model, Segmenter) else "classification")
@@ -138,14 +153,22 @@ def main(argv=None):
         p.error(f"{args.model} is over 2 GB in ONNX, the most one .onnx file holds: export a smaller model")
 
     # checked in ONNX Runtime against the model as loaded (its own position-embedding resampling), then written
-    diff, largest = max_difference(onnx_bytes, model, img_size)
+    import onnxruntime as ort
+    try:
+        session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime's own kinds (InvalidGraph, Fail, ...) derive from Exception alone
+        sys.exit(f"error: ONNX Runtime cannot load the opset {opset} graph torch's exporter wrote "
+                 f"({str(e).strip().splitlines()[0][:160]}): {out} is not written; give another --opset, 18 the "
+                 f"exporter's own")
+    diff, largest = max_difference(session, model, img_size)
     if not diff <= TOLERANCE * max(1.0, largest):  # float32 rounding grows with the logits
         sys.exit(f"error: ONNX Runtime's logits differ from torch's by up to {diff:.2e}, more than float32 rounding "
                  f"({TOLERANCE} for logits up to {max(1.0, largest):.3g}): {out} is not written")
-    atomic_write(out, lambda tmp: write_bytes(tmp, onnx_bytes))
+    atomic_write(out, lambda tmp: write_bytes(tmp, onnx_bytes), "or give another --out, then run export_onnx.py again")
     shape = "(batch, classes, S, S)" if meta["task"] == "segmentation" else "(batch, classes)"
-    print(f"wrote {out} ({len(onnx_bytes) / 2**20:.1f} MB, opset {args.opset}): {meta['task']}, "
-          f"{len(meta['classes'])} classes, input (batch, 3, {img_size}, {img_size}) as its metadata says, logits "
+    classes = f"{len(meta['classes'])} class{'' if len(meta['classes']) == 1 else 'es'}"
+    print(f"wrote {out} ({len(onnx_bytes) / 2**20:.1f} MB, opset {opset}): {meta['task']}, "
+          f"{classes}, input (batch, 3, {img_size}, {img_size}) as its metadata says, logits "
           f"{shape}; ONNX Runtime vs torch: max |logit difference| {diff:.1e} at batch sizes 1 and 3")
 
 
@@ -154,3 +177,6 @@ if __name__ == "__main__":
         main()
     except (CheckpointError, RunError) as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback; 130, a shell's exit status for it
+        print("export_onnx.py: interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -49,13 +49,42 @@ class LoRALinear(nn.Module):
 
     def forward(self, x):
         A, B = self.sliced()
-        # the low-rank path costs 2r(in+out) per token and needs no gradient of the full (out, in) matrix
-        h = F.linear(x, A)
-        if self.separate:  # output chunk c from its own rank-r part of h
-            h = h.unflatten(-1, (self.chunks, -1))
-            y = torch.einsum("...cr,cor->...co", h, B.unflatten(0, (self.chunks, -1))).flatten(-2)
-            return self.base(x) + self.scale * y
-        return self.base(x) + self.scale * F.linear(h, B)
+        bias = self.base.bias
+        if bias is not None and hasattr(self.base, "bias_mask"):  # DINOv3's qkv: no bias on the k rows
+            bias = bias * self.base.bias_mask.to(bias.dtype)
+        return FoldedLoRA.apply(x, self.base.weight, bias, A, B, self.scale)
+
+
+class FoldedLoRA(torch.autograd.Function):
+    """F.linear(x, W0 + scale B A, bias): eq. 3 folded into the weight, one matmul in place of three, with LoRA's
+    backward: dx by the folded weight, dA and dB through the rank-r factors. (Autograd of the folded F.linear would
+    form the (out, in) weight gradient, as costly as fine-tuning's.) A (k r, in), B (k o, r): k = 1 for one
+    adapter, k = chunks for one per output chunk, where chunk c reads its own r rows of A."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, A, B, scale):
+        k = A.shape[0] // B.shape[1]
+        # W0 + scale B_c A_c, chunk by chunk; under autocast a bf16 baddbmm that rounds the sum once
+        folded = torch.baddbmm(weight.unflatten(0, (k, -1)), B.unflatten(0, (k, -1)), A.unflatten(0, (k, -1)),
+                               alpha=scale).flatten(0, 1)
+        y = F.linear(x, folded, bias)
+        ctx.scale = scale
+        ctx.save_for_backward(*(t.to(y.dtype) for t in (x, folded, A, B)))  # as autocast gave them to the matmul
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, folded, A, B = ctx.saved_tensors
+        k = A.shape[0] // B.shape[1]
+        x2, dy2 = x.flatten(0, -2), dy.flatten(0, -2)  # (tokens, in), (tokens, out)
+        dx = dy @ folded if ctx.needs_input_grad[0] else None  # not in block 0: nothing below it trains
+        h = (x2 @ A.T).unflatten(-1, (k, -1))  # (tokens, k, r): the rank-r input, recomputed
+        dyk = dy2.unflatten(-1, (k, -1))  # (tokens, k, o)
+        dB = ctx.scale * torch.einsum("nko,nkr->kor", dyk, h).flatten(0, 1)
+        dA = ctx.scale * torch.einsum("nko,kor->nkr", dyk, B.unflatten(0, (k, -1))).flatten(1).T @ x2
+        dW = dy2.T @ x2 if ctx.needs_input_grad[1] else None  # only if someone unfroze W0
+        db = dy2.sum(0) if ctx.needs_input_grad[2] else None
+        return dx, dW, db, dA, dB, None
 
 
 def _chunks(target):

@@ -199,8 +199,8 @@ class LayerScale(nn.Module):
         super().__init__()
         self.gamma = nn.Parameter(torch.full((dim,), float(init_values)))
 
-    def forward(self, x):
-        return x * self.gamma
+    def forward(self, x):  # gamma in x's dtype: under autocast the residual stream stays bf16, half the bytes
+        return x * self.gamma.to(x.dtype)
 
 
 class Block(nn.Module):
@@ -318,18 +318,18 @@ class ViT(nn.Module):
             )
         x = self.patch_embed(x)
         if c.family == "dinov3":  # CLS, storage tokens, patches; no position added: RoPE turns q and k in each block
-            extra = [self.storage_tokens.expand(B, -1, -1)] if c.num_register_tokens else []
-            return torch.cat([self.cls_token.expand(B, -1, -1), *extra, x], dim=1)
+            extra = [self.storage_tokens.expand(B, -1, -1).to(x.dtype)] if c.num_register_tokens else []
+            return torch.cat([self.cls_token.expand(B, -1, -1).to(x.dtype), *extra, x], dim=1)
         x = torch.cat((self.cls_token.expand(B, -1, -1).to(x.dtype), x), dim=1)
         x = x + self.interpolate_pos_embed(H // p, W // p).to(x.dtype)
         if c.num_register_tokens:  # registers go after CLS and carry no position
             x = torch.cat((x[:, :1], self.register_tokens.expand(B, -1, -1).to(x.dtype), x[:, 1:]), dim=1)
         return x
 
-    def forward_blocks(self, x, blocks):
+    def forward_blocks(self, x, blocks, norm=True):
         """The outputs of the chosen blocks (indices, negatives count from the end), each after the final
-        LayerNorm: a list of (B, 1 + R + N, D), CLS first, then registers, then patches. Blocks after the
-        last chosen one are not run."""
+        LayerNorm (norm=False: before it): a list of (B, 1 + R + N, D), CLS first, then registers, then patches.
+        Blocks after the last chosen one are not run."""
         idx = [b % self.config.depth for b in blocks]
         grid = (x.shape[-2] // self.config.patch_size, x.shape[-1] // self.config.patch_size)
         x = self.prepare_tokens(x)
@@ -341,7 +341,7 @@ class ViT(nn.Module):
             else:
                 x = blk(x, rope)
             if i in idx:
-                out[i] = self.norm(x)
+                out[i] = self.norm(x) if norm else x
         return [out[i] for i in idx]
 
     def forward_features(self, x):
@@ -364,17 +364,30 @@ class ViT(nn.Module):
         return c.depth * per_block + 2 * (n - 1 - c.num_register_tokens) * 3 * c.patch_size**2 * D
 
 
-# A training step's matmul FLOPs per image, in forward passes F of each encoder (ViT.flops), by how the step trains
-# it: the forward F; F more to propagate gradients through an encoder with anything trainable in or below it (LoRA
-# adapters, or everything); F more again for a fully trained encoder's weight gradients. So SLAD 2 F_t + 2 F_s, a
-# probed teacher F_t, a LoRA one 2 F_t, a fine-tuned one 3 F_t, distillation into a LoRA student F_t + 2 F_s. Heads,
-# LoRA's own matmuls (< 2 %) and recomputation under --grad_checkpointing are not counted.
-STEP_PASSES = {"frozen": 1, "probe": 1, "lora": 2, "finetune": 3}
-
-
-def step_flops(*encoders):
-    """Matmul FLOPs per image of a training step, from each encoder's (F, how the step trains it): MFU's numerator."""
-    return sum(flops * STEP_PASSES[how] for flops, how in encoders)
+def step_flops(vit, img_size, how):
+    """Matmul FLOPs per image of a training step through encoder `vit`, as the step trains it (`how`): "frozen" or
+    "probe" (no gradient in it), "lora" (lora.add_lora's adapters on every block's qkv), "finetune" (all of it).
+    MFU's numerator; torch.utils.flop_counter counts the same (tested), but for LoRA's fold of its weight
+    (2 out r in a layer a step, not an image: < 0.01 % at batch 32). Heads and recomputation under
+    --grad_checkpointing are not counted."""
+    if how not in ("frozen", "probe", "lora", "finetune"):
+        raise ValueError(f"unknown how {how!r}: frozen, probe, lora or finetune")
+    c, forward = vit.config, vit.flops(img_size)
+    if how in ("frozen", "probe"):
+        return forward
+    patches, D = (img_size // c.patch_size) ** 2, c.embed_dim
+    n = 1 + c.num_register_tokens + patches
+    attention, patch_embed = c.depth * 2 * 2 * n * n * D, 2 * patches * 3 * c.patch_size**2 * D
+    # the backward: each matmul's input gradient but the patch embedding's (the image's), and attention's backward
+    # is two of its forwards (dQ and dK from dP; dP and dV from the output's gradient)
+    backward = forward - patch_embed + attention
+    if how == "finetune":  # and every weight's gradient, the patch embedding's too (attention has no weights)
+        return forward + backward + forward - attention
+    # LoRA: nothing below block 0's qkv trains, so its input gradient is never formed; each adapter's backward
+    # (lora.FoldedLoRA) is four rank-r products: x A^T again, dB, dy B and dA; its forward is in W0's matmul
+    A, B = vit.blocks[0].attn.qkv.sliced()  # A (r, D), or (3 r, D) with an adapter each for q, k, v; B (3 D, r)
+    adapters = c.depth * 2 * n * 2 * (A.shape[0] * D + B.shape[0] * B.shape[1])
+    return forward + backward - 2 * n * 3 * D * D + adapters
 
 
 # -----------------------------------------------------------------------------
@@ -401,9 +414,10 @@ class Classifier(nn.Module):
         depth = self.vit.config.depth
         head_blocks, chosen = [b % depth for b in range(-self.n_blocks, 0)], [b % depth for b in blocks]
         needed = sorted(set(head_blocks + chosen))
-        out = dict(zip(needed, self.vit.forward_blocks(x, needed)))
-        logits = self.head(torch.cat([out[b][:, 0] for b in head_blocks], dim=-1))
-        return (logits, [out[b] for b in chosen]) if chosen else logits
+        out = dict(zip(needed, self.vit.forward_blocks(x, needed, norm=False)))
+        norm = self.vit.norm  # per token: the head's CLS tokens alone, TED's blocks whole
+        logits = self.head(torch.cat([norm(out[b][:, 0]) for b in head_blocks], dim=-1))
+        return (logits, [norm(out[b]) for b in chosen]) if chosen else logits
 
 
 class Segmenter(nn.Module):

@@ -32,6 +32,11 @@ from experiment import COUNT, POSITIVE_INT, Parser, RunError, atomic_write, writ
 from model import CheckpointError, Segmenter, load_model, slide_inference
 
 FIX = "replace it, or leave it out"  # what a message about an unreadable image tells to do
+AGAIN = "or give another --out, then run predict.py again"  # what a failed write tells to do: nothing to resume
+
+
+def counted(n, one, many):
+    return f"{n} {one if n == 1 else many}"
 
 
 def parse_args(argv=None):
@@ -40,13 +45,14 @@ def parse_args(argv=None):
     p.add_argument("images", nargs="*", help="image files, and folders (every image below them)")
     p.add_argument("--list", metavar="FILE", help="a text file of image paths, one a line")
     p.add_argument("--out", help="a classifier's predictions as a .csv or .json file (default: printed only); a "
-                                 "segmenter's masks into this folder (default: masks)")
+                                 "segmenter's masks into this folder (default: masks, in the current folder)")
     p.add_argument("--top_k", type=POSITIVE_INT, default=5, help="classes shown an image")
     p.add_argument("--batch_size", type=POSITIVE_INT, default=32, help="images a forward pass (a classifier's)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--num_workers", type=COUNT, default=0, help="image loading processes")
     p.add_argument("--img_size", type=POSITIVE_INT,
-                   help="the size the model trained at, for a file written before it was saved there")
+                   help="the size the model trained at, for a file written before it was saved there (a file that "
+                        "says its size refuses another: it would change the predictions)")
     args = p.parse_args(argv)
     if not args.images and not args.list:
         p.error("no images: give image files or folders, or --list FILE")
@@ -71,6 +77,8 @@ def image_paths(items, listing):
             paths.append(item)
         else:
             raise DataError(f"{item}: no such file or folder")
+    if not paths:
+        raise DataError(f"--list {listing} names no image: give image paths, one a line")
     return paths
 
 
@@ -80,22 +88,35 @@ def main(argv=None):
         p.error(f"--device {args.device}, but torch sees no CUDA device here (use --device cpu)")
     model = load_model(args.model).to(args.device)  # eval mode; model.meta: what prediction needs
     meta = model.meta
-    img_size = args.img_size or meta.get("img_size")
+    trained = meta.get("img_size")  # None in a file written before it was saved
+    img_size = args.img_size or trained
     if not img_size:
         p.error(f"{args.model} does not say the image size it trained at (written before that was saved): give "
                 f"--img_size, the run's (its config.json)")
     if img_size % model.vit.config.patch_size:
         p.error(f"--img_size {img_size} is not a multiple of the model's patch size {model.vit.config.patch_size}")
+    if trained and img_size != trained:  # another size resamples the position embeddings: other predictions
+        p.error(f"--img_size {img_size}, but {args.model} trained at {trained} px and says so: leave --img_size out "
+                f"(it is for files too old to say)")
     classes = meta.get("classes") or [str(k) for k in range(model.num_classes)]
     paths = image_paths(args.images, args.list)
     top_k = min(args.top_k, len(classes))
 
     if isinstance(model, Segmenter):  # one image at a time, each at its own size, by sliding window (App. C.2)
         out = args.out or "masks"
+        if os.path.isfile(out) or (not os.path.isdir(out) and out.lower().endswith((".csv", ".json"))):
+            what = "is a file" if os.path.isfile(out) else "names a .csv or .json file"
+            p.error(f"{out} {what}, but a segmenter writes a mask PNG an image into a folder (--out, default masks): "
+                    f"give --out a folder")
         names = [os.path.splitext(os.path.basename(path))[0] + ".png" for path in paths]
         if len(set(names)) < len(names):
             p.error("two images of the same name would write the same mask: predict them in separate calls")
-        os.makedirs(out, exist_ok=True)
+        if not args.out:  # said, since it lands wherever the command ran
+            print(f"no --out: writing the masks into {os.path.abspath(out)}", flush=True)
+        try:
+            os.makedirs(out, exist_ok=True)
+        except OSError as e:
+            raise RunError(f"cannot make the folder {out}: {e.strerror}; give another --out") from None
         resize = meta.get("resize") or round(img_size * SEG_BASE_RATIO)
         for path, name in zip(paths, names):
             img = open_image(path, fix=FIX)
@@ -104,15 +125,19 @@ def main(argv=None):
                 logits = slide_inference(model, normalize(x[None].to(args.device)), img_size, img_size // 2)
                 mask = F.interpolate(logits, size=(img.height, img.width), mode="bilinear", align_corners=False)
             mask = mask.argmax(1)[0].to(torch.uint8).cpu().numpy()
-            atomic_write(os.path.join(out, name), lambda tmp: Image.fromarray(mask).save(tmp, format="PNG"))
+            atomic_write(os.path.join(out, name), lambda tmp: Image.fromarray(mask).save(tmp, format="PNG"), AGAIN)
             share = np.bincount(mask.ravel(), minlength=len(classes)) / mask.size
             top = np.argsort(-share)[:top_k]
             print(f"{path} -> {os.path.join(out, name)}: " +
                   ", ".join(f"{classes[k]} {100 * share[k]:.1f}%" for k in top if share[k] > 0), flush=True)
-        print(f"wrote {len(paths)} mask(s) to {out}: a class index a pixel ({', '.join(classes)})")
+        print(f"wrote {counted(len(paths), 'mask', 'masks')} to {os.path.abspath(out)}: a class index a pixel "
+              f"({', '.join(classes)})")
         return
 
     # a classifier: batches through the evaluation's transform; an image's label is its folder's name, if a class
+    if args.out and os.path.isdir(args.out):  # refused now, not after the predictions
+        p.error(f"--out {args.out} is a folder, but a classifier writes its predictions to one file: give --out a "
+                f".csv or .json file")
     index = {c: k for k, c in enumerate(classes)}
     labelled = [(path, index.get(os.path.basename(os.path.dirname(os.path.abspath(path))), -1)) for path in paths]
     loader = make_loader(ImageFiles(labelled, classes, fix=FIX), eval_transform(img_size), args.batch_size,
@@ -138,11 +163,12 @@ def main(argv=None):
             writer.writerow(["path"] + [f"{what}_{k + 1}" for k in range(top_k) for what in ("class", "probability")])
             writer.writerows([path] + [v for c, prob in top for v in (c, f"{prob:.6f}")] for path, top in rows)
             text = buf.getvalue()
-        atomic_write(args.out, lambda tmp: write_text(tmp, text))
-        print(f"wrote the top {top_k} classes of {len(rows)} image(s) to {args.out}")
+        atomic_write(args.out, lambda tmp: write_text(tmp, text), AGAIN)
+        best = "class" if top_k == 1 else f"{top_k} classes"
+        print(f"wrote the top {best} of {counted(len(rows), 'image', 'images')} to {args.out}")
     if all(label >= 0 for _, label in labelled):  # e.g. a test/ split: each image in its class's folder
-        print(f"top-1 accuracy {100 * hits / len(rows):.2f} % on {len(rows)} images, each in a folder named after "
-              f"its class")
+        print(f"top-1 accuracy {100 * hits / len(rows):.2f} % on {counted(len(rows), 'image', 'images')}, each in a "
+              f"folder named after its class")
 
 
 if __name__ == "__main__":
@@ -150,3 +176,6 @@ if __name__ == "__main__":
         main()
     except (DataError, CheckpointError, RunError) as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback; 130, a shell's exit status for it
+        print("predict.py: interrupted", file=sys.stderr)
+        sys.exit(130)

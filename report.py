@@ -75,8 +75,8 @@ class Parser(argparse.ArgumentParser):  # experiment.Parser's twin: importing to
 
 
 def find_runs(folder):
-    """Every results.json below folder (symlinks followed, each folder once), read, oldest first; stops with one
-    line if there is none or one is unreadable."""
+    """Every results.json below folder (symlinks followed, each folder once), read, oldest first; one that cannot
+    be read is left out with a warning that names it; stops with one line if none is left."""
     if not os.path.isdir(folder) or not os.access(folder, os.R_OK | os.X_OK):
         sys.exit(f"report.py: error: {folder} is not a folder this user can read")
 
@@ -101,11 +101,16 @@ def find_runs(folder):
                 r = json.load(f)
             assert {"method", "dataset", "teacher", "student", "seed"} <= set(r)
             assert "student_acc" in r or "student_miou" in r
-        except Exception as e:
-            sys.exit(f"report.py: error: {path} is not a results.json of train_slad.py or train_twostep.py "
-                     f"({type(e).__name__})")
+        except Exception as e:  # one bad file (a copy cut short, a hand edit) costs its own row, not the table
+            print(f"report.py: warning: {path} is not a results.json of train_slad.py or train_twostep.py "
+                  f"({type(e).__name__}): left out of the table", file=sys.stderr)
+            continue
         r["_dir"] = os.path.dirname(path)  # not in the file: where it was found
         runs.append(r)
+    if not runs:
+        sys.exit(f"report.py: error: no run to report below {folder}: " + (
+            "its results.json was left out (the warning above says why)" if len(paths) == 1 else
+            f"all {len(paths)} results.json files were left out (the warnings above say why)"))
     return runs
 
 
@@ -186,8 +191,8 @@ def table(runs):
     lines += ["| " + " | ".join(cells) + " |" for _, cells in sorted(rows)]
     note = "Student test accuracy (%; mIoU for segmentation), mean ± sample std over seeds (n seeds)."
     if reruns:
-        note += (f" {reruns} re-run(s) of a seed already counted left out: of the runs of one seed, the newest "
-                 f"results.json counts.")
+        note += (f" {reruns} re-run{'s' * (reruns > 1)} of a seed already counted left out: of the runs of one "
+                 f"seed, the newest results.json counts.")
     if split:
         note += (" Runs of one method and dataset with different configs are reported apart, never averaged: "
                  "[...] says what sets each apart (its config id, and the flags that differ).")
@@ -264,4 +269,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback; 130, a shell's exit status for it
+        print("report.py: interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -36,6 +36,7 @@ import re
 import runpy
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -74,6 +75,7 @@ import train_twostep
 from data import (SEGMENTATION, DataError, EpochSampler, SegEvalTransform, SegTrainTransform, SyntheticFine,
                   SyntheticShapes, SyntheticTextures, Transformed, eval_transform, load_splits, make_loader, normalize,
                   train_transform)
+from experiment import RunError
 from lora import LoRALinear, add_lora, layer_mapping, merge_lora, share_lora, trainable_parameters
 from model import CONFIGS, CheckpointError, Classifier, Segmenter, ViT, ViTConfig, load_model, slide_inference
 
@@ -199,16 +201,19 @@ def own_images(root, splits=(("train", 6), ("test", 3)), classes=ANIMALS):
     return str(root)
 
 
-def own_masks(root, splits=(("train", 8), ("test", 2)), classes=("background", "red box", "blue box")):
-    """A segmentation folder: classes.txt, and per split images/<stem>.<ext> with masks/<stem>.png (255: ignored)."""
+def own_masks(root, splits=(("train", 8), ("test", 2)), classes=("background", "red box", "blue box"),
+              sizes=((28, 42),)):
+    """A segmentation folder: classes.txt, and per split images/<stem>.<ext> with masks/<stem>.png (255: ignored);
+    image i is sizes[i % len(sizes)] (height, width)."""
     os.makedirs(root, exist_ok=True)
     open(os.path.join(root, "classes.txt"), "w").write("\n".join(classes) + "\n")
     for split, n in splits:
         for i in range(n):
             rng = np.random.default_rng([i, len(split)])
-            img = np.full((28, 42, 3), 120, np.uint8) + rng.integers(0, 20, (28, 42, 3)).astype(np.uint8)
-            mask = np.zeros((28, 42), np.uint8)
-            label, top, left = 1 + i % 2, int(rng.integers(0, 12)), int(rng.integers(0, 20))
+            h, w = sizes[i % len(sizes)]
+            img = np.full((h, w, 3), 120, np.uint8) + rng.integers(0, 20, (h, w, 3)).astype(np.uint8)
+            mask = np.zeros((h, w), np.uint8)
+            label, top, left = 1 + i % 2, int(rng.integers(0, h - 16)), int(rng.integers(0, w - 22))
             img[top:top + 14, left:left + 18] = (220, 30, 30) if label == 1 else (30, 30, 220)
             mask[top:top + 14, left:left + 18] = label
             mask[top + 13, left:left + 18] = 255  # an edge nobody labelled: ignored
@@ -217,6 +222,14 @@ def own_masks(root, splits=(("train", 8), ("test", 2)), classes=("background", "
                 os.makedirs(os.path.join(root, split, folder), exist_ok=True)
                 Image.fromarray(arr).save(os.path.join(root, split, folder, name))
     return str(root)
+
+
+def save_sideways(path, upright):
+    """An image stored as a phone stores a portrait: turned a quarter anticlockwise, with EXIF orientation 6
+    (turn it clockwise to show it), so that a viewer shows `upright`."""
+    exif = Image.Exif()
+    exif[data.ORIENTATION] = 6
+    Image.fromarray(np.ascontiguousarray(np.rot90(upright))).save(path, exif=exif)
 
 
 def break_folder(root, how):
@@ -250,6 +263,10 @@ def break_folder(root, how):
     if how == "class only in test":
         shutil.copytree(os.path.join(root, "test", "cat"), os.path.join(root, "test", "emu"))
         return os.path.join(root, "test", "emu") + " is a class that"
+    if how == "class under 5 images":  # val is held out: 10 % of 4 images is none, the class would go unvalidated
+        for name in ("owl_4.jpg", "owl_5.png"):
+            os.remove(os.path.join(root, "train", "owl", name))
+        return os.path.join(root, "train", "owl") + " holds 4 images, too few to hold 10 % of a class out for val"
     bad = os.path.join(root, "test", "dog", "dog_1.png")  # unreadable: bytes that are no image
     damage(bad, "garbage")
     return f"cannot read {bad}"
@@ -789,6 +806,47 @@ def test_classifier_uses_cls_of_last_three_blocks():
     assert torch.allclose(clf(x), want, atol=1e-6)
 
 
+def test_classifier_norms_the_cls_tokens_alone():
+    """The final LayerNorm is per token: the head's CLS tokens normed alone are the whole blocks' bit for bit, at
+    1 / (1 + R + N) of the cost; TED's blocks are normed whole."""
+    clf = randomize_(Classifier(ViT.from_name("toy-s", num_register_tokens=4), 5)).eval()
+    x = torch.randn(2, 3, 28, 28)
+    normed = []
+    clf.vit.norm.register_forward_hook(lambda m, args, out: normed.append(tuple(args[0].shape)))
+    with torch.no_grad():
+        logits = clf(x)
+        assert normed == [(2, 48)] * 3
+        whole = clf.vit.forward_blocks(x, [-3, -2, -1])
+        assert torch.equal(logits, clf.head(torch.cat([t[:, 0] for t in whole], -1)))
+        normed.clear()
+        _, (block0,) = clf(x, [0])
+        assert (2, 1 + 4 + 4, 48) in normed and torch.equal(block0, clf.vit.forward_blocks(x, [0])[0])
+
+
+@pytest.mark.parametrize("family", ["dinov2", "dinov3"])
+def test_residual_stream_stays_in_the_autocast_dtype(family):
+    """Under bf16 autocast every block adds in bf16 (LayerScale's gamma cast to x's dtype): the residual stream
+    moves half the bytes of fp32's. The logits stay within 2 % of the largest fp32 logit (seen on toy-b and toy-l
+    at 224 px: <= 1.3 %; 0.5-1.0 % with the fp32 residual stream before)."""
+    torch.manual_seed(0)
+    overrides = DINOV3_TOY if family == "dinov3" else {}  # DINOv3's: random weights, noised to matter
+    vit = ViT.from_name("toy-b", **overrides)
+    if not overrides:
+        vit.load_state_dict(torch.load(os.path.join(model.TOY_WEIGHTS, "toy-b.pt"), weights_only=True))
+    clf = randomize_(Classifier(vit, 10), std=0.1 if overrides else 0.0).eval()
+    randomize_(clf.head, std=0.1)
+    x = torch.randn(8, 3, 8 * vit.config.patch_size, 8 * vit.config.patch_size)
+    dtypes = []
+    for blk in vit.blocks:
+        blk.register_forward_hook(lambda m, args, out: dtypes.append(out.dtype))
+    with torch.no_grad():
+        want = clf(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = clf(x)
+    assert dtypes == [torch.float32] * 3 + [torch.bfloat16] * 3
+    assert (got.float() - want).abs().max() <= 0.02 * want.abs().max()
+
+
 def test_forward_with_blocks_computes_each_block_once():  # TED reads blocks next to the head's
     torch.manual_seed(0)
     x = torch.randn(2, 3, 28, 42)
@@ -843,6 +901,50 @@ def test_flops_match_torch_flop_counter(overrides):
         big, big3 = ViT.from_name("vitb14"), ViT.from_name("dinov3_vitb16")
     assert 44e9 < big.flops(224) < 48e9  # ~2 x 86M parameters x 257 tokens, plus attention
     assert 34e9 < big3.flops(224) < 38e9  # ~2 x 86M parameters x (1 + 4 + 196) tokens: patches of 16, 4 storage
+
+
+def counted_step(models, loss_fn, side, batch=2):
+    """torch's FlopCounterMode over one training step (forward and backward) of `models`, attention as matmuls."""
+    x, y = torch.randn(batch, 3, side, side), torch.randint(0, 10, (batch,))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        loss_fn(*[m(x) for m in models], y).backward()
+    return counter
+
+
+@pytest.mark.parametrize("separate", [False, True])
+@pytest.mark.parametrize("overrides", [{}, dict(ffn="swiglu", num_register_tokens=4), DINOV3_TOY])
+def test_step_flops_are_torch_flop_counters_on_a_slad_step(separate, overrides):
+    """MFU's numerator is the step's count exactly: attention's backward two forwards, no backward below block 0's
+    qkv, LoRA's own matmuls; left out: the heads (forward, weight and input gradients: 6 x their weights an image)
+    and LoRA's fold of its weight, once a step (2 out r in a layer)."""
+    torch.manual_seed(0)
+    teacher = Classifier(ViT.from_name("toy-b", **overrides), 10)
+    student = Classifier(ViT.from_name("toy-s", **overrides), 10)
+    add_lora(teacher.vit, rank=4, separate=separate)
+    share_lora(student.vit, teacher.vit)
+    side, batch = 4 * teacher.vit.config.patch_size, 2
+    counter = counted_step([teacher, student], lambda t, s, y: kd.slad_loss(s, t, y), side, batch)
+    heads = 6 * batch * sum(p.numel() for m in (teacher, student) for p in m.head.parameters() if p.dim() == 2)
+    folds = sum(2 * m.base.out_features * m.lora_B.shape[1] * m.base.in_features
+                for m in [*teacher.modules(), *student.modules()] if isinstance(m, LoRALinear))
+    step = model.step_flops(teacher.vit, side, "lora") + model.step_flops(student.vit, side, "lora")
+    assert counter.get_total_flops() == batch * step + heads + folds
+    assert torch.ops.aten.convolution_backward not in counter.get_flop_counts()["Global"]  # no patch-embed backward
+
+
+@pytest.mark.parametrize("how", ["probe", "lora", "finetune"])
+def test_step_flops_of_one_encoder_by_how_it_trains(how):
+    torch.manual_seed(0)
+    clf = Classifier(ViT.from_name("toy-s", **DINOV3_TOY), 10)
+    lora.adapt(clf, how, 4)
+    side, batch = 4 * clf.vit.config.patch_size, 2
+    counter = counted_step([clf], F.cross_entropy, side, batch)
+    first, second = [p.numel() for p in clf.head.parameters() if p.dim() == 2]
+    head = 6 * batch * (first + second) - (2 * batch * first if how == "probe" else 0)  # a probe's: no input gradient
+    folds = 2 * clf.vit.config.depth * (3 * 48) * 4 * 48 if how == "lora" else 0  # W0 + B A: out, rank 4, in
+    assert counter.get_total_flops() == batch * model.step_flops(clf.vit, side, how) + head + folds
+    with pytest.raises(ValueError, match="unknown how 'distill'"):
+        model.step_flops(clf.vit, side, "distill")
 
 
 def test_grad_checkpointing_gives_the_same_gradients():
@@ -900,6 +1002,39 @@ def test_lora_forward_is_eq3():
     x = torch.randn(5, vit.embed_dim)
     W = layer.base.weight + (8 / 4) * layer.lora_B @ layer.lora_A
     assert torch.allclose(layer(x), F.linear(x, W, layer.base.bias), atol=1e-5)
+
+
+@pytest.mark.parametrize("separate", [False, True])
+@pytest.mark.parametrize("overrides", [{}, DINOV3_TOY])
+def test_folded_lora_gives_the_gradients_of_eq3_unfolded(monkeypatch, separate, overrides):
+    """LoRALinear runs W0 + scale B A as one matmul with a backward of its own (lora.FoldedLoRA): the adapters'
+    gradients, from the teacher and through the student's slices, are autograd's of eq. 3 unfolded,
+    W0 x + Delta W x (DINOv3's masked k bias kept): within 1e-6 in float32 (seen: 3e-8, gradients ~0.03; 2e-6 of
+    them, rounding), within 1e-12 of them in float64 (seen: 3e-15)."""
+    torch.manual_seed(0)
+    teacher, student = ViT.from_name("toy-b", **overrides), ViT.from_name("toy-s", **overrides)
+    add_lora(teacher, rank=4, alpha=8, separate=separate)
+    share_lora(student, teacher)
+    randomize_(teacher, seed=1)  # B no longer zero: the adapters change what flows
+    side = 4 * teacher.config.patch_size
+    x = torch.randn(2, 3, side, side)
+    unfolded = lambda self, x: self.base(x) + F.linear(x, self.delta_weight())
+
+    def gradients(dtype):
+        teacher.to(dtype), student.to(dtype), teacher.zero_grad(set_to_none=True)
+        (teacher(x.to(dtype)).square().mean() + student(x.to(dtype)).pow(3).mean()).backward()
+        return [p.grad for p in trainable_parameters(teacher)]
+    for dtype in (torch.float32, torch.float64):
+        folded = gradients(dtype)
+        with monkeypatch.context() as m:
+            m.setattr(LoRALinear, "forward", unfolded)
+            want = gradients(dtype)
+        assert len(folded) == 2 * teacher.config.depth
+        for got, w in zip(folded, want):
+            if dtype == torch.float32:
+                assert (got - w).abs().max() <= 1e-6
+            else:
+                assert (got - w).norm() <= 1e-12 * w.norm()
 
 
 def test_separate_qkv_adapters_are_three_loras_and_slice_per_projection():
@@ -1291,6 +1426,82 @@ def test_a_mask_folder_pairs_images_and_masks_and_holds_out_val(tmp_path):
     assert x.shape == (3, 28, 28) and y.shape == (28, 28)
 
 
+def test_photos_of_any_size_are_evaluated_each_at_its_own_size_and_one_size_still_batches(tmp_path):
+    """Photos of 4 sizes, portrait and landscape, in batches of 4: each image is evaluated at its own size, as in
+    batches of one, every labelled pixel counted; a folder of one size still gets stacked batches (the synthetic
+    demo's and Cityscapes' evaluation unchanged)."""
+    torch.manual_seed(0)
+    seg = randomize_(Segmenter(ViT.from_name("toy-s"), 3)).eval()
+    off = torch.autocast("cpu", enabled=False)
+    for sizes in (((28, 42), (42, 28), (30, 40), (40, 30)), ((28, 42),)):
+        root = own_masks(tmp_path / f"sizes{len(sizes)}", splits=(("train", 8),), sizes=sizes)
+        train = load_splits("folder-seg", root)[0]["train"]
+        labelled = sum(int((np.array(train[i][1]) != 255).sum()) for i in range(len(train)))
+        results = []
+        for batch_size in (4, 1):
+            loader = make_loader(train, SegEvalTransform(32), batch_size, train=False)
+            x, y = next(iter(loader))
+            assert isinstance(x, list) == (len(sizes) > 1 and batch_size > 1)  # stacked whenever the sizes agree
+            results.append(experiment.evaluate({"s": seg}, loader, "cpu", off, window=28)["s"])
+        assert results[0]["confusion"].sum() == labelled  # at each mask's own resolution
+        assert torch.equal(results[0]["confusion"], results[1]["confusion"])
+
+
+def test_a_16_bit_image_reads_as_its_8_bit_copy_and_a_16_bit_mask_keeps_its_indices(tmp_path):
+    gray = np.random.default_rng(0).integers(0, 256, (28, 42), dtype=np.uint8)
+    Image.fromarray(gray).save(tmp_path / "8.png")
+    Image.fromarray(gray.astype(np.uint16) * 257).save(tmp_path / "16.png")  # the same picture, 16 bits a pixel
+    assert Image.open(tmp_path / "16.png").mode in data.SIXTEEN_BIT
+    eight, sixteen = (np.array(data.open_image(tmp_path / f)) for f in ("8.png", "16.png"))
+    assert sixteen.shape == (28, 42, 3) and np.array_equal(sixteen, eight) and sixteen.std() > 50  # not all white
+    root = own_masks(tmp_path / "boxes", splits=(("train", 6),))  # a 16-bit image and a 16-bit mask in a folder
+    image, mask = (os.path.join(root, "train", d, "train1.png") for d in ("images", "masks"))
+    upright = np.array(Image.open(image).convert("L"))
+    indices = np.array(Image.open(mask))
+    Image.fromarray(upright.astype(np.uint16) * 257).save(image)
+    Image.fromarray(indices.astype(np.uint16)).save(mask)
+    train = load_splits("folder-seg", root)[0]["train"]
+    img, m = train[[img for img, _ in train.samples].index(image)]
+    assert np.array_equal(np.array(img)[..., 0], upright) and np.array_equal(np.array(m), indices)
+    assert {2, 255} <= set(np.unique(indices))  # a class index and the ignored 255, neither scaled
+
+
+def test_exif_orientation_turns_images_as_shown_and_a_mask_fits_the_image_as_shown(tmp_path):
+    """A phone's portrait is stored sideways with an EXIF orientation: it is read upright (training, evaluation,
+    predict.py: all through open_image), and its mask is checked against, and read at, that upright size."""
+    root = own_masks(tmp_path / "boxes", splits=(("train", 6),))
+    image, mask = (os.path.join(root, "train", d, "train1.png") for d in ("images", "masks"))
+    upright = np.array(Image.open(image))
+    save_sideways(image, upright)
+    assert Image.open(image).size == (28, 42) and data.image_size(image) == (42, 28)  # stored, and as shown
+    assert np.array_equal(np.array(data.open_image(image)), upright)
+    jpg = os.path.join(root, "train", "images", "train0.jpg")  # as a camera writes it
+    save_sideways(jpg, np.array(Image.open(jpg)))
+    train = load_splits("folder-seg", root)[0]["train"]
+    for path in (image, jpg):
+        img, m = train[[img for img, _ in train.samples].index(path)]
+        box = np.array(img)[np.array(m) == 1 + (path == image)].mean(0)  # train0's box is red, train1's blue
+        assert img.size == m.size == (42, 28) and box[2 if path == image else 0] > 150  # the mask on its box
+    Image.fromarray(np.ascontiguousarray(np.rot90(np.array(Image.open(mask))))).save(mask)  # drawn on it sideways
+    with pytest.raises(DataError) as e:
+        load_splits("folder-seg", root)
+    assert f"{mask} is 28x42 pixels but its image {image} is 42x28 as shown (its EXIF orientation turns the 28x42 it " \
+           f"is stored at)" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_class_under_5_images_is_refused_only_when_val_or_test_is_held_out_of_train(tmp_path):
+    root = own_images(tmp_path / "pets", splits=(("train", 4), ("val", 1), ("test", 1)))
+    splits, _ = load_splits("folder", root)  # val/ and test/ of its own: nothing is held out, every class tested
+    assert [len(splits[s]) for s in data.SPLITS] == [12, 3, 3]
+    shutil.rmtree(os.path.join(root, "val"))
+    shutil.rmtree(os.path.join(root, "test"))
+    with pytest.raises(DataError) as e:
+        load_splits("folder", root)
+    assert str(e.value) == (f"{os.path.join(root, 'train', 'cat')} holds 4 images, too few to hold 10 % of a class "
+                            f"out for val and test (5 at least): add images to it, or val/ and test/ folders of your "
+                            f"own")
+
+
 def test_one_table_of_datasets_and_download_refuses_what_it_cannot_fetch(tmp_path):
     names = list(data.DATASETS)
     assert names.index("folder-seg") < names.index("synthetic") and all(n.startswith("synthetic") for n in names[-3:])
@@ -1302,9 +1513,9 @@ def test_one_table_of_datasets_and_download_refuses_what_it_cannot_fetch(tmp_pat
     assert not os.listdir(tmp_path)
 
 
-@pytest.mark.parametrize("how", ["no images", "empty class", "one class", "class only in test", "unreadable image",
-                                 "image without mask", "mask without image", "mask size", "mask index",
-                                 "mask channels"])
+@pytest.mark.parametrize("how", ["no images", "empty class", "one class", "class only in test", "class under 5 images",
+                                 "unreadable image", "image without mask", "mask without image", "mask size",
+                                 "mask index", "mask channels"])
 def test_a_wrong_own_folder_is_refused_in_one_line_and_nothing_is_written(tmp_path, monkeypatch, how):
     root = str(tmp_path / "data")
     says = break_folder(root, how)
@@ -1315,6 +1526,12 @@ def test_a_wrong_own_folder_is_refused_in_one_line_and_nothing_is_written(tmp_pa
     msg = str(e.value.code)
     assert e.value.code != 0 and says in msg and "\n" not in msg and msg.startswith("error: "), msg
     assert not os.path.exists(out)
+
+
+def test_a_classes_txt_of_one_class_is_said_in_the_singular(tmp_path):
+    root = own_masks(tmp_path / "data", classes=("background",))
+    with pytest.raises(DataError, match=r"classes.txt names 1 class: a segmentation needs 2 to 255"):
+        load_splits("folder-seg", root)
 
 
 def test_transforms_follow_appendix_c2():
@@ -1601,6 +1818,11 @@ def test_batch_larger_than_the_training_set_is_refused(tmp_path, monkeypatch, sm
             run_main(script, TOY + ["--batch_size", "97", "--out_dir", out], monkeypatch)
         assert "more than the 96 training images: no step to take" in str(e.value.code)
         assert not os.path.exists(out)
+    monkeypatch.setattr(SyntheticTextures, "SIZES", {"train": 1, "val": 32, "test": 32})
+    for script in ("train_slad", "train_twostep"):  # one image: said in the singular
+        with pytest.raises(SystemExit) as e:
+            run_main(script, TOY + ["--batch_size", "2", "--out_dir", out], monkeypatch)
+        assert "more than the 1 training image: no step to take" in str(e.value.code)
 
 
 def test_batch_must_split_over_processes(monkeypatch):
@@ -1633,29 +1855,37 @@ def test_own_folders_name_their_runs_and_configs(tmp_path):
     assert train_slad.parse_args(["--dataset", "folder", "--data_dir", a])[0].img_size == 518
 
 
-@pytest.mark.parametrize("script,loss,extra,where", [
-    ("train_slad", "slad_loss", ["--epochs", "2"], "slad epoch 2 step 3"),
-    ("train_slad", "slad_loss", ["--epochs", "2", "--dtype", "bfloat16"], "slad epoch 2 step 3"),
-    ("train_twostep", "task_loss", ["--teacher_epochs", "2", "--student_epochs", "1"], "teacher epoch 2 step 3"),
+@pytest.mark.parametrize("script,loss,extra,bad_step,where,kept", [
+    ("train_slad", "slad_loss", ["--epochs", "2"], 9, "slad epoch 2 step 3", "keeps slad epoch 1, but a --resume"),
+    ("train_slad", "slad_loss", ["--epochs", "2", "--dtype", "bfloat16"], 9, "slad epoch 2 step 3",
+     "keeps slad epoch 1, but a --resume"),
+    ("train_twostep", "task_loss", ["--teacher_epochs", "2", "--student_epochs", "1"], 9, "teacher epoch 2 step 3",
+     "keeps teacher epoch 1, but a --resume"),
+    ("train_twostep", "distill_loss", ["--epochs", "1"], 3, "student epoch 1 step 3",
+     "keeps the end of the stage before, but a --resume"),
+    ("train_slad", "slad_loss", ["--epochs", "2"], 3, "slad epoch 1 step 3",  # no checkpoint yet: none is promised
+     "the run stops before its first checkpoint, so nothing is kept: run again with a lower --lr"),
 ])
-def test_a_loss_that_turns_non_finite_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, monkeypatch,
-                                                                                  small_synthetic, script, loss,
-                                                                                  extra, where):
+def test_a_loss_that_turns_non_finite_stops_the_run_and_says_what_is_kept(tmp_path, monkeypatch, small_synthetic,
+                                                                          script, loss, extra, bad_step, where, kept):
     module = importlib.import_module(script)
     real, calls = getattr(module, loss), []
 
-    def poisoned(*args, **kwargs):  # the 9th step's loss is NaN: epoch 2, step 3 of 6
+    def poisoned(*args, **kwargs):  # step bad_step's loss is NaN (6 steps an epoch)
         calls.append(1)
-        return real(*args, **kwargs) * (float("nan") if len(calls) == 9 else 1.0)
+        return real(*args, **kwargs) * (float("nan") if len(calls) == bad_step else 1.0)
     monkeypatch.setattr(module, loss, poisoned)
     out = str(tmp_path / "run")
     with pytest.raises(SystemExit) as e:
         run_main(script, TOY + extra + ["--out_dir", out], monkeypatch)
     msg = str(e.value.code)
-    assert f"the loss is not finite at {where}" in msg and "\n" not in msg
-    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["epoch"] == 1  # the last good one
+    assert f"the loss is not finite at {where}" in msg and kept in msg and "\n" not in msg
+    finished = 0 if "nothing is kept" in kept else 1  # epochs finished before the bad step, over both stages
+    assert os.path.exists(os.path.join(out, "ckpt.pt")) == (finished > 0) == (os.path.join(out, "ckpt.pt") in msg)
+    if finished:
+        assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["epoch"] == 1  # the last good one
+        assert len(open(os.path.join(out, "metrics.jsonl")).readlines()) == 1
     assert not os.path.exists(os.path.join(out, "results.json"))
-    assert len(open(os.path.join(out, "metrics.jsonl")).readlines()) == 1
 
 
 def test_resume_continues_in_its_own_folder_and_leaves_other_runs_alone(tmp_path, monkeypatch, small_synthetic):
@@ -1716,11 +1946,27 @@ def test_slad_results_hold_the_resolved_config(slad_demo):
     assert config["img_size"] == 56 and config["lr"] == 3e-3 and config["rank"] == 4  # defaults resolved
 
 
+def test_atomic_write_interrupted_mid_write_leaves_the_old_file_and_no_tmp(tmp_path):
+    """Ctrl-C while a file is written (a checkpoint, a mask, an ONNX file): the previous file stays whole, and no
+    NAME.tmp is left behind."""
+    path = str(tmp_path / "results.json")
+    experiment.atomic_write(path, lambda tmp: experiment.write_text(tmp, "old"))
+
+    def write_then_ctrl_c(tmp):
+        experiment.write_text(tmp, "half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        experiment.atomic_write(path, write_then_ctrl_c)
+    assert open(path).read() == "old" and os.listdir(tmp_path) == ["results.json"]
+
+
 def test_an_out_dir_that_cannot_be_written_is_one_line(tmp_path, monkeypatch, small_synthetic):
     a_file = tmp_path / "a-file"
     a_file.write_text("mine")
     for out, says in ((a_file, f"--out_dir {a_file} is a file, not a folder"),
-                      (a_file / "run", f"cannot write to --out_dir {a_file / 'run'}: Not a directory")):
+                      (f"{a_file}/", f"--out_dir {a_file}/ is a file, not a folder"),  # not "File exists"
+                      (a_file / "run" / "s0", f"--out_dir {a_file / 'run' / 's0'}: {a_file} is a file, not a folder")):
         with pytest.raises(SystemExit) as e:
             run_main("train_slad", TOY + ["--epochs", "1", "--out_dir", str(out)], monkeypatch)
         assert says in str(e.value.code) and "\n" not in str(e.value.code)
@@ -1732,6 +1978,17 @@ def test_an_out_dir_that_cannot_be_written_is_one_line(tmp_path, monkeypatch, sm
     with pytest.raises(SystemExit) as e:
         run_main("train_slad", TOY + ["--epochs", "1", "--out_dir", str(tmp_path / "locked")], monkeypatch)
     assert f"cannot write to --out_dir {tmp_path / 'locked'}: Permission denied" in str(e.value.code)
+
+
+def test_resume_of_a_folder_names_the_checkpoint_in_it(tmp_path, monkeypatch):
+    (tmp_path / "a-file").write_text("mine")
+    below_a_file = tmp_path / "a-file" / "ckpt.pt"
+    for resume, says in ((tmp_path, f"--resume {tmp_path} is a folder: give the checkpoint in it, --resume "
+                                    f"{tmp_path / 'ckpt.pt'}"),  # not "not a checkpoint (truncated?)"
+                         (below_a_file, f"--resume {below_a_file}: no such file")):
+        with pytest.raises(SystemExit) as e:
+            run_main("train_slad", TOY + ["--resume", str(resume)], monkeypatch)
+        assert str(e.value.code).endswith(says), e.value.code
 
 
 def full_disk_after(monkeypatch, n_bytes):
@@ -2011,6 +2268,80 @@ def test_resume_continues_exactly(tmp_path, monkeypatch, small_synthetic, script
     assert [r["epoch"] for r in rows] == [json.loads(l)["epoch"] for l in open(os.path.join(straight, "metrics.jsonl"))]
 
 
+@pytest.mark.parametrize("script,extra,kept,rows", [
+    ("train_slad", ["--epochs", "2"], "slad epoch 1", [("slad", 1), ("slad", 2)]),
+    ("train_twostep", ["--epochs", "1"], "teacher epoch 1", [("teacher", 1), ("student", 1)]),
+])
+def test_ctrl_c_is_one_line_that_names_what_is_kept_and_the_command_that_continues(tmp_path, monkeypatch, capsys,
+                                                                                    small_synthetic, script, extra,
+                                                                                    kept, rows):
+    out = str(tmp_path / "my run")  # a space: the command must quote it
+    real, calls = experiment.save_checkpoint, []
+
+    def ctrl_c_in_the_second_save(path, state):  # Ctrl-C while the second checkpoint is written: a partial .tmp
+        calls.append(1)
+        if len(calls) == 2:
+            open(path + ".tmp", "wb").write(b"partial")
+            raise KeyboardInterrupt
+        real(path, state)
+    monkeypatch.setattr(experiment, "save_checkpoint", ctrl_c_in_the_second_save)
+    argv = TOY + extra + ["--out_dir", out]
+    with pytest.raises(SystemExit) as e:
+        run_as_script(script, argv, monkeypatch)
+    err, ckpt = capsys.readouterr().err, os.path.join(out, "ckpt.pt")
+    assert e.value.code == 130 and len(err.splitlines()) == 1, err  # a shell's status for Ctrl-C, no traceback
+    path = os.path.join(HERE, f"{script}.py")  # sys.argv[0] as runpy runs it, `python train_slad.py` gives its own
+    assert err.startswith(f"interrupted: {ckpt} keeps {kept}; continue with: python {path} ")
+    command = shlex.split(err.split("continue with: ")[1])
+    assert command == ["python", path, *argv, "--resume", ckpt]
+    assert not os.path.exists(ckpt + ".tmp")  # nothing half-written, and the folder's lock let go
+    assert os.path.realpath(os.path.join(out, "run.lock")) not in experiment.LOCKS
+    monkeypatch.setattr(experiment, "save_checkpoint", real)
+    run_as_script(script, command[2:], monkeypatch)  # the printed command continues the run
+    assert [(r["stage"], r["epoch"]) for r in map(json.loads, open(os.path.join(out, "metrics.jsonl")))] == rows
+    assert os.path.exists(os.path.join(out, "results.json"))
+
+
+@pytest.mark.parametrize("module,name,says", [
+    (data, "load_splits", "interrupted before the run wrote anything"),  # while it reads the data
+    (experiment, "evaluate", "interrupted before the first checkpoint, so nothing is kept"),  # in epoch 1
+])
+def test_ctrl_c_before_the_first_checkpoint_says_nothing_is_kept(tmp_path, monkeypatch, capsys, small_synthetic,
+                                                                 module, name, says):
+    out, real = str(tmp_path / "run"), getattr(module, name)
+    argv = TOY + ["--epochs", "1", "--out_dir", out]
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(module, name, ctrl_c)
+    with pytest.raises(SystemExit) as e:
+        run_as_script("train_slad", argv, monkeypatch)
+    err = capsys.readouterr().err
+    assert e.value.code == 130
+    command = shlex.join(["python", os.path.join(HERE, "train_slad.py"), *argv])
+    assert err.splitlines() == [f"{says}: run the same command again: {command}"]
+    assert not os.path.exists(os.path.join(out, "ckpt.pt"))
+    monkeypatch.setattr(module, name, real)
+    run_as_script("train_slad", argv, monkeypatch)  # the same command, as it says
+    assert os.path.exists(os.path.join(out, "results.json"))
+
+
+def test_a_real_ctrl_c_is_one_line_and_exit_130(tmp_path):
+    out = str(tmp_path / "run")
+    code = ("import runpy, sys, data\ndata.SyntheticTextures.SIZES = {'train': 96, 'val': 32, 'test': 32}\n"
+            "sys.argv = sys.argv[1:]\nrunpy.run_path(sys.argv[0], run_name='__main__')")
+    proc = subprocess.Popen([sys.executable, "-c", code, "train_slad.py", *TOY, "--epochs", "100", "--out_dir", out],
+                            cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not os.path.exists(os.path.join(out, "ckpt.pt")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)  # mid-epoch, or mid-save: the line is the same
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130 and len(err.splitlines()) == 1, err
+    assert re.fullmatch(rf"interrupted: {re.escape(out)}/ckpt.pt keeps slad epoch \d+; continue with: python "
+                        rf"train_slad.py .* --resume {re.escape(out)}/ckpt.pt\n", err), err
+
+
 def test_amp_dtypes_on_cpu(tmp_path, monkeypatch, small_synthetic):
     for dtype in ("bfloat16", "float16"):  # fp16 runs with a GradScaler
         out = str(tmp_path / dtype)
@@ -2103,6 +2434,20 @@ def test_segmentation_twostep_runs(tmp_path, monkeypatch):
     assert {"teacher_miou", "student_miou", "teacher_acc", "student_acc"} <= set(res)
     keys = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["models"]["teacher"]
     assert any(k.endswith("running_mean") for k in keys)  # BatchNorm statistics are checkpointed
+
+
+def test_photos_of_4_sizes_portrait_and_landscape_validate_and_test_in_both_scripts(tmp_path, monkeypatch):
+    """A mask folder of photos of 4 sizes in batches of 4: both scripts validate every epoch and test every labelled
+    pixel, each image at its own size, where torch.stack of [3, 32, 48] and [3, 48, 32] used to stop them."""
+    sizes = ((28, 42), (42, 28), (30, 40), (40, 30))
+    root = own_masks(tmp_path / "photos", splits=(("train", 4), ("val", 4), ("test", 4)), sizes=sizes)
+    test = load_splits("folder-seg", root)[0]["test"]
+    labelled = sum(int((np.array(test[i][1]) != 255).sum()) for i in range(len(test)))
+    for script, extra in (("train_slad", []), ("train_twostep", ["--teacher_adapt", "probe"])):
+        out = str(tmp_path / script)
+        run_main(script, OWN + ["--teacher", "toy-b", "--dataset", "folder-seg", "--data_dir", root, "--out_dir", out]
+                 + extra, monkeypatch)
+        assert sum(results_of(out)["per_class"]["test_count"]) == labelled
 
 
 def test_twostep_demo_learns_with_probe_taid_and_ted(tmp_path, monkeypatch):
@@ -2405,16 +2750,29 @@ def test_report_bad_input_is_one_line(tmp_path):
     (tmp_path / "empty").mkdir()
     fake_results(tmp_path / "broken" / "run", method="slad")
     for folder, says in ((tmp_path / "nope", "is not a folder"), (tmp_path / "empty", "no results.json below"),
-                         (tmp_path / "broken", "is not a results.json")):
+                         (tmp_path / "broken", "no run to report below")):  # its only results.json: a warning
         with pytest.raises(SystemExit) as e:
             report.main([str(folder)])
         assert e.value.code != 0 and says in str(e.value.code) and "\n" not in str(e.value.code)
+
+
+def test_report_leaves_out_a_truncated_results_json_with_a_warning_and_reports_the_rest(tmp_path):
+    run = dict(method="slad", teacher="toy-b", student="toy-s", dataset="synthetic")
+    for seed, acc in ((0, 50.0), (1, 60.0), (2, 70.0)):
+        fake_results(tmp_path / f"s{seed}", **run, seed=seed, student_acc=acc)
+    bad = tmp_path / "s2" / "results.json"
+    bad.write_text(bad.read_text()[:40])  # a copy cut short
+    r = cli(["report.py", str(tmp_path)])
+    assert r.returncode == 0 and "| 55.00 ± 7.07 (n=2) |" in r.stdout
+    assert r.stderr.splitlines() == [f"report.py: warning: {bad} is not a results.json of train_slad.py or "
+                                     f"train_twostep.py (JSONDecodeError): left out of the table"]
 
 
 @pytest.mark.parametrize("seeds,cell,left_out", [
     ([0, 0, 0, 0], "83.00 (n=1)", 3),  # four re-runs of seed 0: one seed, the newest run
     ([0, 1, 0, 1], "82.50 ± 0.71 (n=2)", 2),
     ([0, 1, 2, 3], "81.50 ± 1.29 (n=4)", 0),
+    ([0, 0, 1, 2], "82.00 ± 1.00 (n=3)", 1),  # one re-run: said in the singular
 ])
 def test_report_counts_one_result_per_seed_the_newest(tmp_path, seeds, cell, left_out):
     for k, seed in enumerate(seeds):  # folder names sort against the age: the age decides
@@ -2424,7 +2782,7 @@ def test_report_counts_one_result_per_seed_the_newest(tmp_path, seeds, cell, lef
         os.utime(path / "results.json", (1_700_000_000 + k, 1_700_000_000 + k))
     text = report.main([str(tmp_path)])
     assert table_rows(text)[0][("toy-s", "toy-b", "SLAD", "ours")]["synthetic"] == cell
-    assert (f"{left_out} re-run(s) of a seed already counted left out" in text) == (left_out > 0)
+    assert (f"{left_out} re-run{'s' * (left_out > 1)} of a seed already counted left out" in text) == (left_out > 0)
 
 
 def test_report_follows_symlinked_run_folders_once_and_survives_cycles(tmp_path):
@@ -2688,7 +3046,25 @@ def test_bench_step_profile_splits_the_step_by_kind_of_op(capsys):
     kinds = dict(re.findall(r"^    (\S.*?)\s+[\d.]+ ms\s+([\d.]+) %$", out, re.M))
     assert {"matmul, conv", "layer norm", "attention"} <= set(kinds), out  # AdamW: fused on CUDA alone
     assert abs(sum(map(float, kinds.values())) - 100) < 0.5  # every aten op counted once
-    assert len(re.findall(r"^      aten::\S+\s+[\d.]+ ms$", out, re.M)) == 4
+    rows = re.findall(r"^      +[\d.]+ ms  (aten::\S+)  \((.+)\)$", out, re.M)  # each op with its input shapes
+    assert len(rows) == 4 and all(re.fullmatch(r"\d+(x\d+)*(, \d+(x\d+)*)*", shapes) for _, shapes in rows), out
+
+
+def test_bench_profile_counts_inductors_compiled_kernels(monkeypatch, capsys):
+    """Under --compile most of a step runs in Inductor's fused kernels, not aten ops: the profile counts them.
+    (A small compiled step here: compiling the toy ViT step takes minutes on a 2-core CPU.)"""
+    from torch._inductor import config as inductor
+    monkeypatch.setattr(inductor.cpp, "enable_kernel_profile", True)  # as bench_step sets it under --profile
+    net = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.LayerNorm(64), torch.nn.Linear(64, 4))
+    loss_fn = torch.compile(lambda x: net(x).square().mean())
+    x = torch.randn(16, 32)
+    loss_fn(x).backward()  # compiled here
+    bench.profile_steps(lambda: loss_fn(x).backward(), "cpu", 20)
+    out = capsys.readouterr().out
+    assert re.search(r"^    fused \(Inductor\) +[\d.]+ ms", out, re.M), out
+    assert re.search(r"^      +[\d.]+ ms  (graph_\d+_)?cpp_fused_\w*layer_norm", out, re.M), out
+    # the matmuls stay aten's (Inductor calls them as extern kernels), with their shapes
+    assert re.search(r"^      +[\d.]+ ms  aten::mm  \((16|4|64)x\d+, \d+x\d+, \d+x\d+\)$", out, re.M), out
 
 
 def test_bench_prints_figures_on_cpu(capsys):
@@ -2769,7 +3145,10 @@ def test_bench_data_prints_per_worker_rate_requirements_and_shm(capsys):
     out = capsys.readouterr().out
     rate = re.search(r"fake DTD .*: ([\d.]+) img/s, ([\d.]+) img/s a worker", out)
     assert rate and float(rate.group(1)) == float(rate.group(2)) > 0  # 0 workers: the main process is the one
-    need = 0.4 * 989e12 / (2 * bench.forward_flops("vitb14", 112) + 2 * bench.forward_flops("vits14", 112))
+    with torch.device("meta"):  # SLAD's step at the paper's rank, 16
+        teacher, student = add_lora(ViT.from_name("vitb14"), rank=16), ViT.from_name("vits14")
+        share_lora(student, teacher)
+    need = 0.4 * 989e12 / (model.step_flops(teacher, 112, "lora") + model.step_flops(student, 112, "lora"))
     assert "| vitb14 -> vits14 | slad | " in out and f"| {need:,.0f} | " in out
     shm = 16 * 4 * 4 * 3 * 112 * 112  # workers x prefetch x batch x uint8 image bytes
     assert f"{shm / 1e6:,.0f} MB with 16 workers" in out and "--shm-size" in out
@@ -3089,6 +3468,9 @@ def test_slad_and_probing_on_an_image_folder_then_per_class_figures_predict_and_
     assert json.loads(props["classes"]) == list(ANIMALS) and props["img_size"] == "28"
     assert props["task"] == "classification"
     assert json.loads(props["mean"]) == list(data.IMAGENET_MEAN) and "center-crop 28" in props["preprocess"]
+    assert "exif_transpose" in props["orientation"] and props["interpolation"].startswith("bilinear, antialiased")
+    assert props["preprocess"].startswith("turn upright as its EXIF orientation says, resize the short side to 35 px "
+                                          "(bilinear, antialiased)")
     assert "max |logit difference|" in capsys.readouterr().out
 
     # CKA measures the folder's runs on the folder's images (its --data_dir from the runs' config)
@@ -3114,7 +3496,7 @@ def test_slad_and_lora_taid_ted_on_a_mask_folder_then_predict_and_onnx(tmp_path,
     student = os.path.join(runs["train_slad"], "student.pt")
     predict.main([student, os.path.join(root, "test", "images"), "--out", str(tmp_path / "masks")])
     out = capsys.readouterr().out
-    assert out.count(" -> ") == 3 and "wrote 3 mask(s)" in out
+    assert out.count(" -> ") == 3 and "wrote 3 masks" in out
     for i in range(3):
         mask = Image.open(tmp_path / "masks" / f"test{i}.png")
         assert mask.size == (42, 28) and mask.mode == "L" and np.array(mask).max() <= 2
@@ -3167,6 +3549,30 @@ def test_an_older_model_file_loads_in_eval_mode_and_predict_asks_its_image_size(
     assert Image.open(tmp_path / "m" / "red.png").size == (30, 20) and "red.png -> " in capsys.readouterr().out
 
 
+def test_predict_reads_a_16_bit_or_exif_turned_picture_as_its_8_bit_upright_copy(tmp_path):
+    """One picture as an 8-bit PNG, a 16-bit PNG, and stored sideways with an EXIF orientation (8 and 16 bits):
+    the same probabilities from a classifier, the same mask, at the size it is shown, from a segmenter. Their meta
+    lacks the keys added since (orientation, interpolation), as older student.pt files do: they load and predict."""
+    gray = np.random.default_rng(0).integers(0, 256, (30, 40), dtype=np.uint8)
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    Image.fromarray(gray).save(folder / "a8.png")
+    Image.fromarray(gray.astype(np.uint16) * 257).save(folder / "b16.png")
+    save_sideways(folder / "c8_exif.png", gray)
+    save_sideways(folder / "d16_exif.png", gray.astype(np.uint16) * 257)
+    torch.manual_seed(0)
+    for kind in (Classifier, Segmenter):
+        net = randomize_(kind(ViT.from_name("toy-s"), 3), std=0.2)
+        net.meta = {"img_size": 28, "classes": ["a", "b", "c"]}
+        model.save_model(str(tmp_path / f"{kind.__name__}.pt"), net)
+    predict.main([str(tmp_path / "Classifier.pt"), str(folder), "--out", str(tmp_path / "p.json")])
+    rows = json.load(open(tmp_path / "p.json"))
+    assert len(rows) == 4 and all(r["top"] == rows[0]["top"] for r in rows), rows
+    predict.main([str(tmp_path / "Segmenter.pt"), str(folder), "--out", str(tmp_path / "masks")])
+    masks = [np.array(Image.open(tmp_path / "masks" / f"{n}.png")) for n in ("a8", "b16", "c8_exif", "d16_exif")]
+    assert masks[0].shape == (30, 40) and all(np.array_equal(m, masks[0]) for m in masks)
+
+
 @pytest.mark.parametrize("argv,says", [
     ([], "no images: give image files or folders"),
     (["nowhere.jpg"], "nowhere.jpg: no such file or folder"),
@@ -3175,6 +3581,97 @@ def test_predict_bad_input_is_one_line(slad_demo, monkeypatch, argv, says):
     with pytest.raises(SystemExit) as e:
         run_as_script("predict", [os.path.join(slad_demo, "student.pt"), *argv], monkeypatch)
     assert says in str(e.value.code) and "\n" not in str(e.value.code) and e.value.code != 0
+
+
+def tiny_classifier_and_segmenter(tmp_path):
+    """A toy-s Classifier and Segmenter saved as the training scripts do (trained at 28 px, classes a, b, c), and
+    one picture in a folder named after class a: predict.py and export_onnx.py in a second, no training."""
+    torch.manual_seed(0)
+    paths = []
+    for kind in (Classifier, Segmenter):
+        net = kind(ViT.from_name("toy-s"), 3)
+        net.meta = {"img_size": 28, "classes": ["a", "b", "c"]}
+        paths.append(str(tmp_path / f"{kind.__name__}.pt"))
+        model.save_model(paths[-1], net)
+    os.makedirs(tmp_path / "a")
+    Image.new("RGB", (30, 20), (200, 10, 10)).save(tmp_path / "a" / "red.png")
+    return *paths, str(tmp_path / "a" / "red.png")
+
+
+def test_predict_refuses_an_img_size_the_model_file_contradicts(tmp_path, monkeypatch, capsys):
+    classifier, _, image = tiny_classifier_and_segmenter(tmp_path)
+    with pytest.raises(SystemExit) as e:  # another size would resample the position embeddings: other predictions
+        run_as_script("predict", [classifier, image, "--img_size", "56"], monkeypatch)
+    says = str(e.value.code)
+    assert "--img_size 56, but" in says and "trained at 28 px" in says and "\n" not in says
+    predict.main([classifier, image])
+    default = capsys.readouterr().out
+    predict.main([classifier, image, "--img_size", "28"])  # the size it says: the same predictions
+    assert capsys.readouterr().out == default and "on 1 image, " in default  # "1 image", not "1 images"
+
+
+def test_export_onnx_refuses_opsets_it_cannot_honour_and_prints_the_files_own(tmp_path, monkeypatch, capsys):
+    classifier, _, _ = tiny_classifier_and_segmenter(tmp_path)
+    out = tmp_path / "m.onnx"
+    for opset in ("9", "16", "21"):  # refused before any work: torch >= 2.9 would write opset 18 for 9 and 16
+        with pytest.raises(SystemExit) as e:
+            run_as_script("export_onnx", [classifier, "--opset", opset, "--out", str(out)], monkeypatch)
+        assert f"--opset {opset}: torch's exporters write this model at opsets 17 to 20" in str(e.value.code)
+        assert "\n" not in str(e.value.code) and not out.exists()
+    export_onnx.main([classifier, "--opset", "17", "--out", str(out)])
+    proto = onnx.load(str(out))
+    assert [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")] == [17]
+    assert "opset 17)" in capsys.readouterr().out
+    # an exporter that keeps its own opset, or writes a graph ONNX Runtime cannot load: refused, nothing written
+    os.remove(out)
+    fallback = onnx.ModelProto.FromString(proto.SerializeToString())
+    next(o for o in fallback.opset_import if o.domain in ("", "ai.onnx")).version = 18
+    broken = onnx.ModelProto.FromString(proto.SerializeToString())
+    broken.graph.node[0].op_type = "NoSuchOp"
+    for wrote, says in ((fallback, "torch's exporter wrote opset 18, not the --opset 17 asked"),
+                        (broken, "ONNX Runtime cannot load the opset 17 graph")):
+        monkeypatch.setattr(export_onnx, "to_onnx", lambda net, x, opset: wrote)
+        with pytest.raises(SystemExit) as e:
+            export_onnx.main([classifier, "--opset", "17", "--out", str(out)])
+        assert says in str(e.value.code) and "is not written" in str(e.value.code) and not out.exists()
+        assert "\n" not in str(e.value.code)
+
+
+def test_predict_segmenter_out_is_a_folder_and_the_default_one_is_said(tmp_path, monkeypatch, capsys):
+    classifier, segmenter, image = tiny_classifier_and_segmenter(tmp_path)
+    (tmp_path / "taken.png").write_text("mine")
+    for out, says in (("taken.png", "taken.png is a file, but a segmenter writes a mask PNG an image into a folder"),
+                      ("x.csv", "x.csv names a .csv or .json file, but a segmenter"), ("x.json", "x.json names a")):
+        with pytest.raises(SystemExit) as e:
+            run_as_script("predict", [segmenter, image, "--out", str(tmp_path / out)], monkeypatch)
+        assert says in str(e.value.code) and "\n" not in str(e.value.code)
+    assert (tmp_path / "taken.png").read_text() == "mine" and not glob.glob(str(tmp_path / "x.*"))
+    with pytest.raises(SystemExit) as e:  # and a classifier's --out is one file, refused before predicting
+        predict.main([classifier, image, "--out", str(tmp_path / "a")])
+    assert "is a folder, but a classifier writes its predictions to one file" in str(e.value.code)
+    os.makedirs(tmp_path / "here")
+    monkeypatch.chdir(tmp_path / "here")
+    predict.main([segmenter, image])
+    masks = str(tmp_path / "here" / "masks")
+    printed = capsys.readouterr().out
+    assert f"no --out: writing the masks into {masks}" in printed and f"wrote 1 mask to {masks}:" in printed
+    assert Image.open(os.path.join(masks, "red.png")).size == (30, 20)
+
+
+def test_predict_and_export_write_errors_say_run_again_and_training_ones_resume(tmp_path, capsys):
+    classifier, _, image = tiny_classifier_and_segmenter(tmp_path)
+    predict.main([classifier, image, "--top_k", "1", "--out", str(tmp_path / "p.csv")])
+    assert "wrote the top class of 1 image to" in capsys.readouterr().out  # not "the top 1 classes of 1 image(s)"
+    nowhere = str(tmp_path / "gone" / "p")
+    with pytest.raises(RunError) as e:
+        predict.main([classifier, image, "--out", nowhere + ".csv"])
+    assert str(e.value).endswith("or give another --out, then run predict.py again") and "--resume" not in str(e.value)
+    with pytest.raises(RunError) as e:
+        export_onnx.main([classifier, "--out", nowhere + ".onnx"])
+    assert str(e.value).endswith("then run export_onnx.py again") and "--resume" not in str(e.value)
+    with pytest.raises(RunError) as e:  # a training run's files: its remedy as before
+        experiment.atomic_write(nowhere + ".json", lambda tmp: experiment.write_text(tmp, "{}"))
+    assert str(e.value).endswith("then continue with --resume if a ckpt.pt was written")
 
 
 def test_dinov3_on_own_folders_then_predict_and_onnx(tmp_path, monkeypatch, capsys, toy3):
@@ -3294,3 +3791,42 @@ def test_readme_and_docs_links_and_images_exist():
             checked += 1
     assert checked >= 10
     assert len(open(os.path.join(here, "README.md")).read().split("\n")) <= 250
+
+
+def test_readme_setup_is_what_ci_runs():
+    """The README's set-up block, a venv and the two commands, is what .ci/run runs, line for line, so CI tests a new
+    user's way in; the CPU-build alternative installs from PyTorch's CPU index before requirements.txt."""
+    text = open(os.path.join(HERE, "README.md")).read()
+    block = text.split("## Set up", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    lines = [line.split("#", 1)[0].strip() for line in block.strip().splitlines()]
+    assert lines[0].startswith("python3 -m venv .venv") and lines[1:] == ["pip install -r requirements.txt",
+                                                                          "pytest test_slad.py"]
+    ci = open(os.path.join(HERE, ".ci", "run")).read().splitlines()
+    for command in ["python3 -m venv .venv", ". .venv/bin/activate", *lines[1:]]:
+        assert command in ci, command
+    assert "--index-url https://download.pytorch.org/whl/cpu && pip install -r requirements.txt" in text
+
+
+def test_readme_own_data_cpu_command_trains_the_toys_on_a_folder(tmp_path, monkeypatch):
+    """The README's CPU spelling for your own folder: the toy family at its own size, and it runs as written."""
+    text = open(os.path.join(HERE, "README.md")).read().replace("\\\n", " ")
+    block = text.split("## Your own data", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    cpu = [shlex.split(line.split("#")[0]) for line in block.splitlines() if "--device cpu" in line]
+    assert len(cpu) == 1 and cpu[0][:2] == ["python", "train_slad.py"]
+    argv = cpu[0][2:]
+    args, _ = train_slad.parse_args(argv)
+    assert (args.teacher, args.student, args.img_size, args.device) == ("toy-b", "toy-s", 56, "cpu")
+    data = own_images(tmp_path / "flowers", splits=(("train", 12), ("test", 3)))
+    argv[argv.index("--data_dir") + 1] = data
+    run_main("train_slad", argv + ["--epochs", "1", "--out_dir", str(tmp_path / "run")], monkeypatch)
+    assert results_of(tmp_path / "run")["num_classes"] == 3
+
+
+def test_config_json_holds_data_dir_outside_the_hash(tmp_path):
+    """docs/own-data.md: --data_dir is in config.json, but neither in the config's hash (the run folder) nor in
+    what --resume compares, so a moved folder resumes."""
+    a, _ = train_slad.parse_args(["--dataset", "synthetic", "--data_dir", str(tmp_path / "a")])
+    b, _ = train_slad.parse_args(["--dataset", "synthetic", "--data_dir", str(tmp_path / "b")])
+    assert vars(a)["data_dir"] != vars(b)["data_dir"] and a.out_dir == b.out_dir
+    assert experiment.config_id(vars(a)) == experiment.config_id(vars(b))
+    assert "data_dir" in experiment.RESUMABLE_CHANGES

@@ -21,10 +21,10 @@ import torch
 
 from data import SEGMENTATION, DataError, describe, held_out, load_splits, make_loaders, normalize
 from experiment import (NON_NEGATIVE, RunError, adamw, append_line, claim_out_dir, config_id, dataset_name, ddp,
-                        ddp_end, ddp_init, ddp_mean, deploy_meta, evaluate, export, flat, hms, load_checkpoint,
-                        load_trained_tensors, parser, peak_flops, per_class, print0, rank0_first, resolve_flags,
-                        rng_state, save_checkpoint, set_rng_state, stop_if_not_finite, sync_gradients, trained_keys,
-                        trained_tensors, worst_classes, write_confusion, write_json)
+                        ddp_end, ddp_init, ddp_mean, deploy_meta, evaluate, export, flat, hms, interrupted,
+                        load_checkpoint, load_trained_tensors, parser, peak_flops, per_class, print0, rank0_first,
+                        resolve_flags, rng_state, save_checkpoint, set_rng_state, stop_if_not_finite, sync_gradients,
+                        trained_keys, trained_tensors, worst_classes, write_confusion, write_json)
 from kd import distill_term, slad_loss
 from lora import MAPPINGS, add_lora, share_lora, trainable_parameters
 from model import CheckpointError, Classifier, Segmenter, TeacherStudent, initial_backbone, step_flops
@@ -81,8 +81,9 @@ def main():
                                                          args.grad_accum)
     steps = len(train_loader) // args.grad_accum  # optimizer steps an epoch, the same on every process
     if steps == 0:
-        p.error(f"--batch_size {args.batch_size} is more than the {len(splits['train'])} training images: no step "
-                f"to take")
+        n_train = len(splits["train"])
+        p.error(f"--batch_size {args.batch_size} is more than the {n_train} training image"
+                f"{'s' * (n_train != 1)}: no step to take")
 
     # models: a teacher with LoRA adapters on qkv, a student whose adapters are the teacher's (Fig. 4)
     torch.manual_seed(args.seed)  # the heads' init
@@ -126,7 +127,7 @@ def main():
 
     # training: eq. 4 on every batch, both models at once
     total = args.epochs * steps
-    flops_per_img = step_flops((teacher.vit.flops(args.img_size), "lora"), (student.vit.flops(args.img_size), "lora"))
+    flops_per_img = step_flops(teacher.vit, args.img_size, "lora") + step_flops(student.vit, args.img_size, "lora")
     peak = peak_flops(device)
     if peak is None:
         print0(f"mfu: no dense bf16 peak is known for {device}, so the log shows none", args.out_dir)
@@ -225,3 +226,5 @@ if __name__ == "__main__":
         main()
     except (DataError, CheckpointError, RunError) as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:  # Ctrl-C: what the folder keeps and the command that continues, in one line
+        interrupted(parse_args()[0])

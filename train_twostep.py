@@ -33,8 +33,8 @@ import torch
 from data import SEGMENTATION, DataError, describe, held_out, load_splits, make_loaders, normalize
 from experiment import (NON_NEGATIVE, POSITIVE, POSITIVE_INT, REAL_MODEL_DEFAULTS, TOY_DEFAULTS, RunError, adamw,
                         append_line, claim_out_dir, config_id, dataset_name, ddp, ddp_end, ddp_init, ddp_mean,
-                        deploy_meta, evaluate, export, flat, hms, load_checkpoint, load_trained_tensors, parser,
-                        peak_flops, per_class, print0, rank0_first, resolve_flags, rng_state, save_checkpoint,
+                        deploy_meta, evaluate, export, flat, hms, interrupted, load_checkpoint, load_trained_tensors,
+                        parser, peak_flops, per_class, print0, rank0_first, resolve_flags, rng_state, save_checkpoint,
                         set_rng_state, stop_if_not_finite, sync_gradients, trained_keys, trained_tensors,
                         worst_classes, write_confusion, write_json)
 from kd import TaskFilters, distill_loss, distill_term, task_loss, ted_loss
@@ -112,8 +112,9 @@ def main():
                                                          args.grad_accum)
     steps = len(train_loader) // args.grad_accum  # optimizer steps an epoch, the same on every process
     if steps == 0:
-        p.error(f"--batch_size {args.batch_size} is more than the {len(splits['train'])} training images: no step "
-                f"to take")
+        n_train = len(splits["train"])
+        p.error(f"--batch_size {args.batch_size} is more than the {n_train} training image"
+                f"{'s' * (n_train != 1)}: no step to take")
 
     # models: each adapted as its flag says; TED's filters and TAID's state train and checkpoint with them
     torch.manual_seed(args.seed)  # the heads' init
@@ -249,7 +250,7 @@ def main():
 
         train_stage("teacher", teacher, teacher_ddp, teach, optimizer, args.teacher_epochs,
                     done if stage == "teacher" else 0,
-                    step_flops((teacher.vit.flops(args.img_size), args.teacher_adapt)))
+                    step_flops(teacher.vit, args.img_size, args.teacher_adapt))
         teacher_test = evaluate({"teacher": teacher}, test_loader, device, autocast, window)
         history["teacher_test"] = flat(teacher_test)
         history["teacher_confusion"] = teacher_test["teacher"]["confusion"].tolist()  # for the end, through a resume
@@ -279,8 +280,8 @@ def main():
 
     train_stage("student", student, student_ddp, distill, optimizer, args.student_epochs,
                 done if stage == "student" else 0,
-                step_flops((teacher.vit.flops(args.img_size), "frozen"),
-                           (student.vit.flops(args.img_size), args.student_adapt)))
+                step_flops(teacher.vit, args.img_size, "frozen")
+                + step_flops(student.vit, args.img_size, args.student_adapt))
 
     # test, the exported models (adapters merged, with what prediction needs), the confusion matrices, results.json
     test = evaluate({"student": student}, test_loader, device, autocast, window)
@@ -317,3 +318,5 @@ if __name__ == "__main__":
         main()
     except (DataError, CheckpointError, RunError) as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:  # Ctrl-C: what the folder keeps and the command that continues, in one line
+        interrupted(parse_args()[0])
