@@ -600,14 +600,15 @@ def timm_vit(name, img_size):
 
 
 def cmd_latency(args):
-    """A deployed classifier's forward pass on the CPU: torch (the model as model.load_model gives it, as predict.py
+    """A deployed classifier's forward pass on the CPU: torch (the model as deploy.load_model gives it, as predict.py
     runs it) against ONNX Runtime (the graph export_onnx.py writes), at the same number of threads. Random weights:
     the time does not depend on them."""
     import copy
 
     import onnxruntime as ort
 
-    from export_onnx import fix_size, to_onnx
+    from deploy import fix_size
+    from export_onnx import to_onnx
     if args.threads:
         torch.set_num_threads(args.threads)
     model = Classifier(ViT.from_name(args.model), args.num_classes).eval()

@@ -24,10 +24,14 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import Dataset, Subset
 
-from data import DATASETS, DataError, eval_transform, fingerprint, load_splits, make_loader, normalize
-from experiment import COUNT, POSITIVE_INT, Parser, default_img_size, write_json
+from data import DATASETS, eval_transform, load_splits, make_loader, normalize
+from deploy import load_model
+from experiment import COUNT, POSITIVE_INT, Parser, default_img_size, init_value, write_json
+from images import DataError
 from lora import MAPPINGS, layer_mapping
-from model import CONFIGS, CheckpointError, initial_backbone, load_model
+from model import CONFIGS
+from own_data import fingerprint
+from weights import CheckpointError, initial_backbone
 
 # -----------------------------------------------------------------------------
 # CKA
@@ -219,8 +223,8 @@ def parse_args(argv=None):
                    help="a fixed random subset of the split (default: all of it)")
     p.add_argument("--teacher", choices=list(CONFIGS), help="default: the runs', else vitb14")
     p.add_argument("--student", choices=list(CONFIGS), help="default: the runs', else vits14")
-    p.add_argument("--init", choices=["dinov2", "random"],
-                   help="the pretrained encoders (default: the runs', else dinov2)")
+    p.add_argument("--init", type=init_value, metavar="{pretrained,random}",
+                   help="the encoders the runs started from (default: the runs', else pretrained)")
     p.add_argument("--teacher_weights", metavar="PATH_OR_URL",
                    help="the teacher's official weights (default: the runs')")
     p.add_argument("--student_weights", metavar="PATH_OR_URL",

@@ -1,7 +1,7 @@
 """
-The datasets: the paper's (§4.1), your own folders of images, and procedural tasks for offline runs, in one
-table (DATASETS: each one's reader, archive and checksum, folder, what it holds, whether it has its own val split,
-the runs' defaults); the augmentations of App. C.2; seeded loaders.
+The datasets in one table (DATASETS: each one's reader, archive and checksum, folder, what it holds, whether it has
+its own val split, the runs' defaults): the paper's (§4.1), read here; your own folders (own_data.py) and the
+procedural tasks for offline runs (synthetic.py), read there. Then the augmentations of App. C.2, and seeded loaders.
 
     splits, num_classes = load_splits("dtd", "./data")      # {"train", "val", "test"} of (PIL image, label)
     splits["test"].classes                                  # the class names, in label order
@@ -12,9 +12,6 @@ drawn from (seed, epoch): the data of an epoch is the same whatever the number o
 after a resume.
 """
 
-import functools
-import hashlib
-import itertools
 import os
 import zipfile
 from dataclasses import dataclass
@@ -24,58 +21,15 @@ import numpy as np
 import torch
 import torchvision.transforms as T
 import torchvision.transforms.functional as TF
-from PIL import Image, ImageOps
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset, default_collate
 
+from images import IGNORE, SPLITS, DataError, ImageFiles, open_image
+from own_data import read_image_folder, read_mask_folder
+from synthetic import SyntheticFine, SyntheticShapes, SyntheticTextures
+
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-SPLITS = ("train", "val", "test")
-IGNORE = 255  # segmentation label of pixels that count for nothing
 RESIZE_RATIO = 640 / 512  # the paper resizes to 640, then center-crops 512 (App. C.2)
-ARCHIVE_FIX = "unpack it again from the dataset's archive, or delete the dataset's folder and download it again"
-OWN_FIX = "replace it with a good copy, or delete it"  # your own folders: nothing to download
-
-
-class DataError(RuntimeError):
-    """Data that is missing, incomplete or unreadable; the message, one line, names the file and what to do."""
-
-    def __init__(self, message):
-        if message.startswith("Caught DataError"):  # re-raised from a DataLoader worker: keep the worker's own line
-            message = message.rstrip().splitlines()[-1].split("DataError: ", 1)[-1]
-        super().__init__(message)
-
-
-def unreadable(path, e, fix=ARCHIVE_FIX):
-    return DataError(f"cannot read {path} ({type(e).__name__}: {e}): the file is missing, truncated or corrupt; {fix}")
-
-
-ORIENTATION = 0x0112  # the EXIF tag of how a photo is shown: 1 as stored, 5 to 8 turned by 90 degrees
-SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I")  # 16-bit grayscale as pillow opens it (older pillow: "I")
-
-
-def orientation(img):
-    """An opened image's EXIF orientation (1: as stored), from its header; a PNG's only if its header holds it, so
-    that image_size never decodes pixels, and open_image agrees with it."""
-    if img.format == "PNG" and "exif" not in img.info:  # pillow would decode the PNG to look after its pixels
-        return 1
-    try:
-        return img.getexif().get(ORIENTATION, 1)
-    except Exception:  # a broken EXIF block: viewers show the photo as stored
-        return 1
-
-
-def open_image(path, mode="RGB", fix=ARCHIVE_FIX):
-    """An image file, decoded now, so that a bad file stops here, named; turned as its EXIF orientation says, as a
-    photo viewer shows it (a phone stores portraits sideways). With a mode (images), 16-bit grayscale is scaled to
-    8 bits; mode None (masks) keeps the values as stored, class indices."""
-    try:
-        with Image.open(path) as img:
-            if orientation(img) != 1:
-                img = ImageOps.exif_transpose(img)
-            if mode and img.mode in SIXTEEN_BIT:  # convert() would clip every value over 255: a white image
-                img = Image.fromarray((np.clip(np.asarray(img), 0, 65535) >> 8).astype(np.uint8))  # the high byte,
-            return img.convert(mode) if mode else img.copy()  # as pillow reads a 16-bit colour PNG
-    except OSError as e:  # PIL's "image file is truncated" and UnidentifiedImageError are OSErrors
-        raise unreadable(path, e, fix) from None
 
 
 # -----------------------------------------------------------------------------
@@ -155,21 +109,6 @@ class SegEvalTransform:
 
 # -----------------------------------------------------------------------------
 # the paper's datasets (§4.1), read from their own files
-
-
-class ImageFiles(Dataset):
-    """(PIL image, label) of a list of (path, label), class names in .classes: DTD, FGVC-Aircraft, CUB, your own
-    folders. `fix` is what a message about an unreadable file tells to do."""
-
-    def __init__(self, samples, classes, fix=ARCHIVE_FIX):
-        self.samples, self.classes, self.fix = samples, classes, fix
-
-    def __len__(self):
-        return len(self.samples)
-
-    def __getitem__(self, i):
-        path, label = self.samples[i]
-        return open_image(path, fix=self.fix), label
 
 
 def dtd_folder(root):
@@ -273,394 +212,6 @@ def read_cityscapes(root):
 
 
 # -----------------------------------------------------------------------------
-# your own images: a folder of classes (torchvision's ImageFolder layout) or of images and masks (docs/own-data.md)
-
-@functools.cache
-def image_extensions():
-    """The file extensions of every format pillow opens (.jpg, .png, .webp, .tif, ...), looked up once."""
-    Image.init()  # every plugin: pillow 9 lists only those loaded so far once an image was opened (no .webp)
-    return {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
-
-
-def image_files(folder, recursive=True):
-    """The image files in folder (and below it), by extension, hidden ones skipped, sorted: the same order on
-    every machine."""
-    found, extensions = [], image_extensions()
-    for d, dirs, files in os.walk(folder, followlinks=True):
-        dirs[:] = sorted(x for x in dirs if not x.startswith(".")) if recursive else []
-        found += [os.path.join(d, f) for f in sorted(files)
-                  if not f.startswith(".") and os.path.splitext(f)[1].lower() in extensions]
-    return found
-
-
-def hold_out(samples, splits, group, frac=0.1, seed=0):
-    """{"train": [...], split: [...] for each of `splits`}: frac of each group's samples (a class, by group(sample))
-    held out of train for each split, the rest train; drawn with a fixed seed, so the same on every run. Per
-    class, so that a rare class keeps most of its images for training and is counted in val and test."""
-    groups = {}
-    for s in samples:
-        groups.setdefault(group(s), []).append(s)
-    out = {name: [] for name in ("train", *splits)}
-    for k, key in enumerate(sorted(groups)):
-        members = groups[key]
-        order = np.random.default_rng([seed, k]).permutation(len(members)).tolist()
-        n = int(frac * len(members) + 0.5)  # 10 %, rounded half up: a class of 5 images gives 1
-        for j, name in enumerate(splits):
-            out[name] += [members[i] for i in sorted(order[j * n:(j + 1) * n])]
-        out["train"] += [members[i] for i in sorted(order[len(splits) * n:])]
-    for name in splits:
-        if not out[name]:
-            raise DataError(f"too few images to hold {name} out of train (10 % of a class rounds to none under 5 "
-                            f"images): add more images, or a {name}/ folder of your own")
-    return out
-
-
-def read_image_folder(root):
-    """Your classification images, torchvision's ImageFolder layout: ROOT/train/<class>/<image> (any format
-    pillow opens; subfolders of a class are read too), and val/ and test/ alike if you have them. Classes are
-    train's folder names, sorted. A split you do not have is held out of train: 10 % of each class, fixed seed.
-    What would train on nonsense is refused, one line each."""
-    layout = f"{os.path.join(root, 'train')}/<class>/<image>, val/ and test/ alike if you have them"
-    if os.path.isdir(os.path.join(root, "train", "images")) and os.path.isdir(os.path.join(root, "train", "masks")):
-        raise DataError(f"{root} holds train/images/ and train/masks/, a segmentation folder: use --dataset folder-seg")
-    found = {}  # split -> {class: [image paths]}
-    for split in SPLITS:
-        folder = os.path.join(root, split)
-        if not os.path.isdir(folder):
-            if split == "train":
-                raise DataError(f"no images: {folder} is not a folder (--dataset folder reads {layout})")
-            continue
-        classes = sorted(c for c in os.listdir(folder)
-                         if not c.startswith(".") and os.path.isdir(os.path.join(folder, c)))
-        found[split] = {c: image_files(os.path.join(folder, c)) for c in classes}
-        empty = [c for c, files in found[split].items() if not files]
-        if empty:
-            raise DataError(f"{os.path.join(folder, empty[0])} holds no image (formats pillow opens: .jpg, .png, "
-                            f".webp, ...): add its images or remove that folder")
-        if not classes:
-            loose = " (the images in it go in a folder of their class)" if image_files(folder, recursive=False) else ""
-            raise DataError(f"no images: {folder} holds no class folder{loose}; --dataset folder reads {layout}")
-    classes = list(found["train"])
-    if len(classes) < 2:
-        raise DataError(f"{os.path.join(root, 'train')} holds 1 class folder ({classes[0]}): a classifier needs at "
-                        f"least two classes")
-    for split in ("val", "test"):
-        extra = [c for c in found.get(split, {}) if c not in classes]
-        if extra:
-            raise DataError(f"{os.path.join(root, split, extra[0])} is a class that {os.path.join(root, 'train')} "
-                            f"lacks: add its training images there, or remove it from {split}/")
-    index = {c: k for k, c in enumerate(classes)}
-    samples = {s: [(p, index[c]) for c, files in found[s].items() for p in files] for s in found}
-    for path, _ in (sample for split in samples.values() for sample in split):
-        image_size(path)  # ~0.1 ms an image
-    missing = [s for s in ("val", "test") if s not in samples]
-    small = [c for c in classes if len(found["train"][c]) < 5] if missing else []  # 10 % of under 5 rounds to none
-    if small:  # such a class would be trained on but go untested, its figures empty
-        n = len(found["train"][small[0]])
-        own = f"a {missing[0]}/ folder" if len(missing) == 1 else "val/ and test/ folders"
-        raise DataError(f"{os.path.join(root, 'train', small[0])} holds {n} image{'s' * (n != 1)}, too few to hold "
-                        f"10 % of a class out for {' and '.join(missing)} (5 at least): add images to it, or {own} of "
-                        f"your own")
-    samples.update(hold_out(samples["train"], missing, group=lambda sample: sample[1]))
-    splits = {s: ImageFiles(samples[s], classes, fix=OWN_FIX) for s in SPLITS}
-    for s in missing:
-        splits[s].held_out = "10 % of each class of train, fixed seed 0"
-    return splits
-
-
-class MaskFiles(Dataset):
-    """(PIL image, PIL mask of class indices) of a list of (image path, mask path): your segmentation folder."""
-
-    def __init__(self, pairs, classes):
-        self.samples, self.classes = pairs, classes
-
-    def __len__(self):
-        return len(self.samples)
-
-    def __getitem__(self, i):
-        img, mask = self.samples[i]
-        return open_image(img, fix=OWN_FIX), Image.fromarray(np.array(open_image(mask, None, OWN_FIX), dtype=np.uint8))
-
-
-def image_size(path):
-    """(width, height) of an image as shown (its EXIF orientation applied, as open_image does), from the file's
-    header (not its pixels): a file pillow cannot open is refused now, one line that names it, before a run writes
-    anything; one cut short is found when it is read."""
-    try:
-        with Image.open(path) as img:
-            w, h = img.size
-            return (h, w) if orientation(img) in (5, 6, 7, 8) else (w, h)  # turned by 90 degrees
-    except OSError as e:
-        raise unreadable(path, e, OWN_FIX) from None
-
-
-def check_mask(img, mask, num_classes):
-    """Refuse a mask that does not fit its image: another size, more than one channel, an index past the classes.
-    A mask labels the image as shown: a photo stored sideways with an EXIF orientation, its mask upright."""
-    size = image_size(img)
-    m = np.array(open_image(mask, mode=None, fix=OWN_FIX))
-    if m.ndim != 2:
-        raise DataError(f"{mask} has {m.shape[2]} channels: a mask holds one class index a pixel (an 8-bit grayscale "
-                        f"or palette PNG, 255 ignored)")
-    if (m.shape[1], m.shape[0]) != size:
-        with Image.open(img) as stored:  # say so when a mask may have been drawn on the photo as stored, sideways
-            w, h = stored.size
-            turned = f" as shown (its EXIF orientation turns the {w}x{h} it is stored at)" if (w, h) != size else ""
-        raise DataError(f"{mask} is {m.shape[1]}x{m.shape[0]} pixels but its image {img} is {size[0]}x{size[1]}"
-                        f"{turned}: a mask labels each pixel of its image, at the same size")
-    if m.max() >= num_classes:
-        top = int(m[m != IGNORE].max(initial=0))
-        if top >= num_classes:
-            raise DataError(f"{mask} holds class index {top}, but classes.txt names {num_classes} classes (indices "
-                            f"0-{num_classes - 1}; 255 is ignored): fix the mask or add the class to classes.txt")
-
-
-def read_mask_folder(root):
-    """Your segmentation images: ROOT/classes.txt (one class name a line, the first line is index 0) and
-    ROOT/train/images/<stem>.<ext> (any format pillow opens) with ROOT/train/masks/<stem>.png (a class index a
-    pixel, 255 ignored), and val/ and test/ alike if you have them. A split you do not have is held out of train
-    (10 % of its images, fixed seed). Every mask is read once here, so that a bad one is refused before a run
-    starts rather than in its middle."""
-    names_file = os.path.join(root, "classes.txt")
-    layout = f"{names_file} and {os.path.join(root, 'train', 'images')}/<stem>.<ext> with masks/<stem>.png"
-    if not os.path.isfile(names_file):
-        raise DataError(f"no {names_file}: --dataset folder-seg reads {layout} (classes.txt: one class name a line, "
-                        f"the first is index 0)")
-    classes = [line.strip() for line in open(names_file) if line.strip()]
-    if not 2 <= len(classes) <= IGNORE:
-        raise DataError(f"{names_file} names {len(classes)} class{'es' * (len(classes) != 1)}: a segmentation needs "
-                        f"2 to 255 (e.g. background and one object; index 255 is ignored)")
-    samples = {}
-    for split in SPLITS:
-        folder = os.path.join(root, split)
-        if not os.path.isdir(folder):
-            if split == "train":
-                raise DataError(f"no images: {folder} is not a folder (--dataset folder-seg reads {layout})")
-            continue
-        images, masks = {}, {}
-        for path in image_files(os.path.join(folder, "images"), recursive=False):
-            stem = os.path.splitext(os.path.basename(path))[0]
-            if stem in images:
-                raise DataError(f"{images[stem]} and {path} share a name: one image a mask, rename one of them")
-            images[stem] = path
-        mask_folder = os.path.join(folder, "masks")
-        for f in sorted(os.listdir(mask_folder)) if os.path.isdir(mask_folder) else []:
-            if f.lower().endswith(".png") and not f.startswith("."):
-                masks[os.path.splitext(f)[0]] = os.path.join(mask_folder, f)
-        if not images:
-            raise DataError(f"no images: {os.path.join(folder, 'images')} holds none; --dataset folder-seg reads "
-                            f"{layout}")
-        no_mask, no_image = sorted(images.keys() - masks.keys()), sorted(masks.keys() - images.keys())
-        if no_mask:
-            raise DataError(f"{images[no_mask[0]]} has no mask: expected "
-                            f"{os.path.join(folder, 'masks', no_mask[0] + '.png')}")
-        if no_image:
-            raise DataError(f"{masks[no_image[0]]} has no image: expected {os.path.join(folder, 'images', no_image[0])}"
-                            f".<ext> (.jpg, .png, ...), or remove the mask")
-        samples[split] = [(images[stem], masks[stem]) for stem in sorted(images)]
-    for img, mask in (pair for pairs in samples.values() for pair in pairs):
-        check_mask(img, mask, len(classes))
-    missing = [s for s in ("val", "test") if s not in samples]
-    samples.update(hold_out(samples["train"], missing, group=lambda sample: 0))
-    splits = {s: MaskFiles(samples[s], classes) for s in SPLITS}
-    for s in missing:
-        splits[s].held_out = "10 % of train's images, fixed seed 0"
-    return splits
-
-
-def fingerprint(root):
-    """Eight hex digits of your folder's content as listed (not its pixels): classes.txt and the path of every image
-    and mask below train/, val/ and test/. Two folders share it only if they list the same files; a moved or
-    renamed folder keeps it. Runs carry it in their config (experiment.resolve_flags)."""
-    h = hashlib.sha1()
-    names_file = os.path.join(root, "classes.txt")
-    if os.path.isfile(names_file):
-        h.update(open(names_file, "rb").read())
-    for split in SPLITS:
-        for path in image_files(os.path.join(root, split)):
-            h.update(os.path.relpath(path, root).replace(os.sep, "/").encode() + b"\n")
-    return h.hexdigest()[:8]
-
-
-# -----------------------------------------------------------------------------
-# procedural tasks, drawn on the fly (no download), for the toy family
-
-
-def hsv(h, s, v):
-    """An RGB colour (0-255) from hue in [0, 1), saturation and value in [0, 1]."""
-    k = (np.array([5, 3, 1]) + 6 * h) % 6
-    return 255 * v * (1 - s * np.clip(np.minimum(k, 4 - k), 0, 1))
-
-
-class Procedural(Dataset):
-    """A dataset drawn on the fly, no download: item i of a split depends on (seed, split, i) alone."""
-
-    SIZES, SIZE, STREAM = {}, 64, ()  # images per split, side in pixels, an extra seed to keep sets apart
-
-    def __init__(self, split, seed=0, n=None):
-        self.split, self.seed, self.size = split, seed, self.SIZE
-        self.n = n or self.SIZES[split]
-        self.classes = list(self.CLASSES)
-        self.grid = np.mgrid[0:self.size, 0:self.size].astype(np.float32)
-        self.cache = {}
-
-    @classmethod
-    def read(cls, root=None):
-        """The three splits, drawn on the fly: nothing is read from root."""
-        return {split: cls(split) for split in SPLITS}
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        if i not in self.cache:  # drawn once a process: later epochs and evaluations reuse it
-            self.cache[i] = self.draw(i)
-        return self.cache[i]
-
-    def rng(self, i):
-        return np.random.default_rng([self.seed, ("train", "val", "test").index(self.split), i, *self.STREAM])
-
-
-class SyntheticTextures(Procedural):
-    """Procedural textures, one class each, with random colours, scale, phase and a little rotation, in low
-    contrast, uneven light and noise. Deterministic per (seed, split, index), generated on the fly. Every class is its
-    own mirror
-    image, so RandomHorizontalFlip keeps labels right."""
-
-    CLASSES = ("horizontal stripes", "vertical stripes", "diagonal stripes", "checkerboard", "dots",
-               "rings", "waves", "grid lines", "blobs", "rays")
-    SIZES = {"train": 6000, "val": 500, "test": 1000}
-
-    def draw(self, i):
-        rng = self.rng(i)
-        label = i % len(self.CLASSES)
-        return Image.fromarray(self.render(label, rng)), label
-
-    def render(self, label, rng):
-        s = self.size
-        y, x = self.grid
-        period = rng.uniform(6, 14)
-        phase = rng.uniform(0, 2 * np.pi)
-        tilt = np.deg2rad(rng.uniform(-10, 10))
-        u = x * np.cos(tilt) + y * np.sin(tilt)  # slightly rotated axes
-        v = -x * np.sin(tilt) + y * np.cos(tilt)
-        cy, cx = rng.uniform(0.2 * s, 0.8 * s, size=2)
-        wave = lambda t: np.sin(2 * np.pi * t / period + phase)
-        name = self.CLASSES[label]
-        if name == "horizontal stripes":
-            val = wave(v) > 0
-        elif name == "vertical stripes":
-            val = wave(u) > 0
-        elif name == "diagonal stripes":
-            val = wave((u + rng.choice([-1, 1]) * v) / np.sqrt(2)) > 0
-        elif name == "checkerboard":
-            val = (wave(u) > 0) ^ (wave(v) > 0)
-        elif name == "dots":
-            val = (wave(u) + wave(v)) > 1.2
-        elif name == "rings":
-            val = wave(np.hypot(x - cx, y - cy)) > 0
-        elif name == "waves":
-            val = wave(v + 0.25 * period * np.sin(2 * np.pi * u / (2.5 * period))) > 0
-        elif name == "grid lines":
-            val = (wave(u) > 0.8) | (wave(v) > 0.8)
-        elif name == "blobs":
-            noise = rng.normal(size=(s // 8 + 2, s // 8 + 2))
-            val = np.array(Image.fromarray(noise.astype(np.float32)).resize((s, s), Image.Resampling.BICUBIC)) > 0.5
-        else:  # rays
-            val = np.sin(np.arctan2(y - cy, x - cx) * rng.integers(4, 9) + phase) > 0
-        # "in the wild", as DTD's photographs: two close colours, uneven light, sensor noise
-        bg = rng.uniform(40, 215, size=3)
-        fg = bg + rng.choice([-1, 1], size=3) * rng.uniform(20, 70, size=3)
-        a, strength = rng.uniform(0, 2 * np.pi), rng.uniform(0, 0.5)  # light falls off along a random direction
-        light = 1 + strength * (np.cos(a) * (x - s / 2) + np.sin(a) * (y - s / 2)) / (s / 2)
-        noise = 20 * rng.standard_normal(size=(s, s, 1), dtype=np.float32)
-        img = np.where(val[..., None], fg, bg) * light[..., None] + noise
-        return np.clip(img, 0, 255).astype(np.uint8)
-
-
-class SyntheticShapes(Procedural):
-    """Shapes over textures, for offline segmentation: a striped or noisy background (class 0) and one to
-    three disks, squares and triangles (classes 1-3), each class in its own colour family, overlapping in
-    random order. Deterministic per (seed, split, index)."""
-
-    CLASSES = ("background", "disk", "square", "triangle")
-    SIZES = {"train": 1200, "val": 100, "test": 200}
-    HUES = {1: (220, 60, 40), 2: (50, 190, 60), 3: (60, 90, 220)}  # reddish, greenish, bluish
-
-    SIZE, STREAM = 128, (1,)
-
-    def draw(self, i):
-        rng = self.rng(i)
-        s = self.size
-        y, x = self.grid
-        period, phase, angle = rng.uniform(6, 16), rng.uniform(0, 2 * np.pi), rng.uniform(0, np.pi)
-        stripes = np.sin(2 * np.pi * (x * np.cos(angle) + y * np.sin(angle)) / period + phase)[..., None]
-        img = rng.uniform(60, 190, 3) + rng.uniform(20, 60) * stripes + 12 * rng.standard_normal((s, s, 1))
-        mask = np.zeros((s, s), dtype=np.uint8)
-        for _ in range(rng.integers(1, 4)):
-            label = int(rng.integers(1, 4))
-            r = rng.uniform(0.12, 0.25) * s
-            cy, cx = rng.uniform(r, s - r, size=2)
-            if label == 1:
-                inside = np.hypot(x - cx, y - cy) < r
-            elif label == 2:
-                inside = (np.abs(x - cx) < r * 0.85) & (np.abs(y - cy) < r * 0.85)
-            else:  # an upward triangle: below the apex, above the base, inside both slanted sides
-                inside = (y < cy + r * 0.8) & (np.abs(x - cx) < (y - (cy - r)) * 0.6)
-            img[inside] = np.array(self.HUES[label]) + rng.uniform(-30, 30, 3)
-            mask[inside] = label
-        img = np.clip(img, 0, 255).astype(np.uint8)
-        return Image.fromarray(img), Image.fromarray(mask)
-
-
-class SyntheticFine(Procedural):
-    """Fine-grained offline classification (the role of FGVC-Aircraft and CUB): one body on a cluttered
-    background, 36 classes = 4 colours of the body x 9 markings on it, so that classes differ in a detail
-    inside the object while its outline (disk, square, triangle or diamond), shade, size, position and the
-    background vary within each, as a species' plumage stays while pose and scene change. Every class is its
-    own mirror image."""
-
-    COLOURS = {"red": 0.0, "yellow": 0.15, "green": 0.33, "blue": 0.62}  # hue families of the body
-    MARKINGS = ("plain", "horizontal bars", "vertical bars", "diagonal bars", "checks", "spots", "centre dot",
-                "ring", "cross")
-    BODIES = ("disk", "square", "triangle", "diamond")
-    CLASSES = tuple(map(" body, ".join, itertools.product(COLOURS, MARKINGS)))
-    SIZES = {"train": 2160, "val": 720, "test": 1440}
-    STREAM = (2,)
-
-    def draw(self, i):
-        rng = self.rng(i)
-        label = i % len(self.CLASSES)
-        hue = list(self.COLOURS.values())[label // len(self.MARKINGS)]
-        marking = self.MARKINGS[label % len(self.MARKINGS)]
-        body = self.BODIES[rng.integers(len(self.BODIES))]
-        s = self.size
-        y, x = self.grid
-        # clutter: smooth noise in a random colour, so the body is not the only thing in view
-        coarse = Image.fromarray(rng.normal(size=(6, 6)).astype(np.float32))
-        noise = np.array(coarse.resize((s, s), Image.Resampling.BICUBIC))
-        img = rng.uniform(40, 215, 3) + rng.uniform(15, 40) * noise[..., None]
-        r = rng.uniform(0.28, 0.36) * s
-        cy, cx = rng.uniform(0.45 * s, 0.55 * s, size=2)
-        dy, dx = y - cy, x - cx
-        inside = {"disk": np.hypot(dx, dy) < r, "square": np.maximum(np.abs(dx), np.abs(dy)) < 0.85 * r,
-                  "triangle": (dy < 0.8 * r) & (np.abs(dx) < (dy + r) * 0.65),
-                  "diamond": np.abs(dx) + np.abs(dy) < 1.15 * r}[body]
-        period = rng.uniform(0.35, 0.5) * r
-        wave = lambda t: np.sin(2 * np.pi * t / period + rng.uniform(0, 2 * np.pi))
-        mark = {"plain": np.zeros_like(inside), "horizontal bars": wave(dy) > 0.3, "vertical bars": wave(dx) > 0.3,
-                "diagonal bars": wave((dx + rng.choice([-1, 1]) * dy) / np.sqrt(2)) > 0.3,
-                "checks": (wave(dx) > 0) ^ (wave(dy) > 0), "spots": (wave(dx) + wave(dy)) > 1.1,
-                "centre dot": np.hypot(dx, dy) < 0.3 * r, "ring": np.abs(np.hypot(dx, dy) - 0.5 * r) < 0.1 * r,
-                "cross": (np.abs(dx) < 0.12 * r) | (np.abs(dy) < 0.12 * r)}[marking]
-        colour = hsv((hue + rng.uniform(-0.04, 0.04)) % 1, rng.uniform(0.55, 1), rng.uniform(0.5, 1))
-        img[inside] = colour
-        img[inside & mark] = (colour + rng.choice([-1, 1], 3) * rng.uniform(60, 120, 3)) % 256
-        img = img + 8 * rng.standard_normal((s, s, 1))
-        return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)), label
-
-
-# -----------------------------------------------------------------------------
 # the table: every dataset a --dataset flag names, in one place
 
 
@@ -733,7 +284,7 @@ def download(name, root):
         ) from None
 
 
-def holdout(dataset, frac=0.1, seed=0):
+def hold_out(dataset, frac=0.1, seed=0):
     """(train, val) from a set with no val split: a fixed 10% held out, as the paper (after Marrie et al.)."""
     perm = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
     n_val = round(frac * len(dataset))
@@ -758,19 +309,19 @@ def load_splits(name, root="./data"):
                         f"should hold {source.holds}, as unpacked from {source.url}; delete it and run again to "
                         f"download it again") from None
     if not source.own_val:
-        splits["train"], splits["val"] = holdout(splits["train"])
+        splits["train"], splits["val"] = hold_out(splits["train"])
         splits["val"].held_out = "10 % of train, fixed seed 0"
     return {s: splits[s] for s in SPLITS}, len(splits["test"].classes)
 
 
-def held_out(splits):
+def held_out_splits(splits):
     """{split: how} of the splits held out of train, the data having none of its own."""
     return {s: splits[s].held_out for s in SPLITS if getattr(splits[s], "held_out", None)}
 
 
-def describe(splits):
+def describe_splits(splits):
     """One line for a run's log: each split's size, and how any was held out of train."""
-    held = held_out(splits)
+    held = held_out_splits(splits)
     return ", ".join(f"{s} {len(splits[s])}" + (f" (held out of train: {held[s]})" if s in held else "")
                      for s in SPLITS)
 

@@ -11,7 +11,7 @@ The plain functions the two training scripts share, by job:
     the step         adamw, peak_flops        AdamW's decay groups, MFU's denominator, a loss that is not finite
     evaluation       evaluate, per_class      accuracy, sliding-window mIoU, confusion matrices, per-class figures
     checkpoints      save_checkpoint, ...     what --resume continues exactly (the trained tensors, RNG states;
-                                              load_checkpoint checks the config), and the exported models (export)
+                                              load_checkpoint checks the config); the exported models: deploy.py
 
 Each script owns the method: its loop, AMP, the LR schedule, the loss, the log line and what it saves.
 """
@@ -43,10 +43,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import (DATASETS, IGNORE, IMAGENET_MEAN, IMAGENET_STD, RESIZE_RATIO, SEG_BASE_RATIO, fingerprint,
-                  normalize)
-from lora import merge_lora
-from model import CONFIGS, ViT, save_model, slide_inference
+from data import DATASETS, normalize
+from images import IGNORE
+from model import CONFIGS, ViT, slide_inference
+from own_data import fingerprint
 
 # the defaults that depend on the dataset are in its row of data.DATASETS (img_size, batch_size, lr; the crop rounded
 # to the models' patch size: default_img_size); those that
@@ -91,6 +91,14 @@ POSITIVE = _number(float, lambda v: v > 0 and v < float("inf"), "a positive numb
 NON_NEGATIVE = _number(float, lambda v: 0 <= v < float("inf"), "0 or more")
 
 
+def init_value(text):
+    """--init pretrained (the official weights, DINOv2's or DINOv3's) or random, as config.json stores it: pretrained
+    as "dinov2", its spelling before DINOv3 (still accepted), so that run names and config IDs stay as they were."""
+    if text not in ("pretrained", "dinov2", "random"):
+        raise argparse.ArgumentTypeError(f"must be pretrained or random, not {text}")
+    return "dinov2" if text == "pretrained" else text
+
+
 def parser(doc, method):
     """The flags of both scripts, spelled the same; each script adds its own."""
     p = Parser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -101,8 +109,9 @@ def parser(doc, method):
                    help="where datasets are, or are downloaded to; with --dataset folder or folder-seg, your folder")
     p.add_argument("--teacher", default="vitb14", choices=list(CONFIGS), help="the larger ViT")
     p.add_argument("--student", default="vits14", choices=list(CONFIGS), help="the smaller ViT")
-    p.add_argument("--init", default="dinov2", choices=["dinov2", "random"],
-                   help="the official weights (DINOv2's, or DINOv3's for a dinov3_* model) or random ones")
+    p.add_argument("--init", default="pretrained", type=init_value, metavar="{pretrained,random}",
+                   help="the official weights (DINOv2's, or DINOv3's for a dinov3_* model) or random ones; "
+                        "pretrained was spelled dinov2, which still works")
     p.add_argument("--teacher_weights", default=None, metavar="PATH_OR_URL",
                    help="the teacher's official .pth, a file or a URL (DINOv3's are gated: its signed URL); default: "
                         "torch.hub's cache (checkpoints/), where DINOv2's are downloaded")
@@ -642,7 +651,7 @@ def worst_classes(figures, name, k=5):
 
 
 # -----------------------------------------------------------------------------
-# checkpoints: only what training changes, so --resume continues exactly; the exported models
+# checkpoints: only what training changes, so --resume continues exactly
 
 
 def trained_keys(model):
@@ -714,30 +723,3 @@ def load_checkpoint(args, config, method, p):
         p.error(f"--resume {path} continues the run in {folder}, not in --out_dir {args.out_dir}: drop --out_dir "
                 f"(to continue elsewhere, copy the whole run folder there first)")
     return ckpt
-
-
-def deploy_meta(args, classes):
-    """What prediction needs, saved with the exported models (model.load_model gives it back as model.meta): the
-    task, the class names in label order, and the preprocessing it was evaluated with at the size it trained at
-    (the ViT config's img_size is the grid its position embeddings were pretrained on, not this)."""
-    segmentation = DATASETS[args.dataset].task == "segmentation"
-    resize = round(args.img_size * (SEG_BASE_RATIO if segmentation else RESIZE_RATIO))
-    crop = (f"windows of {args.img_size} px, stride {args.img_size // 2}" if segmentation
-            else f"center-crop {args.img_size} px")
-    how = (f"turn upright as its EXIF orientation says, resize the short side to {resize} px (bilinear, "
-           f"antialiased), then {crop}")
-    return {"task": "segmentation" if segmentation else "classification", "classes": list(classes),
-            "img_size": args.img_size, "resize": resize, "preprocess": how, "mean": list(IMAGENET_MEAN),
-            "std": list(IMAGENET_STD), "input": "RGB, (pixel / 255 - mean) / std, (batch, 3, height, width)",
-            "orientation": "EXIF orientation applied first (PIL.ImageOps.exif_transpose): the image as shown",
-            "interpolation": "bilinear, antialiased (PIL's Image.resize, as torchvision resizes a PIL image)",
-            "dataset": dataset_name(vars(args))}
-
-
-def export(path, model, meta):
-    """A Classifier or Segmenter with its adapters merged into the official DINOv2 or DINOv3 layout and `meta`
-    (deploy_meta) beside it (model.load_model reads it), written atomically."""
-    merged = type(model)(merge_lora(model.vit), model.num_classes)
-    merged.head.load_state_dict(model.head.state_dict())
-    merged.meta = meta
-    atomic_write(path, lambda tmp: save_model(tmp, merged))

@@ -26,11 +26,11 @@ import warnings
 
 import numpy as np
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
+from deploy import fix_size, input_size, load_model
 from experiment import POSITIVE_INT, Parser, RunError, atomic_write
-from model import CheckpointError, Segmenter, load_model
+from model import Segmenter
+from weights import CheckpointError
 
 TOLERANCE = 1e-4  # the most ONNX Runtime's logits may differ from torch's in float32, for logits up to 1 in size
 # the opsets both of torch's exporters write as asked: below 17 (no LayerNormalization) torch >= 2.9's writes 18
@@ -53,33 +53,6 @@ def parse_args(argv=None):
         p.error(f"--opset {args.opset}: torch's exporters write this model at opsets {OPSETS[0]} to {OPSETS[-1]} "
                 f"alone (ViT blocks need opset 17's LayerNormalization): give one of them, 17 for TensorRT 8")
     return args, p
-
-
-def fix_size(vit, img_size):
-    """The ViT made for img_size x img_size inputs alone: its position embeddings resampled now, once, as its
-    forward pass would (ViT.interpolate_pos_embed), so that the graph reads them as they are. DINOv3 has none."""
-    if vit.config.family == "dinov3":  # RoPE: nothing stored per grid, the graph computes it at the fixed size
-        return
-    grid = img_size // vit.config.patch_size
-    with torch.no_grad():
-        vit.pos_embed = nn.Parameter(vit.interpolate_pos_embed(grid, grid).detach())
-    vit.grid = grid  # interpolate_pos_embed returns pos_embed as is at this grid
-
-
-class SegmenterWindow(nn.Module):
-    """A Segmenter's forward pass with its batch size left free: Segmenter.decode reshapes by len(tokens), which
-    exporters record as a constant. The export is checked against the Segmenter itself."""
-
-    def __init__(self, segmenter):
-        super().__init__()
-        self.segmenter = segmenter
-
-    def forward(self, x):
-        vit, (H, W) = self.segmenter.vit, x.shape[-2:]
-        p = vit.config.patch_size
-        patches = vit.forward_features(x)[:, 1 + vit.config.num_register_tokens:]
-        logits = self.segmenter.head(patches.transpose(1, 2).unflatten(2, (H // p, W // p)))
-        return F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False)
 
 
 def to_onnx(net, x, opset):
@@ -126,19 +99,13 @@ def main(argv=None):
     args, p = parse_args(argv)
     model = load_model(args.model)  # eval mode, as predicted; model.meta: what prediction needs
     meta = dict(model.meta)
-    img_size = args.img_size or meta.get("img_size")
-    if not img_size:
-        p.error(f"{args.model} does not say the image size it trained at (written before that was saved): give "
-                f"--img_size, the run's (its config.json)")
-    if img_size % model.vit.config.patch_size:
-        p.error(f"--img_size {img_size} is not a multiple of the model's patch size {model.vit.config.patch_size}")
+    img_size = input_size(model, args.model, args.img_size, p)
     out = args.out or os.path.splitext(args.model)[0] + ".onnx"
 
     # the graph: the model fixed to img_size, its batch size free
     fixed = copy.deepcopy(model)
     fix_size(fixed.vit, img_size)
-    net = SegmenterWindow(fixed).eval() if isinstance(model, Segmenter) else fixed
-    proto = to_onnx(net, torch.randn(2, 3, img_size, img_size), args.opset)
+    proto = to_onnx(fixed, torch.randn(2, 3, img_size, img_size), args.opset)
     opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
     if opset != args.opset:  # an exporter that cannot convert to the opset asked keeps its own, and only warns
         sys.exit(f"error: torch's exporter wrote opset {opset}, not the --opset {args.opset} asked: {out} is not "

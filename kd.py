@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from data import IGNORE
+from images import IGNORE
 
 
 def task_loss(logits, labels):

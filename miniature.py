@@ -34,7 +34,8 @@ import experiment
 import report
 from experiment import POSITIVE_INT, TOY_DEFAULTS, Parser
 from lora import layer_mapping
-from model import CONFIGS, initial_backbone
+from model import CONFIGS
+from weights import initial_backbone
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # Table 1's pairs (teacher, student), in the paper's order: ViT-B -> ViT-S, ViT-L -> ViT-S, ViT-L -> ViT-B

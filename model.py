@@ -4,17 +4,16 @@ or DINOv3 (github.com/facebookresearch/dinov3), by its config, plus the predicti
 
 Parameter names equal the official checkpoints' keys, so
     vit.load_state_dict(torch.load("dinov2_vitb14_pretrain.pth", weights_only=True), strict=True)
-works as is, for both families. DINOv3 differs from DINOv2 by a few config fields: 16-px patches, RoPE on q and
-k in place of a learned position embedding, 4 storage tokens (DINOv2's registers, renamed), LayerNorm eps 1e-5,
-a qkv bias masked on the k rows, SwiGLU's two input matrices unfused. What we leave out of the official code:
-xformers, nested tensors, FSDP block chunking, drop-path, the DINO training heads and the crops of pretraining.
+works as is, for both families; weights.from_pretrained finds, downloads and checks those files, and deploy.py saves
+and loads a trained model. In order: the configs, the layers, the ViT, DINOv3's differences in one section, the
+heads. DINOv3 differs from DINOv2 by a few config fields: 16-px patches, RoPE on q and k in place of a learned
+position embedding, 4 storage tokens (DINOv2's registers, renamed), LayerNorm eps 1e-5, a qkv bias masked on the k
+rows, SwiGLU's two input matrices unfused. What we leave out of the official code: xformers, nested tensors, FSDP
+block chunking, drop-path, the DINO training heads and the crops of pretraining.
 """
 
 import math
-import os
-import urllib.error
-import urllib.parse
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -90,57 +89,6 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x):  # (B, 3, H, W) -> (B, H/p * W/p, D), patches in row-major order
         return self.proj(x).flatten(2).transpose(1, 2)
-
-
-class RoPE(nn.Module):
-    """DINOv3's axial rotary position embedding: in each head, each pair of dimensions (i, i + head_dim / 2) turns
-    by an angle, the first head_dim / 4 pairs by the patch's row, the others by its column, at head_dim / 4
-    periods. The periods are a buffer of the checkpoint, loaded rather than recomputed (the released ones are
-    rounded as they were trained)."""
-
-    def __init__(self, head_dim, rescale=0.0):
-        super().__init__()
-        self.rescale = rescale
-        exponents = 2 * torch.arange(head_dim // 4, dtype=torch.float32) / (head_dim // 2)
-        self.register_buffer("periods", 100.0 ** exponents)  # base 100, as the hub models
-
-    def forward(self, h, w):
-        """(sin, cos) of an h x w patch grid in row-major order: two (h * w, head_dim), float32 (float64 in a
-        float64 model), whatever the autocast dtype or a half-precision model's."""
-        dd = dict(dtype=torch.promote_types(self.periods.dtype, torch.float32), device=self.periods.device)
-        # patch centres, each axis normalised to [-1, 1] on its own (the official "separate")
-        rows = 2 * (torch.arange(0.5, h, **dd) / h) - 1
-        cols = 2 * (torch.arange(0.5, w, **dd) / w) - 1
-        coords = torch.stack(torch.meshgrid(rows, cols, indexing="ij"), dim=-1).flatten(0, 1)  # (h * w, 2)
-        if self.training and self.rescale:  # off by default (ViTConfig.rope_rescale)
-            log_r = math.log(self.rescale)
-            coords = coords * torch.empty(1, **dd).uniform_(-log_r, log_r).exp()
-        angles = 2 * math.pi * coords[:, :, None] / self.periods.to(coords.dtype)  # (h * w, 2, head_dim / 4)
-        angles = angles.flatten(1).tile(2)  # (h * w, head_dim): rows, columns, rows, columns
-        return angles.sin(), angles.cos()
-
-
-def rotate(x, sin, cos):
-    """RoPE on the last len(sin) tokens of x (B, heads, N, head_dim), the patches, in sin's dtype (float32) whatever
-    x's (bfloat16 under autocast); the CLS and storage tokens before them keep their values."""
-    n = sin.shape[0]
-    patches = x[:, :, -n:].to(sin.dtype)
-    first, second = patches.chunk(2, dim=-1)
-    patches = patches * cos + torch.cat((-second, first), dim=-1) * sin  # each pair (i, i + head_dim / 2) turned
-    return torch.cat((x[:, :, :-n], patches.to(x.dtype)), dim=2)
-
-
-class KMaskedLinear(nn.Linear):
-    """DINOv3's qkv: its bias is multiplied by the buffer bias_mask, 1 on the q and v rows and 0 on the k rows, so
-    the k rows carry no bias. LoRA changes the weight alone, so the mask holds for adapters, shared and merged."""
-
-    def __init__(self, dim_in, dim_out):
-        super().__init__(dim_in, dim_out)
-        self.register_buffer("bias_mask", torch.ones(dim_out))
-        self.bias_mask[dim_out // 3: 2 * dim_out // 3] = 0
-
-    def forward(self, x):
-        return F.linear(x, self.weight, self.bias * self.bias_mask.to(self.bias.dtype))
 
 
 class Attention(nn.Module):
@@ -278,18 +226,6 @@ class ViT(nn.Module):
         if name not in CONFIGS:
             raise ValueError(f"unknown model {name!r}; one of: {', '.join(CONFIGS)}")
         return cls(replace(CONFIGS[name], **overrides), name=name)
-
-    @classmethod
-    def from_pretrained(cls, name, path=None, progress=True):
-        """The official weights of `name`, loaded strictly. `path`: a file, or a URL (DINOv3's signed one) that is
-        downloaded into torch.hub's cache. Without it: torch.hub's cache, where torch.hub.load puts them, for
-        DINOv2 downloading them there first; DINOv3's are gated, so the error says how to get them; a toy's come
-        from weights/ (toys.py). Every file that cannot be had or read is a CheckpointError that says what to do."""
-        path, remedy = weights_file(name, path, progress)  # before building a model that may have no weights
-        model = cls.from_name(name)
-        model.load_state_dict(read_weights(path, model.state_dict(), name, remedy), strict=True)
-        return model
-
     def interpolate_pos_embed(self, h, w):
         """DINOv2: position embeddings for an h x w patch grid, resampled from the checkpoint's grid x grid."""
         if (h, w) == (self.grid, self.grid):
@@ -391,6 +327,61 @@ def step_flops(vit, img_size, how):
 
 
 # -----------------------------------------------------------------------------
+# DINOv3's differences: RoPE in place of a learned position embedding, a qkv bias masked on the k rows
+
+
+class RoPE(nn.Module):
+    """DINOv3's axial rotary position embedding: in each head, each pair of dimensions (i, i + head_dim / 2) turns
+    by an angle, the first head_dim / 4 pairs by the patch's row, the others by its column, at head_dim / 4
+    periods. The periods are a buffer of the checkpoint, loaded rather than recomputed (the released ones are
+    rounded as they were trained)."""
+
+    def __init__(self, head_dim, rescale=0.0):
+        super().__init__()
+        self.rescale = rescale
+        exponents = 2 * torch.arange(head_dim // 4, dtype=torch.float32) / (head_dim // 2)
+        self.register_buffer("periods", 100.0 ** exponents)  # base 100, as the hub models
+
+    def forward(self, h, w):
+        """(sin, cos) of an h x w patch grid in row-major order: two (h * w, head_dim), float32 (float64 in a
+        float64 model), whatever the autocast dtype or a half-precision model's."""
+        dd = dict(dtype=torch.promote_types(self.periods.dtype, torch.float32), device=self.periods.device)
+        # patch centres, each axis normalised to [-1, 1] on its own (the official "separate")
+        rows = 2 * (torch.arange(0.5, h, **dd) / h) - 1
+        cols = 2 * (torch.arange(0.5, w, **dd) / w) - 1
+        coords = torch.stack(torch.meshgrid(rows, cols, indexing="ij"), dim=-1).flatten(0, 1)  # (h * w, 2)
+        if self.training and self.rescale:  # off by default (ViTConfig.rope_rescale)
+            log_r = math.log(self.rescale)
+            coords = coords * torch.empty(1, **dd).uniform_(-log_r, log_r).exp()
+        angles = 2 * math.pi * coords[:, :, None] / self.periods.to(coords.dtype)  # (h * w, 2, head_dim / 4)
+        angles = angles.flatten(1).tile(2)  # (h * w, head_dim): rows, columns, rows, columns
+        return angles.sin(), angles.cos()
+
+
+def rotate(x, sin, cos):
+    """RoPE on the last len(sin) tokens of x (B, heads, N, head_dim), the patches, in sin's dtype (float32) whatever
+    x's (bfloat16 under autocast); the CLS and storage tokens before them keep their values."""
+    n = sin.shape[0]
+    patches = x[:, :, -n:].to(sin.dtype)
+    first, second = patches.chunk(2, dim=-1)
+    patches = patches * cos + torch.cat((-second, first), dim=-1) * sin  # each pair (i, i + head_dim / 2) turned
+    return torch.cat((x[:, :, :-n], patches.to(x.dtype)), dim=2)
+
+
+class KMaskedLinear(nn.Linear):
+    """DINOv3's qkv: its bias is multiplied by the buffer bias_mask, 1 on the q and v rows and 0 on the k rows, so
+    the k rows carry no bias. LoRA changes the weight alone, so the mask holds for adapters, shared and merged."""
+
+    def __init__(self, dim_in, dim_out):
+        super().__init__(dim_in, dim_out)
+        self.register_buffer("bias_mask", torch.ones(dim_out))
+        self.bias_mask[dim_out // 3: 2 * dim_out // 3] = 0
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias * self.bias_mask.to(self.bias.dtype))
+
+
+# -----------------------------------------------------------------------------
 # prediction heads (App. C.1)
 
 
@@ -444,7 +435,8 @@ class Segmenter(nn.Module):
         """Logits (B, num_classes, H, W) of an H x W image from its final tokens (B, 1 + R + N, D)."""
         (H, W), p = size, self.vit.config.patch_size
         patches = tokens[:, 1 + self.vit.config.num_register_tokens:]
-        logits = self.head(patches.transpose(1, 2).reshape(len(tokens), -1, H // p, W // p))
+        # unflatten, not a reshape by len(tokens): exporters keep the batch size free (export_onnx.py)
+        logits = self.head(patches.transpose(1, 2).unflatten(2, (H // p, W // p)))
         return F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False)
 
 
@@ -478,185 +470,3 @@ def slide_inference(model, x, window, stride):
             total[:, :, top:top + window, left:left + window] += logits
             count[:, :, top:top + window, left:left + window] += 1
     return (total / count)[:, :, :H, :W]
-
-
-def initial_backbone(name, role, init, seed, weights=None):
-    """A run's encoder before adaptation: the official weights (from the file or URL `weights` if given), or a
-    random init that depends on (seed, role) alone -- 'teacher' or 'student' -- so that cka.py, or anyone, can
-    rebuild it."""
-    if init == "dinov2":  # the official weights of the model's family, DINOv2's or DINOv3's
-        return ViT.from_pretrained(name, path=weights)
-    torch.manual_seed(2 * seed + (role == "student"))
-    return ViT.from_name(name)
-
-
-# -----------------------------------------------------------------------------
-# weights: where the official files are, and what is wrong with a file that does not load
-
-# _DINOV2_BASE_URL in facebookresearch/dinov2's dinov2/hub/utils.py; checkpoint_url follows its hub/backbones.py
-DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2"
-# DINOv3's (dinov3/hub/utils.py, hub/backbones.py: the LVD-1689M weights): gated, these URLs answer only with the
-# signature that an access e-mail gives, so we take their file names and nothing is downloaded without one
-DINOV3_URL = "https://dl.fbaipublicfiles.com/dinov3"
-DINOV3_HASHES = {"dinov3_vits16": "08c60483", "dinov3_vits16plus": "4057cbaa", "dinov3_vitb16": "73cec8be",
-                 "dinov3_vitl16": "8aa4cbdd", "dinov3_vitl16plus": "46503df0", "dinov3_vith16plus": "7c1da9a5",
-                 "dinov3_vit7b16": "a955f4ea"}
-DINOV3_ACCESS = ("DINOv3's weights are gated: request access at https://ai.meta.com/resources/models-and-libraries/"
-                 "dinov3-downloads/ (linked from github.com/facebookresearch/dinov3's README), and the e-mail that "
-                 "follows lists a signed URL for each file (fetch it with wget); they come under the DINOv3 License, "
-                 "not the Apache-2.0 of DINOv2's")
-TOY_WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")  # toys.py writes them
-
-
-def checkpoint_url(name):
-    """The URL the official torch.hub entry point loads for `name`, e.g. .../dinov2_vitb14_reg4_pretrain.pth or
-    .../dinov3_vitl16_pretrain_lvd1689m-8aa4cbdd.pth (DINOv3's: its file name; the URL needs a signature)."""
-    if name in DINOV3_HASHES:
-        arch = name.removeprefix("dinov3_")
-        return f"{DINOV3_URL}/dinov3_{arch}/dinov3_{arch}_pretrain_lvd1689m-{DINOV3_HASHES[name]}.pth"
-    arch = name.removesuffix("_reg")
-    reg = "_reg4" if name.endswith("_reg") else ""
-    return f"{DINOV2_URL}/dinov2_{arch}/dinov2_{arch}{reg}_pretrain.pth"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be had or read; the message says what was expected and where."""
-
-
-def weights_file(name, path=None, progress=True):
-    """(the weights file of `name`, what to do if it turns out unreadable): `path`, a URL's download, or the file
-    in torch.hub's cache (a DINOv2 one downloaded there first); a CheckpointError if there is none."""
-    if name not in CONFIGS:
-        raise ValueError(f"unknown model {name!r}; one of: {', '.join(CONFIGS)}")
-    if name.startswith("toy"):  # the toy family is shipped in the repo, made by toys.py
-        path = path or os.path.join(TOY_WEIGHTS, f"{name}.pt")
-        rebuild = "rebuild the toy family with `python toys.py` (~20 min on a 2-core CPU), or use --init random"
-        if not os.path.exists(path):
-            raise CheckpointError(f"no file {path}: the pretrained {describe(name)}; {rebuild}")
-        return path, rebuild
-    family, url = CONFIGS[name].family, checkpoint_url(name)
-    file = os.path.basename(url)
-    if path and urllib.parse.urlparse(path).scheme in ("http", "https"):  # a URL (DINOv3's signed one): downloaded
-        url, path = path, None
-    if path:
-        if not os.path.isfile(path):
-            raise CheckpointError(f"no file {path}: expected the {family.upper()} weights of {describe(name)}, {file}")
-        return path, f"use the file from {url}" if family == "dinov2" else f"use the official {file} ({DINOV3_ACCESS})"
-    path = os.path.join(torch.hub.get_dir(), "checkpoints", file)  # where torch.hub.load(..., weights=URL) puts it
-    downloadable = family == "dinov2" or url != checkpoint_url(name)  # DINOv3's with a signed URL only
-    if not os.path.exists(path):
-        if not downloadable:
-            raise CheckpointError(f"no weights for {describe(name)}: {DINOV3_ACCESS}. Put {file} in "
-                                  f"{os.path.dirname(path)} (where torch.hub.load(..., weights=URL) puts it), or give "
-                                  f"its path or signed URL (--teacher_weights / --student_weights, or "
-                                  f"ViT.from_pretrained(name, path=...))")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        try:  # writes to a temporary file, then renames: an interrupted download leaves nothing behind
-            torch.hub.download_url_to_file(url, path, progress=progress)
-        except (urllib.error.URLError, OSError) as e:
-            expired = (" (a DINOv3 signed URL expires: a new access request gives new ones)" if family == "dinov3"
-                       else "")
-            raise CheckpointError(  # a signed URL's signature stays out of the message
-                f"could not download the {family.upper()} weights of {describe(name)} from {url.split('?')[0]} ({e}). "
-                f"Without network, fetch that file elsewhere and put it at {path}{expired}") from None
-    if downloadable:
-        return path, "delete it and run again to download it again"
-    return path, f"delete it and fetch {file} again ({DINOV3_ACCESS})"
-
-
-def read_weights(path, expected, name, remedy):
-    """The state dict in `path`, checked against `expected` (the model's, for its keys and shapes) before loading:
-    a CheckpointError in one line that names the file, what is wrong and `remedy`; weights_only stays on."""
-    if os.path.getsize(path) == 0:  # what an interrupted download or copy leaves
-        raise CheckpointError(f"{path} is empty (0 bytes; an interrupted download?): {remedy}")
-    try:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated zip, another format, pickled Python objects
-        raise CheckpointError(f"{path} is not a valid checkpoint of {describe(name)}: it cannot be read as "
-                              f"tensors ({type(e).__name__}: {load_error(e)}), truncated or not a weights file; "
-                              f"{remedy}") from None
-    if not isinstance(state_dict, dict):
-        raise CheckpointError(f"{path} is not a valid checkpoint of {describe(name)}: it holds a "
-                              f"{type(state_dict).__name__}, not a state dict; {remedy}")
-    difference = first_difference(expected, state_dict)
-    if difference:
-        like = config_of(state_dict)
-        like = f"it looks like {describe(like)}" if like else "it fits none of the DINOv2 or DINOv3 configs"
-        raise CheckpointError(f"{path} is not a valid checkpoint of {describe(name)}: {difference}; {like}; {remedy}")
-    return state_dict
-
-
-def load_error(e):
-    """torch.load's reason, in one line, without its advice to trust the file: weights_only=False or
-    add_safe_globals would run or allow what a weights file should never hold."""
-    lines = [line.strip().removeprefix("WeightsUnpickler error: ").split(" was not an allowed global")[0]
-             for line in str(e).splitlines()]
-    advice = ("weights_only", "Weights only", "trust", "safe_globals", "documentation")
-    return next((line for line in lines if line and not any(a in line for a in advice)), "")[:200]
-
-
-def config_of(state_dict):
-    """The CONFIGS name a state dict fits, from its family, width, depth, registers and FFN; None if none does."""
-    try:
-        blocks = [int(k.split(".")[1]) for k in state_dict if k.startswith("blocks.")]
-        registers = state_dict.get("register_tokens", state_dict.get("storage_tokens"))
-        found = ("dinov3" if "rope_embed.periods" in state_dict else "dinov2", state_dict["cls_token"].shape[-1],
-                 1 + max(blocks), registers.shape[1] if registers is not None else 0,
-                 "swiglu" if any(".mlp.w3." in k for k in state_dict) else "mlp")
-    except (KeyError, ValueError, IndexError, AttributeError, TypeError):
-        return None
-    return next((n for n, c in CONFIGS.items()
-                 if (c.family, c.embed_dim, c.depth, c.num_register_tokens, c.ffn) == found), None)
-
-
-def first_difference(expected, found):
-    """The first missing key, unexpected key or shape mismatch of state dict `found`, in words; None if none."""
-    missing = [k for k in expected if k not in found]
-    unexpected = [k for k in found if k not in expected]
-    shapes = [k for k in expected if k in found and getattr(found[k], "shape", None) != expected[k].shape]
-    if missing:
-        return f"{len(missing)} key(s) missing, the first {missing[0]}"
-    if unexpected:
-        return f"{len(unexpected)} unexpected key(s), the first {unexpected[0]}"
-    if shapes:
-        k = shapes[0]
-        return f"{k} is {tuple(getattr(found[k], 'shape', ()))}, not {tuple(expected[k].shape)}"
-    return None
-
-
-def describe(name):
-    c = CONFIGS[name]
-    kind = "registers" if c.family == "dinov2" else "storage tokens"
-    extra = f", {c.num_register_tokens} {kind}" if c.num_register_tokens else ""
-    return f"{name} ({c.embed_dim} wide, {c.depth} blocks, {c.num_heads} heads, {c.ffn} FFN{extra})"
-
-
-# -----------------------------------------------------------------------------
-# a deployable model: the backbone in the official layout, its config and the head
-
-
-def save_model(path, model, **extra):
-    """A deployable Classifier or Segmenter: its backbone's official-layout state dict and config, its head, and
-    model.meta if it has one (what prediction needs: the task, class names, the image size it trained at, the
-    preprocessing; experiment.deploy_meta)."""
-    vit = model.vit
-    torch.save({"kind": type(model).__name__, "config": asdict(vit.config), "name": vit.name, "vit": vit.state_dict(),
-                "head": model.head.state_dict(), "num_classes": model.num_classes, "meta": getattr(model, "meta", {}),
-                **extra}, path)
-
-
-def load_model(path):
-    """A Classifier or Segmenter from a file written by save_model, e.g. the student a training script exports, in
-    eval mode (a Segmenter's BatchNorm then uses its running statistics, as evaluated), its meta in model.meta ({}
-    in files written before meta was saved)."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        kind = {"Classifier": Classifier, "Segmenter": Segmenter}[ckpt["kind"]]
-        model = kind(ViT(ViTConfig(**ckpt["config"]), name=ckpt["name"]), ckpt["num_classes"])
-        model.vit.load_state_dict(ckpt["vit"])
-        model.head.load_state_dict(ckpt["head"])
-        model.meta = ckpt.get("meta", {})
-    except Exception as e:
-        raise CheckpointError(f"{path} is not a model written by save_model "
-                              f"({type(e).__name__}: {str(e).strip()[:300]})") from None
-    return model.eval()

@@ -3,7 +3,7 @@ Run a trained model on images: the student.pt (or teacher.pt) a training script 
 folders of them or a list of files, on the CPU or a GPU, in batches. A classifier prints (or writes, CSV or JSON)
 each image's top-k classes with their probabilities; a segmenter writes a mask PNG an image, a class index a
 pixel as in the training masks, and prints the classes that cover most of it. What the model needs -- its class
-names, the image size it trained at, its preprocessing -- comes from the file (model.meta, experiment.deploy_meta).
+names, the image size it trained at, its preprocessing -- comes from the file (model.meta, deploy.deploy_meta).
 
     python predict.py out/RUN/student.pt photo.jpg
     python predict.py out/RUN/student.pt photos/ --top_k 3 --out predictions.csv   # or predictions.json
@@ -26,10 +26,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from data import (SEG_BASE_RATIO, DataError, ImageFiles, SegEvalTransform, eval_transform, image_files, make_loader,
-                  normalize, open_image)
+from data import SEG_BASE_RATIO, SegEvalTransform, eval_transform, make_loader, normalize
+from deploy import input_size, load_model
 from experiment import COUNT, POSITIVE_INT, Parser, RunError, atomic_write, write_text
-from model import CheckpointError, Segmenter, load_model, slide_inference
+from images import DataError, ImageFiles, open_image
+from model import Segmenter, slide_inference
+from own_data import image_files
+from weights import CheckpointError
 
 FIX = "replace it, or leave it out"  # what a message about an unreadable image tells to do
 AGAIN = "or give another --out, then run predict.py again"  # what a failed write tells to do: nothing to resume
@@ -89,12 +92,7 @@ def main(argv=None):
     model = load_model(args.model).to(args.device)  # eval mode; model.meta: what prediction needs
     meta = model.meta
     trained = meta.get("img_size")  # None in a file written before it was saved
-    img_size = args.img_size or trained
-    if not img_size:
-        p.error(f"{args.model} does not say the image size it trained at (written before that was saved): give "
-                f"--img_size, the run's (its config.json)")
-    if img_size % model.vit.config.patch_size:
-        p.error(f"--img_size {img_size} is not a multiple of the model's patch size {model.vit.config.patch_size}")
+    img_size = input_size(model, args.model, args.img_size, p)
     if trained and img_size != trained:  # another size resamples the position embeddings: other predictions
         p.error(f"--img_size {img_size}, but {args.model} trained at {trained} px and says so: leave --img_size out "
                 f"(it is for files too old to say)")

@@ -5,11 +5,11 @@ Tests for the SLAD repo, grouped by concept: a section a module, in the order be
 
     builders                        fake copies of each dataset's layout, your own folders, fake runs and results,
                                     the scripts run in-process, the fixtures
-    model.py                        the ViT is DINOv2 and DINOv3 (golden outputs of the official code), official
+    model.py, weights.py            the ViT is DINOv2 and DINOv3 (golden outputs of the official code), official
                                     shapes, weights files and their one-line errors, the heads, FLOPs, checkpointing
     lora.py                         LoRA (eq. 3), merge, SLAD's sharing (Fig. 4), what adapt trains
-    data.py                         the datasets on tiny fake copies of their layouts, Cityscapes, your own folders,
-                                    the synthetic sets, transforms, samplers and loaders
+    data.py, images.py,             the datasets on tiny fake copies of their layouts, Cityscapes, your own folders,
+    own_data.py, synthetic.py       the synthetic sets, image files (EXIF, 16 bits), transforms, samplers, loaders
     kd.py                           the losses (eq. 1, 2, 4), TAID and TED
     experiment.py                   flags and one-line refusals, run folders, --resume, atomic writes, the lock,
                                     AdamW's groups, mIoU, torchrun's processes
@@ -20,7 +20,8 @@ Tests for the SLAD repo, grouped by concept: a section a module, in the order be
     bench.py                        the step, memory, the input pipeline, the proof
     toys.py                         the pretrained toy family
     miniature.py                    the paper in miniature: its plan, convergence and ablation rules
-    predict.py, export_onnx.py      your own folders end to end: per-class figures, predictions, ONNX
+    deploy.py, predict.py,          your own folders end to end: per-class figures, predictions, ONNX
+    export_onnx.py
     README.md and docs/             their commands parse, their links exist
 """
 
@@ -61,23 +62,30 @@ from torch.utils.flop_counter import FlopCounterMode
 import bench
 import cka
 import data
+import deploy
 import experiment
 import export_onnx
+import images
 import kd
 import lora
 import miniature
 import model
+import own_data
 import predict
 import report
 import toys
 import train_slad
 import train_twostep
-from data import (SEGMENTATION, DataError, EpochSampler, SegEvalTransform, SegTrainTransform, SyntheticFine,
-                  SyntheticShapes, SyntheticTextures, Transformed, eval_transform, load_splits, make_loader, normalize,
-                  train_transform)
+import weights
+from data import (SEGMENTATION, EpochSampler, SegEvalTransform, SegTrainTransform, Transformed, eval_transform,
+                  load_splits, make_loader, normalize, train_transform)
+from deploy import load_model
 from experiment import RunError
+from images import DataError
 from lora import LoRALinear, add_lora, layer_mapping, merge_lora, share_lora, trainable_parameters
-from model import CONFIGS, CheckpointError, Classifier, Segmenter, ViT, ViTConfig, load_model, slide_inference
+from model import CONFIGS, Classifier, Segmenter, ViT, ViTConfig, slide_inference
+from synthetic import SyntheticFine, SyntheticShapes, SyntheticTextures
+from weights import CheckpointError, from_pretrained
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -228,7 +236,7 @@ def save_sideways(path, upright):
     """An image stored as a phone stores a portrait: turned a quarter anticlockwise, with EXIF orientation 6
     (turn it clockwise to show it), so that a viewer shows `upright`."""
     exif = Image.Exif()
-    exif[data.ORIENTATION] = 6
+    exif[images.ORIENTATION] = 6
     Image.fromarray(np.ascontiguousarray(np.rot90(upright))).save(path, exif=exif)
 
 
@@ -330,8 +338,8 @@ def fake_run(path, teacher_std, student_std, **config):
     """A run folder as the training scripts leave it, without training: the initial encoders, perturbed."""
     os.makedirs(path)
     for role, name, std in (("teacher", "toy-l", teacher_std), ("student", "toy-s", student_std)):
-        vit = randomize_(model.initial_backbone(name, role, "random", 0), std=std)
-        model.save_model(os.path.join(path, f"{role}.pt"), Classifier(vit, 10))
+        vit = randomize_(weights.initial_backbone(name, role, "random", 0), std=std)
+        deploy.save_model(os.path.join(path, f"{role}.pt"), Classifier(vit, 10))
     experiment.write_json(os.path.join(path, "config.json"), dict(
         dataset="synthetic", teacher="toy-l", student="toy-s", init="random", seed=0, img_size=56, **config))
     slad = "teacher_adapt" not in config
@@ -482,10 +490,10 @@ def test_bad_image_size_is_a_clear_error():
 
 
 def test_checkpoint_urls_are_the_hub_ones():
-    assert model.DINOV2_URL == "https://dl.fbaipublicfiles.com/dinov2"  # dinov2/hub/utils.py's _DINOV2_BASE_URL
-    assert model.checkpoint_url("vitb14") == ("https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/"
+    assert weights.DINOV2_URL == "https://dl.fbaipublicfiles.com/dinov2"  # dinov2/hub/utils.py's _DINOV2_BASE_URL
+    assert weights.checkpoint_url("vitb14") == ("https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/"
                                               "dinov2_vitb14_pretrain.pth")
-    assert model.checkpoint_url("vitg14_reg") == ("https://dl.fbaipublicfiles.com/dinov2/dinov2_vitg14/"
+    assert weights.checkpoint_url("vitg14_reg") == ("https://dl.fbaipublicfiles.com/dinov2/dinov2_vitg14/"
                                                   "dinov2_vitg14_reg4_pretrain.pth")
 
 
@@ -499,7 +507,7 @@ def vits14_file(tmp_path_factory):
 
 def test_from_pretrained_local_file(vits14_file):
     path, vit = vits14_file
-    loaded = ViT.from_pretrained("vits14", path=str(path))
+    loaded = from_pretrained("vits14", path=str(path))
     for (k, a), b in zip(vit.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), k
 
@@ -509,9 +517,9 @@ def test_from_pretrained_truncated_file_is_a_clear_error(vits14_file, tmp_path):
     bad = tmp_path / "dinov2_vits14_pretrain.pth"
     bad.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(CheckpointError) as e:
-        ViT.from_pretrained("vits14", path=str(bad))
+        from_pretrained("vits14", path=str(bad))
     msg = str(e.value)
-    assert str(bad) in msg and model.checkpoint_url("vits14") in msg and "384 wide" in msg
+    assert str(bad) in msg and weights.checkpoint_url("vits14") in msg and "384 wide" in msg
     assert "\n" not in msg
     assert bad.stat().st_size == path.stat().st_size // 2  # nothing deleted or rewritten
 
@@ -519,7 +527,7 @@ def test_from_pretrained_truncated_file_is_a_clear_error(vits14_file, tmp_path):
 def test_from_pretrained_wrong_architecture_is_a_clear_error(vits14_file):
     path, _ = vits14_file
     with pytest.raises(CheckpointError, match="not a valid checkpoint of vitb14 \\(768 wide"):
-        ViT.from_pretrained("vitb14", path=str(path))
+        from_pretrained("vitb14", path=str(path))
 
 
 def test_from_pretrained_downloads_into_hub_cache_and_fails_clearly_offline(vits14_file, tmp_path, monkeypatch):
@@ -531,8 +539,8 @@ def test_from_pretrained_downloads_into_hub_cache_and_fails_clearly_offline(vits
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     with pytest.raises(CheckpointError) as e:
-        ViT.from_pretrained("vits14")
-    assert model.checkpoint_url("vits14") in str(e.value) and str(cached) in str(e.value)
+        from_pretrained("vits14")
+    assert weights.checkpoint_url("vits14") in str(e.value) and str(cached) in str(e.value)
     assert not cached.exists()
 
     calls = []
@@ -541,10 +549,10 @@ def test_from_pretrained_downloads_into_hub_cache_and_fails_clearly_offline(vits
         with open(dst, "wb") as f:
             f.write(path.read_bytes())
     monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
-    loaded = ViT.from_pretrained("vits14")
-    assert calls == [model.checkpoint_url("vits14")] and cached.exists()
+    loaded = from_pretrained("vits14")
+    assert calls == [weights.checkpoint_url("vits14")] and cached.exists()
     assert torch.equal(loaded.pos_embed, vit.pos_embed)
-    ViT.from_pretrained("vits14")  # second time from the cache: no download
+    from_pretrained("vits14")  # second time from the cache: no download
     assert len(calls) == 1
 
 
@@ -562,12 +570,12 @@ def test_unreadable_weights_file_is_one_error_line(vits14_file, tmp_path, monkey
         bad.write_bytes(b"" if content == "empty" else path.read_bytes()[:1000])
     before = bad.read_bytes()
     with pytest.raises(CheckpointError) as e:
-        ViT.from_pretrained("vits14", path=None if cached else str(bad))
+        from_pretrained("vits14", path=None if cached else str(bad))
     msg = str(e.value)
     assert str(bad) in msg and "\n" not in msg and e.value.__cause__ is None
     assert e.value.__context__ is None or e.value.__suppress_context__  # one traceback, not two chained ones
     assert not any(s in msg for s in ("weights_only", "safe_globals", "trust"))
-    assert ("delete it and run again" in msg) if cached else (model.checkpoint_url("vits14") in msg)
+    assert ("delete it and run again" in msg) if cached else (weights.checkpoint_url("vits14") in msg)
     assert ("empty" in msg) == (content == "empty")
     assert bad.read_bytes() == before  # nothing deleted or rewritten: the user is told to
 
@@ -600,7 +608,7 @@ def test_wrong_architecture_says_what_differs_and_what_it_looks_like(vits14_file
                       if not any(k.startswith(f"blocks.{i}.") for i in range(6, 12))}
     torch.save(state_dict, tmp_path / "w.pth")
     with pytest.raises(CheckpointError) as e:
-        ViT.from_pretrained(load_as, path=str(tmp_path / "w.pth"))
+        from_pretrained(load_as, path=str(tmp_path / "w.pth"))
     assert says in str(e.value) and "\n" not in str(e.value)
 
 
@@ -608,12 +616,12 @@ def test_wrong_architecture_says_what_differs_and_what_it_looks_like(vits14_file
 def test_config_of_a_state_dict_is_its_config(name):
     with torch.device("meta"):  # shapes only: ViT-g's 1.1 B parameters take no memory
         state_dict = ViT.from_name(name).state_dict()
-    assert model.config_of(state_dict) == name
+    assert weights.config_of(state_dict) == name
 
 
 def test_toy_weights_missing_says_how_to_rebuild(tmp_path):
     with pytest.raises(CheckpointError, match="python toys.py"):
-        ViT.from_pretrained("toy-s", path=str(tmp_path / "toy-s.pt"))
+        from_pretrained("toy-s", path=str(tmp_path / "toy-s.pt"))
 
 
 # Sizes of the official DINOv3 hub models' state dicts, buffers included (dinov3.hub.backbones.dinov3_*(
@@ -639,7 +647,7 @@ def test_dinov3_configs_have_official_shapes_and_file_names(name):
     file = {"dinov3_vitl16": "dinov3_vitl16_pretrain_lvd1689m-8aa4cbdd.pth",
             "dinov3_vith16plus": "dinov3_vith16plus_pretrain_lvd1689m-7c1da9a5.pth"}.get(name)
     if file:  # two of dinov3/hub/backbones.py's, spelled out
-        assert model.checkpoint_url(name) == f"https://dl.fbaipublicfiles.com/dinov3/{name}/{file}"
+        assert weights.checkpoint_url(name) == f"https://dl.fbaipublicfiles.com/dinov3/{name}/{file}"
 
 
 TINY3 = ViTConfig(family="dinov3", patch_size=16, num_register_tokens=4, init_values=1e-5, embed_dim=32, depth=2,
@@ -717,7 +725,7 @@ def test_dinov3_weights_missing_say_where_to_request_them(tmp_path, monkeypatch)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("gated: no download"))
     with pytest.raises(CheckpointError) as e:
-        ViT.from_pretrained("dinov3_vitl16")
+        from_pretrained("dinov3_vitl16")
     msg = str(e.value)
     assert "gated" in msg and "ai.meta.com/resources/models-and-libraries/dinov3-downloads" in msg
     assert "dinov3_vitl16_pretrain_lvd1689m-8aa4cbdd.pth" in msg and str(tmp_path / "checkpoints") in msg
@@ -730,7 +738,7 @@ def test_dinov3_weights_load_from_the_hub_cache_a_path_or_a_signed_url(tmp_path,
     cache = tmp_path / "hub"
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(cache))
     same = lambda a: all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), vit.state_dict().values()))
-    assert same(ViT.from_pretrained("dinov3_vits16", path=str(path)))
+    assert same(from_pretrained("dinov3_vits16", path=str(path)))
     calls = []
 
     def download(url, dst, progress=True):
@@ -739,13 +747,13 @@ def test_dinov3_weights_load_from_the_hub_cache_a_path_or_a_signed_url(tmp_path,
     monkeypatch.setattr(torch.hub, "download_url_to_file", download)
     signed = ("https://dl.fbaipublicfiles.com/dinov3/x/dinov3_vits16_pretrain_lvd1689m-08c60483.pth"
               "?Policy=abc&Signature=xyz")
-    assert same(ViT.from_pretrained("dinov3_vits16", path=signed))
+    assert same(from_pretrained("dinov3_vits16", path=signed))
     cached = cache / "checkpoints" / "dinov3_vits16_pretrain_lvd1689m-08c60483.pth"  # as torch.hub.load would name it
     assert calls == [signed] and cached.exists()
-    assert same(ViT.from_pretrained("dinov3_vits16")) and len(calls) == 1  # from the cache, no flag needed
+    assert same(from_pretrained("dinov3_vits16")) and len(calls) == 1  # from the cache, no flag needed
     cached.write_bytes(cached.read_bytes()[:1000])  # truncated: what to do, and the signature never shown
     with pytest.raises(CheckpointError) as e:
-        ViT.from_pretrained("dinov3_vits16")
+        from_pretrained("dinov3_vits16")
     assert str(cached) in str(e.value) and "fetch" in str(e.value) and "gated" in str(e.value)
 
     def offline(url, dst, progress=True):
@@ -753,7 +761,7 @@ def test_dinov3_weights_load_from_the_hub_cache_a_path_or_a_signed_url(tmp_path,
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     cached.unlink()
     with pytest.raises(CheckpointError) as e:
-        ViT.from_pretrained("dinov3_vits16", path=signed)
+        from_pretrained("dinov3_vits16", path=signed)
     assert "403" in str(e.value) and "Signature" not in str(e.value) and "expires" in str(e.value)
 
 
@@ -762,27 +770,27 @@ def test_dinov3_weights_of_another_model_say_what_they_look_like(tmp_path, monke
     monkeypatch.setitem(CONFIGS, "dinov3_vitb16", replace(TINY3, embed_dim=64, num_heads=4))
     path, _ = dinov3_weights(tmp_path)
     with pytest.raises(CheckpointError) as e:
-        ViT.from_pretrained("dinov3_vitb16", path=str(path))
+        from_pretrained("dinov3_vitb16", path=str(path))
     assert "it looks like dinov3_vits16 (32 wide, 2 blocks, 2 heads, mlp FFN, 4 storage tokens)" in str(e.value)
     toy = tmp_path / "toy.pt"
     torch.save(ViT.from_name("toy-s").state_dict(), toy)  # a DINOv2-shaped file for a DINOv3 model
     with pytest.raises(CheckpointError, match="key\\(s\\) missing, the first storage_tokens; it looks like toy-s"):
-        ViT.from_pretrained("dinov3_vits16", path=str(toy))
+        from_pretrained("dinov3_vits16", path=str(toy))
 
 
 def test_truncated_toy_weights_say_to_run_toys_py(tmp_path):
     bad = tmp_path / "toy-s.pt"
-    bad.write_bytes(open(os.path.join(model.TOY_WEIGHTS, "toy-s.pt"), "rb").read()[:1000])
+    bad.write_bytes(open(os.path.join(weights.TOY_WEIGHTS, "toy-s.pt"), "rb").read()[:1000])
     with pytest.raises(CheckpointError) as e:
-        ViT.from_pretrained("toy-s", path=str(bad))
+        from_pretrained("toy-s", path=str(bad))
     assert "python toys.py" in str(e.value) and "http" not in str(e.value)
 
 
 def test_random_init_is_rebuildable_from_seed_and_role():
-    a = model.initial_backbone("toy-s", "student", "random", seed=3)
+    a = weights.initial_backbone("toy-s", "student", "random", seed=3)
     torch.manual_seed(123)  # whatever happened in between
-    b = model.initial_backbone("toy-s", "student", "random", seed=3)
-    c = model.initial_backbone("toy-s", "teacher", "random", seed=3)
+    b = weights.initial_backbone("toy-s", "student", "random", seed=3)
+    c = weights.initial_backbone("toy-s", "teacher", "random", seed=3)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     assert not torch.equal(a.blocks[0].attn.qkv.weight, c.blocks[0].attn.qkv.weight)
 
@@ -832,7 +840,7 @@ def test_residual_stream_stays_in_the_autocast_dtype(family):
     overrides = DINOV3_TOY if family == "dinov3" else {}  # DINOv3's: random weights, noised to matter
     vit = ViT.from_name("toy-b", **overrides)
     if not overrides:
-        vit.load_state_dict(torch.load(os.path.join(model.TOY_WEIGHTS, "toy-b.pt"), weights_only=True))
+        vit.load_state_dict(torch.load(os.path.join(weights.TOY_WEIGHTS, "toy-b.pt"), weights_only=True))
     clf = randomize_(Classifier(vit, 10), std=0.1 if overrides else 0.0).eval()
     randomize_(clf.head, std=0.1)
     x = torch.randn(8, 3, 8 * vit.config.patch_size, 8 * vit.config.patch_size)
@@ -1193,7 +1201,7 @@ def test_dinov3_sharing_merge_and_export_keep_the_k_masked_bias(tmp_path):
         merged.blocks[0].attn.qkv.bias[32:64] += 1.0
         assert torch.equal(merged(x), before)  # still masked after the merge
         clf = Classifier(student, 5).eval()
-        experiment.export(str(tmp_path / "student.pt"), clf, {})
+        deploy.export(str(tmp_path / "student.pt"), clf, {})
         loaded = load_model(str(tmp_path / "student.pt")).eval()
         assert loaded.vit.config == TINY3 and (loaded(x) - clf(x)).abs().max() <= 1e-5
 
@@ -1208,8 +1216,8 @@ def test_finetuned_encoders_train_every_parameter_they_mark_trainable(small_synt
 
 
 # -----------------------------------------------------------------------------
-# data.py: the datasets on tiny fake copies of their on-disk layouts, Cityscapes, your own folders, the synthetic
-# sets, transforms, samplers and loaders
+# data.py, images.py, own_data.py, synthetic.py: the datasets on tiny fake copies of their on-disk layouts,
+# Cityscapes, your own folders, the synthetic sets, image files, transforms, samplers and loaders
 
 
 @pytest.mark.parametrize("name,make,n_classes,sizes", [
@@ -1395,9 +1403,9 @@ def test_an_image_folder_reads_as_imagefolder_and_holds_out_the_same_splits(tmp_
     splits, num_classes = load_splits("folder", root)
     assert num_classes == 3 and splits["test"].classes == list(ANIMALS)
     assert [len(splits[s]) for s in ("train", "val", "test")] == [24, 3, 3]  # 10 % of each class each, rounded
-    assert data.held_out(splits) == {"val": "10 % of each class of train, fixed seed 0",
+    assert data.held_out_splits(splits) == {"val": "10 % of each class of train, fixed seed 0",
                                      "test": "10 % of each class of train, fixed seed 0"}
-    assert "val 3 (held out of train: 10 % of each class" in data.describe(splits)
+    assert "val 3 (held out of train: 10 % of each class" in data.describe_splits(splits)
     for s in ("val", "test"):  # every class counted in val and test, none of their images trained on
         assert sorted(label for _, label in splits[s].samples) == [0, 1, 2]
     paths = {s: [p for p, _ in splits[s].samples] for s in ("train", "val", "test")}
@@ -1410,14 +1418,16 @@ def test_an_image_folder_reads_as_imagefolder_and_holds_out_the_same_splits(tmp_
     assert {os.path.splitext(p)[1] for p in paths["train"]} == {".jpg", ".png", ".gif", ".webp"}
     own_images(tmp_path / "pets", splits=(("val", 2),))  # a val/ of its own: read as it is, test still held out
     splits, _ = load_splits("folder", root)
-    assert [len(splits[s]) for s in ("train", "val", "test")] == [27, 6, 3] and list(data.held_out(splits)) == ["test"]
+    assert [len(splits[s]) for s in ("train", "val", "test")] == [27, 6, 3]
+    assert list(data.held_out_splits(splits)) == ["test"]
 
 
 def test_a_mask_folder_pairs_images_and_masks_and_holds_out_val(tmp_path):
     root = own_masks(tmp_path / "boxes", splits=(("train", 20), ("test", 2)))
     splits, num_classes = load_splits("folder-seg", root)
     assert num_classes == 3 and splits["test"].classes == ["background", "red box", "blue box"]
-    assert [len(splits[s]) for s in ("train", "val", "test")] == [18, 2, 2] and list(data.held_out(splits)) == ["val"]
+    assert [len(splits[s]) for s in ("train", "val", "test")] == [18, 2, 2]
+    assert list(data.held_out_splits(splits)) == ["val"]
     img, mask = splits["train"][0]
     m = np.array(mask)
     assert img.mode == "RGB" and mask.size == img.size == (42, 28) and set(np.unique(m)) <= {0, 1, 2, 255}
@@ -1451,8 +1461,8 @@ def test_a_16_bit_image_reads_as_its_8_bit_copy_and_a_16_bit_mask_keeps_its_indi
     gray = np.random.default_rng(0).integers(0, 256, (28, 42), dtype=np.uint8)
     Image.fromarray(gray).save(tmp_path / "8.png")
     Image.fromarray(gray.astype(np.uint16) * 257).save(tmp_path / "16.png")  # the same picture, 16 bits a pixel
-    assert Image.open(tmp_path / "16.png").mode in data.SIXTEEN_BIT
-    eight, sixteen = (np.array(data.open_image(tmp_path / f)) for f in ("8.png", "16.png"))
+    assert Image.open(tmp_path / "16.png").mode in images.SIXTEEN_BIT
+    eight, sixteen = (np.array(images.open_image(tmp_path / f)) for f in ("8.png", "16.png"))
     assert sixteen.shape == (28, 42, 3) and np.array_equal(sixteen, eight) and sixteen.std() > 50  # not all white
     root = own_masks(tmp_path / "boxes", splits=(("train", 6),))  # a 16-bit image and a 16-bit mask in a folder
     image, mask = (os.path.join(root, "train", d, "train1.png") for d in ("images", "masks"))
@@ -1473,8 +1483,8 @@ def test_exif_orientation_turns_images_as_shown_and_a_mask_fits_the_image_as_sho
     image, mask = (os.path.join(root, "train", d, "train1.png") for d in ("images", "masks"))
     upright = np.array(Image.open(image))
     save_sideways(image, upright)
-    assert Image.open(image).size == (28, 42) and data.image_size(image) == (42, 28)  # stored, and as shown
-    assert np.array_equal(np.array(data.open_image(image)), upright)
+    assert Image.open(image).size == (28, 42) and own_data.image_size(image) == (42, 28)  # stored, and as shown
+    assert np.array_equal(np.array(images.open_image(image)), upright)
     jpg = os.path.join(root, "train", "images", "train0.jpg")  # as a camera writes it
     save_sideways(jpg, np.array(Image.open(jpg)))
     train = load_splits("folder-seg", root)[0]["train"]
@@ -2025,14 +2035,14 @@ def test_exports_are_atomic(tmp_path, monkeypatch, small_synthetic):
     """A disk that fills up while the models are exported: one line, no truncated student.pt or teacher.pt, and
     the run's checkpoint whole, so a --resume finishes it."""
     out = str(tmp_path / "run")
-    real = experiment.save_model
+    real = deploy.save_model
 
     def save_model(path, model):
         if "teacher" in os.path.basename(path):
             open(path, "wb").write(b"PK\x03\x04 truncated")
             raise OSError(28, "No space left on device", path)
         real(path, model)
-    monkeypatch.setattr(experiment, "save_model", save_model)
+    monkeypatch.setattr(deploy, "save_model", save_model)
     with pytest.raises(SystemExit) as e:
         run_as_script("train_twostep", TOY + ["--epochs", "1", "--teacher_adapt", "probe", "--out_dir", out],
                       monkeypatch)
@@ -2040,7 +2050,7 @@ def test_exports_are_atomic(tmp_path, monkeypatch, small_synthetic):
     assert (not os.path.exists(os.path.join(out, "teacher.pt"))
             and not os.path.exists(os.path.join(out, "teacher.pt.tmp")))
     assert not os.path.exists(os.path.join(out, "results.json"))
-    monkeypatch.setattr(experiment, "save_model", real)
+    monkeypatch.setattr(deploy, "save_model", real)
     run_main("train_twostep", TOY + ["--epochs", "1", "--teacher_adapt", "probe",
                                      "--resume", os.path.join(out, "ckpt.pt")], monkeypatch)
     assert load_model(os.path.join(out, "teacher.pt")) and results_of(out)["teacher_adapt"] == "probe"
@@ -3227,11 +3237,11 @@ FAMILY = ("toy-l", "toy-b", "toy-s")
 
 def test_shipped_toy_family_loads_strictly():
     for name in FAMILY:
-        state = torch.load(os.path.join(model.TOY_WEIGHTS, f"{name}.pt"), map_location="cpu", weights_only=True)
-        vit = ViT.from_pretrained(name)  # strict load_state_dict inside
+        state = torch.load(os.path.join(weights.TOY_WEIGHTS, f"{name}.pt"), map_location="cpu", weights_only=True)
+        vit = from_pretrained(name)  # strict load_state_dict inside
         assert list(state) == list(ViT.from_name(name).state_dict())  # the official layout, nothing more
         assert all(torch.equal(vit.state_dict()[k], v.float()) for k, v in state.items())
-    assert sum(os.path.getsize(os.path.join(model.TOY_WEIGHTS, f)) for f in os.listdir(model.TOY_WEIGHTS)) < 10e6
+    assert sum(os.path.getsize(os.path.join(weights.TOY_WEIGHTS, f)) for f in os.listdir(weights.TOY_WEIGHTS)) < 10e6
 
 
 def test_toys_script_builds_a_family_that_loads(tmp_path, monkeypatch, capsys):
@@ -3239,7 +3249,7 @@ def test_toys_script_builds_a_family_that_loads(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["toys.py", *quick, "--out_dir", str(tmp_path / "a")])
     toys.main()
     for name in FAMILY:  # pretrained or distilled: no longer the init
-        vit = ViT.from_pretrained(name, path=str(tmp_path / "a" / f"{name}.pt"))
+        vit = from_pretrained(name, path=str(tmp_path / "a" / f"{name}.pt"))
         assert not torch.equal(vit.pos_embed, ViT.from_name(name).pos_embed)
     # --teacher_from: the students distilled again from a given teacher, which is copied as it is
     monkeypatch.setattr(sys, "argv", ["toys.py", *quick, "--teacher_from", str(tmp_path / "a" / "toy-l.pt"),
@@ -3293,7 +3303,7 @@ def test_pretrained_toys_transfer_better_than_random_ones(dataset, n_train):
     train, test = dataset("train", n=n_train), dataset("val", n=200)
     for name in FAMILY:
         torch.manual_seed(0)
-        pretrained, random_init = (probe_accuracy(ViT.from_pretrained(name), train, test),
+        pretrained, random_init = (probe_accuracy(from_pretrained(name), train, test),
                                    probe_accuracy(ViT.from_name(name), train, test))
         assert pretrained > random_init + 15, (name, pretrained, random_init)
 
@@ -3532,7 +3542,7 @@ def test_an_older_model_file_loads_in_eval_mode_and_predict_asks_its_image_size(
     torch.manual_seed(0)
     seg = Segmenter(ViT.from_name("toy-s"), 3)
     seg.head[0].running_var.fill_(4.0)  # eval mode reads it, training mode would not
-    model.save_model(str(tmp_path / "seg.pt"), seg)
+    deploy.save_model(str(tmp_path / "seg.pt"), seg)
     ckpt = torch.load(tmp_path / "seg.pt", weights_only=True)
     del ckpt["meta"]  # as written before the metadata was saved
     torch.save(ckpt, tmp_path / "old.pt")
@@ -3564,7 +3574,7 @@ def test_predict_reads_a_16_bit_or_exif_turned_picture_as_its_8_bit_upright_copy
     for kind in (Classifier, Segmenter):
         net = randomize_(kind(ViT.from_name("toy-s"), 3), std=0.2)
         net.meta = {"img_size": 28, "classes": ["a", "b", "c"]}
-        model.save_model(str(tmp_path / f"{kind.__name__}.pt"), net)
+        deploy.save_model(str(tmp_path / f"{kind.__name__}.pt"), net)
     predict.main([str(tmp_path / "Classifier.pt"), str(folder), "--out", str(tmp_path / "p.json")])
     rows = json.load(open(tmp_path / "p.json"))
     assert len(rows) == 4 and all(r["top"] == rows[0]["top"] for r in rows), rows
@@ -3592,7 +3602,7 @@ def tiny_classifier_and_segmenter(tmp_path):
         net = kind(ViT.from_name("toy-s"), 3)
         net.meta = {"img_size": 28, "classes": ["a", "b", "c"]}
         paths.append(str(tmp_path / f"{kind.__name__}.pt"))
-        model.save_model(paths[-1], net)
+        deploy.save_model(paths[-1], net)
     os.makedirs(tmp_path / "a")
     Image.new("RGB", (30, 20), (200, 10, 10)).save(tmp_path / "a" / "red.png")
     return *paths, str(tmp_path / "a" / "red.png")

@@ -9,7 +9,7 @@ Pretraining is supervised on the factors that generate each image -- which wave 
 period and colour map; which shape lies over it, its hue and the pattern it is filled with -- from the final
 CLS token, and, per patch, how much of the patch the shape covers and which shape and fill it is: on a CPU,
 labels give transferable features in minutes, where self-distillation (DINO, iBOT) needs far longer
-schedules and large batches to avoid collapse. The images share primitives with the tasks in data.py, as
+schedules and large batches to avoid collapse. The images share primitives with the tasks in synthetic.py, as
 LVD-142M, the images DINOv2 was trained on, was gathered to resemble its downstream sets; none of the tasks'
 images or generators: no flat two-colour texture classes, no marked bodies on clutter, no striped backgrounds.
 The students are distilled task-agnostically from toy-l as shipped (float16), both from one teacher pass a
@@ -29,9 +29,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cka import batch_cka
-from data import hsv, normalize
+from data import normalize
 from lora import layer_mapping
-from model import CONFIGS, TOY_WEIGHTS, ViT
+from model import CONFIGS, ViT
+from synthetic import hsv
+from weights import TOY_WEIGHTS, from_pretrained
 
 SIDE, CROP = 64, 56  # images are drawn at 64 px and randomly cropped to 56 (4 x 4 patches of 14)
 
@@ -283,7 +285,7 @@ def main():
     else:
         teacher = pretrain(args.teacher, images, labels, masks, args.epochs, args.batch_size, args.lr, args.seed, log)
         save(teacher, path)
-    teacher = ViT.from_pretrained(args.teacher, path=path)  # as shipped
+    teacher = from_pretrained(args.teacher, path=path)  # as shipped
     students = distill(args.students, teacher, images, masks, args.distill_epochs, args.batch_size, args.lr, args.seed,
                        log, args.cka_weight)
     for name, student in students.items():

@@ -19,15 +19,18 @@ import time
 
 import torch
 
-from data import SEGMENTATION, DataError, describe, held_out, load_splits, make_loaders, normalize
+from data import SEGMENTATION, describe_splits, held_out_splits, load_splits, make_loaders, normalize
+from deploy import deploy_meta, export
 from experiment import (NON_NEGATIVE, RunError, adamw, append_line, claim_out_dir, config_id, dataset_name, ddp,
-                        ddp_end, ddp_init, ddp_mean, deploy_meta, evaluate, export, flat, hms, interrupted,
-                        load_checkpoint, load_trained_tensors, parser, peak_flops, per_class, print0, rank0_first,
-                        resolve_flags, rng_state, save_checkpoint, set_rng_state, stop_if_not_finite, sync_gradients,
-                        trained_keys, trained_tensors, worst_classes, write_confusion, write_json)
+                        ddp_end, ddp_init, ddp_mean, evaluate, flat, hms, interrupted, load_checkpoint,
+                        load_trained_tensors, parser, peak_flops, per_class, print0, rank0_first, resolve_flags,
+                        rng_state, save_checkpoint, set_rng_state, stop_if_not_finite, sync_gradients, trained_keys,
+                        trained_tensors, worst_classes, write_confusion, write_json)
+from images import DataError
 from kd import distill_term, slad_loss
 from lora import MAPPINGS, add_lora, share_lora, trainable_parameters
-from model import CheckpointError, Classifier, Segmenter, TeacherStudent, initial_backbone, step_flops
+from model import Classifier, Segmenter, TeacherStudent, step_flops
+from weights import CheckpointError, initial_backbone
 
 
 def get_lr(it, total):
@@ -112,7 +115,7 @@ def main():
     print0(f"teacher {args.teacher}, student {args.student}, {num_classes} classes, "
            f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters; student block i uses the "
            f"adapters of teacher block g(i) = {g}", args.out_dir)
-    print0(f"data {dataset_name(config)}: {describe(splits)}", args.out_dir)
+    print0(f"data {dataset_name(config)}: {describe_splits(splits)}", args.out_dir)
     history, start_epoch = {"train_seconds": 0.0, "metrics_rows": 0}, 0
     if ckpt:
         for name, m in trained.items():
@@ -204,7 +207,8 @@ def main():
                "num_classes": num_classes, "mapping": args.mapping, "epochs": args.epochs, "kd": args.kd,
                "feat": "none", **({"taid_t": round(float(kd_term.t), 3)} if args.kd == "taid" else {}),
                "train_seconds": round(history["train_seconds"], 1),
-               "held_out": list(held_out(splits)), "per_class": per_class(classes, confusions, window is not None),
+               "held_out": list(held_out_splits(splits)),
+               "per_class": per_class(classes, confusions, window is not None),
                "config_id": config_id(config), "config": config}
     if rank == 0:
         meta = deploy_meta(args, classes)

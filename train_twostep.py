@@ -30,16 +30,19 @@ import time
 
 import torch
 
-from data import SEGMENTATION, DataError, describe, held_out, load_splits, make_loaders, normalize
+from data import SEGMENTATION, describe_splits, held_out_splits, load_splits, make_loaders, normalize
+from deploy import deploy_meta, export
 from experiment import (NON_NEGATIVE, POSITIVE, POSITIVE_INT, REAL_MODEL_DEFAULTS, TOY_DEFAULTS, RunError, adamw,
                         append_line, claim_out_dir, config_id, dataset_name, ddp, ddp_end, ddp_init, ddp_mean,
-                        deploy_meta, evaluate, export, flat, hms, interrupted, load_checkpoint, load_trained_tensors,
-                        parser, peak_flops, per_class, print0, rank0_first, resolve_flags, rng_state, save_checkpoint,
-                        set_rng_state, stop_if_not_finite, sync_gradients, trained_keys, trained_tensors,
-                        worst_classes, write_confusion, write_json)
+                        evaluate, flat, hms, interrupted, load_checkpoint, load_trained_tensors, parser, peak_flops,
+                        per_class, print0, rank0_first, resolve_flags, rng_state, save_checkpoint, set_rng_state,
+                        stop_if_not_finite, sync_gradients, trained_keys, trained_tensors, worst_classes,
+                        write_confusion, write_json)
+from images import DataError
 from kd import TaskFilters, distill_loss, distill_term, task_loss, ted_loss
 from lora import MAPPINGS, adapt, layer_mapping, trainable_parameters
-from model import CheckpointError, Classifier, Segmenter, initial_backbone, step_flops
+from model import Classifier, Segmenter, step_flops
+from weights import CheckpointError, initial_backbone
 
 
 def add_ted_filters(teacher, student, mapping, num_classes):
@@ -140,7 +143,7 @@ def main():
     for name, m in (("teacher", teacher), ("student", student)):
         print0(f"{name} {getattr(args, name)} ({getattr(args, name + '_adapt')}): "
                f"{sum(p.numel() for p in trainable_parameters(m)) / 1e6:.2f}M trainable parameters", args.out_dir)
-    print0(f"data {dataset_name(config)}: {describe(splits)}", args.out_dir)
+    print0(f"data {dataset_name(config)}: {describe_splits(splits)}", args.out_dir)
     if g is not None:
         print0(f"TED: student block i is distilled from teacher block g(i) = {g}, through filters "
                f"{teacher.ted_filters.filters[0].out_features} wide", args.out_dir)
@@ -295,7 +298,7 @@ def main():
                "teacher_epochs": args.teacher_epochs, "student_epochs": args.student_epochs, "kd": args.kd,
                "feat": args.feat, **({"taid_t": round(float(kd_term.t), 3)} if args.kd == "taid" else {}),
                **({"mapping": args.mapping} if args.feat == "ted" else {}),
-               "train_seconds": round(history["train_seconds"], 1), "held_out": list(held_out(splits)),
+               "train_seconds": round(history["train_seconds"], 1), "held_out": list(held_out_splits(splits)),
                "per_class": per_class(classes, confusions, window is not None), "config_id": config_id(config),
                "config": config}
     if rank == 0:
