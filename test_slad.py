@@ -3333,15 +3333,17 @@ def test_miniature_quick_runs_end_to_end(tmp_path):
     assert Image.open(tmp_path / "fig3.png").width <= 1000 and Image.open(tmp_path / "fig1.png").width == 900
 
 
-def test_miniature_convergence_doubles_until_every_model_moves_less_than_half_a_point(tmp_path, monkeypatch):
+def test_miniature_convergence_doubles_until_every_student_moves_less_than_half_a_point(tmp_path, monkeypatch):
     curve = {8: 80.0, 16: 85.0, 32: 85.4, 64: 85.5}  # SLAD's student: +5 from 8 to 16, +0.4 from 16 to 32
+    teacher = {8: 80.0, 16: 84.0, 32: 88.0, 64: 92.0}  # Fine-tuning's teacher: +4 each doubling, not waited for
     ran = []
 
     def run_all(jobs, workers, log):
         for d, cmd in jobs:
             ran.append(os.path.basename(d))
             epochs = int(cmd[cmd.index("--epochs" if "--epochs" in cmd else "--teacher_epochs") + 1])
-            fake_run_folder(d, "synthetic-fine", curve[epochs] if "slad" in d else 90.0)
+            fake_run_folder(d, "synthetic-fine", curve[epochs] if "slad" in d else 90.0,
+                            teacher[epochs] if "fine-tuning" in d else None)
     monkeypatch.setattr(miniature, "run_all", run_all)
     args, _ = miniature.parse_args(["--convergence", "--tasks", "synthetic-fine", "--seeds", "0", "1",
                                     "--out_dir", str(tmp_path)])
@@ -3350,8 +3352,13 @@ def test_miniature_convergence_doubles_until_every_model_moves_less_than_half_a_
     assert chosen == {"synthetic-fine": 16}  # 8 -> 16 moves SLAD's student 5 points; 16 -> 32, 0.4
     assert "| synthetic-fine | 8 → 16 |" in table and "+5.0" in table and "| 16 → 32 |" in table
     assert len(ran) == len(set(ran)) == 3 * 4 * 2  # three schedules, four methods, two seeds: each run once
+    assert "+4.0" in table  # the teacher's move is shown
     args.max_epochs = 16
     assert miniature.convergence(args, print)[1] == {"synthetic-fine": None}  # the cap: not reached, said so
+    ran.clear()
+    args.max_epochs, args.first_epochs = 64, 16  # --first_epochs: the search starts there
+    assert miniature.convergence(args, print)[1] == {"synthetic-fine": 16}
+    assert ran and not any("-e8-" in r for r in ran)  # nothing shorter than --first_epochs is asked for
 
     # convergence.md keeps the other tasks' rows; a task searched again replaces its own
     path = str(tmp_path / "convergence.md")
@@ -3363,7 +3370,7 @@ def test_miniature_convergence_doubles_until_every_model_moves_less_than_half_a_
     # the summary's premise row reads the doubling from the same run folders: 16 -> 32 moves at most 0.4
     runs = miniature.doubling_runs(str(tmp_path), "synthetic-fine", 16, [0, 1])
     moves = miniature.doubling_moves(runs, "synthetic-fine", 16, [0, 1])
-    assert max(abs(v) for v in moves.values()) == pytest.approx(0.4)
+    assert max(abs(v) for (m, role), v in moves.items() if role == "student") == pytest.approx(0.4)
     assert miniature.doubling_runs(str(tmp_path), "synthetic-fine", 64, [0, 1]) is None  # 128 never ran
 
 
