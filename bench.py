@@ -59,10 +59,9 @@ from torch.utils._pytree import tree_leaves
 
 from data import (CLASSIFICATION, SEG_BASE_RATIO, SEGMENTATION, SegTrainTransform, load_splits, make_loader,
                   normalize, train_transform)
-from experiment import PEAK_FLOPS, peak_flops
 from kd import distill_loss, slad_loss, task_loss
 from lora import adapt, add_lora, share_lora, trainable_parameters
-from model import CONFIGS, Classifier, TeacherStudent, ViT, step_flops
+from model import CONFIGS, PEAK_FLOPS, Classifier, TeacherStudent, ViT, peak_flops, step_flops
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 METHODS = ("slad", "probe", "finetune", "lora", "distill")
@@ -274,7 +273,7 @@ def cmd_step(args):
 
 
 def bench_eval(args):
-    """Time a validation batch: the teacher's and the student's forward (experiment.evaluate), seconds a batch."""
+    """Time a validation batch: the teacher's and the student's forward (evaluation.evaluate), seconds a batch."""
     device = args.device
     with torch.device(device):
         models = [Classifier(ViT.from_name(name), 100).eval() for name in (args.teacher, args.student)]
@@ -839,7 +838,7 @@ def parse_args(argv=None):
             s.add_argument("--student", default="vits14", choices=list(CONFIGS))
             s.add_argument("--grad_checkpointing", action="store_true")
             s.add_argument("--peak_tflops", type=float, default=None,
-                           help="the device's peak, if not in experiment.PEAK_FLOPS")
+                           help="the device's peak, if not in model.PEAK_FLOPS")
         if name in ("memory", "data"):
             s.add_argument("--pairs", type=pair, nargs="+", default=list(PAIRS), metavar="TEACHER:STUDENT")
         if name in ("step", "data"):

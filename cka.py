@@ -26,11 +26,12 @@ from torch.utils.data import Dataset, Subset
 
 from data import DATASETS, eval_transform, load_splits, make_loader, normalize
 from deploy import load_model
-from experiment import COUNT, POSITIVE_INT, Parser, default_img_size, init_value, write_json
+from flags import COUNT, POSITIVE_INT, Parser, default_img_size, init_value
 from images import DataError
 from lora import MAPPINGS, layer_mapping
 from model import CONFIGS
 from own_data import fingerprint
+from run_folder import write_json
 from weights import CheckpointError, initial_backbone
 
 # -----------------------------------------------------------------------------
@@ -306,7 +307,7 @@ def resolve(args, runs, parser):
         parser.error(f"runs with the same folder name ({', '.join(names)}): their figures would overwrite each other")
     same = ("teacher", "student", "init") + (("seed",) if args.init == "random" else ())
     data = ("dataset", "img_size")
-    if DATASETS[args.dataset].own:  # your folder: the files it lists now, not where it is (experiment.resolve_flags)
+    if DATASETS[args.dataset].own:  # your folder: the files it lists now, not where it is (flags.resolve_flags)
         args.data_fingerprint = fingerprint(args.data_dir)
         data += ("data_fingerprint",)
     for r in runs:

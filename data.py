@@ -70,6 +70,12 @@ def normalize(x):
     return (x.float() / 255 - mean) / std
 
 
+def next_batch(batches, device):
+    """The next (images, labels) of a loader's iterator, on `device`, the images normalised."""
+    x, y = next(batches)
+    return normalize(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
+
+
 class SegTrainTransform:
     """App. C.2 for segmentation, the same geometry for image and mask: random resize (short side
     base x U(0.5, 2), as mmseg's RandomResize around 640), random crop (560), horizontal flip, then a
@@ -227,7 +233,7 @@ class Source:
     md5: str = None  # that archive's MD5 where one is published; None: not checked
     own_val: bool = True  # False: load_splits holds out 10 % of train for val (fixed seed), as the paper does
     own: bool = False  # your own folder: its name joins the run's name, a fingerprint of its files the config
-    img_size: int = 518  # the runs' defaults (experiment.resolve_flags): 518 = 37 x 14, the patch-14 size nearest
+    img_size: int = 518  # the runs' defaults (flags.resolve_flags): 518 = 37 x 14, the patch-14 size nearest
     batch_size: int = 32  # the paper's 512 crop; the procedural tasks are for toy models, which need more steps
     lr: float = 1e-3  # (smaller batches) and a larger learning rate to learn in one epoch
 
@@ -380,7 +386,7 @@ class Transformed(Dataset):
 def keep_sizes(batch):
     """DataLoader's collate for evaluation: a batch stacked as usual when its images (and masks) are all one size;
     otherwise (photos, portrait and landscape, evaluated at their own sizes) a list of images and a list of their
-    labels or masks, which experiment.evaluate takes one at a time."""
+    labels or masks, which evaluation.evaluate takes one at a time."""
     if len({(x.shape, torch.as_tensor(y).shape) for x, y in batch}) == 1:
         return default_collate(batch)
     return [x for x, _ in batch], [torch.as_tensor(y) for _, y in batch]

@@ -6,15 +6,17 @@ prediction needs (deploy_meta: the task, the class names, the image size it trai
     model = load_model("out/RUN/student.pt")   # a Classifier or Segmenter in eval mode, its meta in model.meta
 """
 
+import os
 from dataclasses import asdict
 
 import torch
 import torch.nn as nn
 
 from data import DATASETS, IMAGENET_MEAN, IMAGENET_STD, RESIZE_RATIO, SEG_BASE_RATIO
-from experiment import atomic_write, dataset_name
+from flags import FlagError, dataset_name
 from lora import merge_lora
 from model import Classifier, Segmenter, ViT, ViTConfig
+from run_folder import atomic_write
 from weights import CheckpointError
 
 # -----------------------------------------------------------------------------
@@ -79,19 +81,30 @@ def export(path, model, meta):
     atomic_write(path, lambda tmp: save_model(tmp, merged))
 
 
+def export_models(args, models, classes):
+    """A run's student.pt and teacher.pt in --out_dir (export), with what prediction needs (deploy_meta), written by
+    the first process."""
+    if int(os.environ.get("RANK", 0)) > 0:
+        return
+    meta = deploy_meta(args, classes)
+    for name in ("student", "teacher"):
+        export(os.path.join(args.out_dir, f"{name}.pt"), models[name], meta)
+
+
 # -----------------------------------------------------------------------------
 # what predict.py and export_onnx.py do with a loaded model: the image size it takes, fixed for a graph
 
 
-def input_size(model, path, img_size, p):
+def input_size(model, path, img_size):
     """The side of the images `model` (read from `path`) takes: `img_size` (--img_size) if given, else the size it
-    trained at (model.meta); one line from parser `p` if neither says one or it is not a multiple of the patch size."""
+    trained at (model.meta); FlagError, one line, if neither says one or it is not a multiple of the patch size."""
     img_size = img_size or model.meta.get("img_size")
     if not img_size:
-        p.error(f"{path} does not say the image size it trained at (written before that was saved): give "
-                f"--img_size, the run's (its config.json)")
+        raise FlagError(f"{path} does not say the image size it trained at (written before that was saved): give "
+                        f"--img_size, the run's (its config.json)")
     if img_size % model.vit.config.patch_size:
-        p.error(f"--img_size {img_size} is not a multiple of the model's patch size {model.vit.config.patch_size}")
+        raise FlagError(f"--img_size {img_size} is not a multiple of the model's patch size "
+                        f"{model.vit.config.patch_size}")
     return img_size
 
 

@@ -28,8 +28,9 @@ import numpy as np
 import torch
 
 from deploy import fix_size, input_size, load_model
-from experiment import POSITIVE_INT, Parser, RunError, atomic_write
+from flags import FlagError, POSITIVE_INT, Parser
 from model import Segmenter
+from run_folder import RunError, atomic_write
 from weights import CheckpointError
 
 TOLERANCE = 1e-4  # the most ONNX Runtime's logits may differ from torch's in float32, for logits up to 1 in size
@@ -99,7 +100,10 @@ def main(argv=None):
     args, p = parse_args(argv)
     model = load_model(args.model)  # eval mode, as predicted; model.meta: what prediction needs
     meta = dict(model.meta)
-    img_size = input_size(model, args.model, args.img_size, p)
+    try:
+        img_size = input_size(model, args.model, args.img_size)
+    except FlagError as e:
+        p.error(str(e))
     out = args.out or os.path.splitext(args.model)[0] + ".onnx"
 
     # the graph: the model fixed to img_size, its batch size free

@@ -87,7 +87,7 @@ class TAID(nn.Module):
 
     over N = total_steps steps: t never decreases, and after the run's last step it is within
     (t_end - t_start) / N of t_end. t, m and J_{n-1} are buffers on the device, updated with tensor ops (no
-    host sync per step), checkpointed with the models (experiment.trained_keys)."""
+    host sync per step), checkpointed with the models (run_folder.trained_keys)."""
 
     def __init__(self, total_steps, t_start=0.4, t_end=1.0, alpha=5e-4, beta=0.99):
         super().__init__()

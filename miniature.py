@@ -30,9 +30,8 @@ from torch.utils.data import Subset
 
 from cka import BLUE_WHITE_RED, VIRIDIS, ImagesOnly, draw_panel, font, layer_cka, mapped_mean, text
 from data import eval_transform, load_splits, make_loader
-import experiment
 import report
-from experiment import POSITIVE_INT, TOY_DEFAULTS, Parser
+from flags import POSITIVE_INT, TOY_DEFAULTS, Parser, config_id
 from lora import layer_mapping
 from model import CONFIGS
 from weights import initial_backbone
@@ -164,11 +163,11 @@ def finished(d, cmd):
     """Whether run folder d holds the finished run of cmd: its results.json, of the config cmd resolves to (a run
     of other flags -- --quick's, an older version's -- is run again)."""
     try:
-        config_id = json.load(open(os.path.join(d, "results.json")))["config_id"]
+        kept_id = json.load(open(os.path.join(d, "results.json")))["config_id"]
     except (OSError, ValueError, KeyError):
         return False
     script = os.path.basename(cmd[1]).removesuffix(".py")
-    return config_id == experiment.config_id(vars(importlib.import_module(script).parse_args(cmd[2:])[0]))
+    return kept_id == config_id(vars(importlib.import_module(script).parse_args(cmd[2:])[0]))
 
 
 def run_all(jobs, workers, log):

@@ -327,6 +327,53 @@ def step_flops(vit, img_size, how):
 
 
 # -----------------------------------------------------------------------------
+# the optimizer, its schedule and MFU's denominator (nanoGPT's configure_optimizers and estimate_mfu)
+
+
+def adamw(groups, weight_decay, device):
+    """AdamW over groups of (named parameters, peak lr): matrices decay; biases, norms, LayerScale and the ViT's
+    learned tokens and position embeddings (ViT.NO_WEIGHT_DECAY, as timm and DINOv2) do not. Each group keeps
+    its peak as "peak_lr", which get_lr scales."""
+    param_groups = []
+    for named, lr in groups:
+        for decay in (True, False):
+            ps = [p for n, p in named if (p.ndim >= 2 and n.rsplit(".", 1)[-1] not in ViT.NO_WEIGHT_DECAY) == decay]
+            if ps:
+                param_groups.append(dict(params=ps, lr=lr, peak_lr=lr, weight_decay=weight_decay if decay else 0.0))
+    return torch.optim.AdamW(param_groups, fused=device.startswith("cuda"))
+
+
+def get_lr(it, total):
+    """The learning rate of step `it` of `total`, as a fraction of the peak: a linear warm-up over the first
+    5 % of the steps, then a cosine to zero."""
+    warmup = max(1, round(0.05 * total))
+    if it < warmup:
+        return (it + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (it - warmup) / max(1, total - warmup)))
+
+
+# dense bf16 peaks, FLOP/s, by a substring of torch.cuda.get_device_name()
+PEAK_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12,
+              "L4": 121e12, "A10": 125e12, "V100": 125e12, "4090": 165e12}
+
+
+def peak_flops(device):
+    """The device's dense bf16 peak in FLOP/s, None where none is known (a CPU)."""
+    if not device.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def mfu(flops_per_s, device):
+    """Model FLOPs utilisation as the log line shows it: the FLOP/s achieved over the dense bf16 peak of every
+    torchrun process's device; "n/a" where no peak is known."""
+    peak = peak_flops(device)
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    return f"{100 * flops_per_s / (peak * world):.1f}%" if peak else "n/a"
+
+
+# -----------------------------------------------------------------------------
 # DINOv3's differences: RoPE in place of a learned position embedding, a qkv bias masked on the k rows
 
 

@@ -217,7 +217,7 @@ def read_mask_folder(root):
 def fingerprint(root):
     """Eight hex digits of your folder's content as listed (not its pixels): classes.txt and the path of every image
     and mask below train/, val/ and test/. Two folders share it only if they list the same files; a moved or
-    renamed folder keeps it. Runs carry it in their config (experiment.resolve_flags)."""
+    renamed folder keeps it. Runs carry it in their config (flags.resolve_flags)."""
     h = hashlib.sha1()
     names_file = os.path.join(root, "classes.txt")
     if os.path.isfile(names_file):

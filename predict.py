@@ -28,10 +28,11 @@ from PIL import Image
 
 from data import SEG_BASE_RATIO, SegEvalTransform, eval_transform, make_loader, normalize
 from deploy import input_size, load_model
-from experiment import COUNT, POSITIVE_INT, Parser, RunError, atomic_write, write_text
+from flags import FlagError, COUNT, POSITIVE_INT, Parser
 from images import DataError, ImageFiles, open_image
 from model import Segmenter, slide_inference
 from own_data import image_files
+from run_folder import RunError, atomic_write, write_text
 from weights import CheckpointError
 
 FIX = "replace it, or leave it out"  # what a message about an unreadable image tells to do
@@ -92,7 +93,10 @@ def main(argv=None):
     model = load_model(args.model).to(args.device)  # eval mode; model.meta: what prediction needs
     meta = model.meta
     trained = meta.get("img_size")  # None in a file written before it was saved
-    img_size = input_size(model, args.model, args.img_size, p)
+    try:
+        img_size = input_size(model, args.model, args.img_size)
+    except FlagError as e:
+        p.error(str(e))
     if trained and img_size != trained:  # another size resamples the position embeddings: other predictions
         p.error(f"--img_size {img_size}, but {args.model} trained at {trained} px and says so: leave --img_size out "
                 f"(it is for files too old to say)")

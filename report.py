@@ -40,7 +40,7 @@ METHOD_ORDER = ["Probing", "Fine-tuning", "LoRA", "SLAD"]
 CLASSIFICATION = ["cub", "aircraft", "dtd"]  # averaged in "Avg.", as Table 1
 COLUMN_NAMES = {"cub": "CUB", "aircraft": "Aircraft", "dtd": "DTD", "avg": "Avg.", "cityscapes": "Cityscapes"}
 PAPER_COLUMNS = ["cub", "aircraft", "dtd", "avg", "cityscapes"]
-# flags that say where or how fast, not what is computed (experiment.RESUMABLE_CHANGES), and the seed
+# flags that say where or how fast, not what is computed (flags.RESUMABLE_CHANGES), and the seed
 IGNORED = {"resume", "out_dir", "data_dir", "device", "num_workers", "compile", "log_every", "grad_checkpointing",
            "grad_accum", "seed"}
 
@@ -69,7 +69,7 @@ PAPER_TEACHER = {"ViT-B": {"Probing": (90.29, 87.35, 83.76, 69.54), "LoRA": (90.
                            "SLAD (ViT-S)": (92.21, 94.96, 87.21, 77.61), "SLAD (ViT-B)": (92.57, 95.14, 87.52, 79.02)}}
 
 
-class Parser(argparse.ArgumentParser):  # experiment.Parser's twin: importing torch would take seconds to read JSON
+class Parser(argparse.ArgumentParser):  # flags.Parser's twin: importing torch would take seconds to read JSON
     def error(self, message):  # one line, non-zero exit, instead of argparse's usage block
         sys.exit(f"{self.prog}: error: {message}")
 

@@ -11,8 +11,8 @@ Tests for the SLAD repo, grouped by concept: a section a module, in the order be
     data.py, images.py,             the datasets on tiny fake copies of their layouts, Cityscapes, your own folders,
     own_data.py, synthetic.py       the synthetic sets, image files (EXIF, 16 bits), transforms, samplers, loaders
     kd.py                           the losses (eq. 1, 2, 4), TAID and TED
-    experiment.py                   flags and one-line refusals, run folders, --resume, atomic writes, the lock,
-                                    AdamW's groups, mIoU, torchrun's processes
+    flags.py, run_folder.py,        flags and one-line refusals, run folders, --resume, atomic writes, the lock,
+    evaluation.py, distributed.py   AdamW's groups, mIoU, torchrun's processes
     train_slad.py, train_twostep.py the scripts end to end: the demo, each teacher adaptation, resume, AMP, compile,
                                     segmentation, TAID and TED, torchrun, DINOv3 pairs
     report.py                       the results table
@@ -63,8 +63,10 @@ import bench
 import cka
 import data
 import deploy
-import experiment
+import distributed
+import evaluation
 import export_onnx
+import flags
 import images
 import kd
 import lora
@@ -73,6 +75,7 @@ import model
 import own_data
 import predict
 import report
+import run_folder
 import toys
 import train_slad
 import train_twostep
@@ -80,10 +83,10 @@ import weights
 from data import (SEGMENTATION, EpochSampler, SegEvalTransform, SegTrainTransform, Transformed, eval_transform,
                   load_splits, make_loader, normalize, train_transform)
 from deploy import load_model
-from experiment import RunError
 from images import DataError
 from lora import LoRALinear, add_lora, layer_mapping, merge_lora, share_lora, trainable_parameters
 from model import CONFIGS, Classifier, Segmenter, ViT, ViTConfig, slide_inference
+from run_folder import RunError
 from synthetic import SyntheticFine, SyntheticShapes, SyntheticTextures
 from weights import CheckpointError, from_pretrained
 
@@ -340,17 +343,17 @@ def fake_run(path, teacher_std, student_std, **config):
     for role, name, std in (("teacher", "toy-l", teacher_std), ("student", "toy-s", student_std)):
         vit = randomize_(weights.initial_backbone(name, role, "random", 0), std=std)
         deploy.save_model(os.path.join(path, f"{role}.pt"), Classifier(vit, 10))
-    experiment.write_json(os.path.join(path, "config.json"), dict(
+    run_folder.write_json(os.path.join(path, "config.json"), dict(
         dataset="synthetic", teacher="toy-l", student="toy-s", init="random", seed=0, img_size=56, **config))
     slad = "teacher_adapt" not in config
-    experiment.write_json(os.path.join(path, "results.json"), dict(method="slad") if slad else dict(
+    run_folder.write_json(os.path.join(path, "results.json"), dict(method="slad") if slad else dict(
         method="twostep", teacher_adapt=config["teacher_adapt"]))
     return str(path)
 
 
 def fake_results(path, **r):
     os.makedirs(path)
-    experiment.write_json(os.path.join(path, "results.json"), r)
+    run_folder.write_json(os.path.join(path, "results.json"), r)
 
 
 def fake_run_folder(d, dataset, val, teacher_val=None, config_id="abc123"):
@@ -1452,7 +1455,7 @@ def test_photos_of_any_size_are_evaluated_each_at_its_own_size_and_one_size_stil
             loader = make_loader(train, SegEvalTransform(32), batch_size, train=False)
             x, y = next(iter(loader))
             assert isinstance(x, list) == (len(sizes) > 1 and batch_size > 1)  # stacked whenever the sizes agree
-            results.append(experiment.evaluate({"s": seg}, loader, "cpu", off, window=28)["s"])
+            results.append(evaluation.evaluate({"s": seg}, loader, "cpu", off, window=28)["s"])
         assert results[0]["confusion"].sum() == labelled  # at each mask's own resolution
         assert torch.equal(results[0]["confusion"], results[1]["confusion"])
 
@@ -1746,8 +1749,9 @@ def test_ted_loss_zero_for_identical_features_and_stage_one_heads():
 
 
 # -----------------------------------------------------------------------------
-# experiment.py: flags and one-line refusals; run folders: one run a folder, default names that never collide,
-# failures that leave nothing in the way; --resume; AdamW's groups; mIoU; torchrun's processes
+# flags.py, run_folder.py, evaluation.py, distributed.py: flags and one-line refusals; run folders: one run a
+# folder, default names that never collide, failures that leave nothing in the way; --resume; AdamW's groups; mIoU;
+# torchrun's processes
 
 
 @pytest.mark.parametrize("script", ["train_slad.py", "train_twostep.py"])
@@ -1952,7 +1956,7 @@ def test_resume_from_another_config_and_overwrites_are_refused(tmp_path, monkeyp
 
 def test_slad_results_hold_the_resolved_config(slad_demo):
     res, config = results_of(slad_demo), json.load(open(os.path.join(slad_demo, "config.json")))
-    assert res["config"] == config and res["config_id"] == experiment.config_id(config)
+    assert res["config"] == config and res["config_id"] == flags.config_id(config)
     assert config["img_size"] == 56 and config["lr"] == 3e-3 and config["rank"] == 4  # defaults resolved
 
 
@@ -1960,14 +1964,14 @@ def test_atomic_write_interrupted_mid_write_leaves_the_old_file_and_no_tmp(tmp_p
     """Ctrl-C while a file is written (a checkpoint, a mask, an ONNX file): the previous file stays whole, and no
     NAME.tmp is left behind."""
     path = str(tmp_path / "results.json")
-    experiment.atomic_write(path, lambda tmp: experiment.write_text(tmp, "old"))
+    run_folder.atomic_write(path, lambda tmp: run_folder.write_text(tmp, "old"))
 
     def write_then_ctrl_c(tmp):
-        experiment.write_text(tmp, "half")
+        run_folder.write_text(tmp, "half")
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        experiment.atomic_write(path, write_then_ctrl_c)
+        run_folder.atomic_write(path, write_then_ctrl_c)
     assert open(path).read() == "old" and os.listdir(tmp_path) == ["results.json"]
 
 
@@ -1984,7 +1988,7 @@ def test_an_out_dir_that_cannot_be_written_is_one_line(tmp_path, monkeypatch, sm
 
     def denied(path, exist_ok=False):
         raise PermissionError(13, "Permission denied", path)
-    monkeypatch.setattr(experiment.os, "makedirs", denied)
+    monkeypatch.setattr(run_folder.os, "makedirs", denied)
     with pytest.raises(SystemExit) as e:
         run_main("train_slad", TOY + ["--epochs", "1", "--out_dir", str(tmp_path / "locked")], monkeypatch)
     assert f"cannot write to --out_dir {tmp_path / 'locked'}: Permission denied" in str(e.value.code)
@@ -2086,8 +2090,8 @@ def test_a_run_that_died_in_its_first_epoch_is_started_again_by_the_same_command
 LOCK_HOLDER = """
 import os, sys, time
 sys.path.insert(0, {here!r})
-import experiment
-held = experiment.lock({out!r})
+import run_folder
+held = run_folder.lock({out!r})
 print("locked", flush=True)
 time.sleep(600)
 """
@@ -2118,7 +2122,7 @@ def test_adamw_decays_matrices_only_not_the_vits_tokens(family):
     clf = Classifier(ViT.from_name("vits14_reg") if family == "dinov2" else ViT(TINY3), 4)
     lora.adapt(clf, "finetune", 4)
     named = [(n, p) for n, p in clf.named_parameters() if p.requires_grad]
-    opt = experiment.adamw([(named, 1e-3)], 0.05, "cpu")
+    opt = model.adamw([(named, 1e-3)], 0.05, "cpu")
     decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     names = {n for n, p in named if id(p) in decayed}
     assert {"vit.cls_token", "vit.pos_embed", "vit.register_tokens", "vit.storage_tokens"}.isdisjoint(names)
@@ -2130,9 +2134,9 @@ def test_adamw_decays_matrices_only_not_the_vits_tokens(family):
 def test_miou_on_a_hand_made_confusion_matrix():
     confusion = torch.tensor([[5, 1, 0], [2, 3, 0], [0, 0, 0]])  # rows: label, columns: prediction
     # class 0: 5 / (5 + 1 + 2), class 1: 3 / (3 + 2 + 1), class 2 absent from labels and predictions
-    assert experiment.miou(confusion) == pytest.approx(100 * (5 / 8 + 3 / 6) / 2)
-    assert experiment.miou(torch.tensor([[4, 0], [0, 0]])) == pytest.approx(100.0)
-    assert experiment.miou(torch.tensor([[0, 3], [0, 0]])) == pytest.approx(0.0)  # predicted 1, label 0: both count
+    assert evaluation.miou(confusion) == pytest.approx(100 * (5 / 8 + 3 / 6) / 2)
+    assert evaluation.miou(torch.tensor([[4, 0], [0, 0]])) == pytest.approx(100.0)
+    assert evaluation.miou(torch.tensor([[0, 3], [0, 0]])) == pytest.approx(0.0)  # predicted 1, label 0: both count
 
 
 def test_every_process_takes_the_same_steps_for_any_split_batch_and_world():
@@ -2150,20 +2154,20 @@ def test_every_process_takes_the_same_steps_for_any_split_batch_and_world():
 
 
 def test_sync_batchnorm_on_gpus_and_resume_with_fewer_gpus(monkeypatch):
-    monkeypatch.setattr(experiment.dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(experiment, "DDP", lambda module, device_ids: module)  # DDP itself needs a process group
-    seg = experiment.ddp(Segmenter(ViT.from_name("toy-s"), 4), "cuda:0")
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(distributed, "DDP", lambda module, device_ids: module)  # DDP itself needs a process group
+    seg = distributed.ddp(Segmenter(ViT.from_name("toy-s"), 4), "cuda:0")
     assert isinstance(seg.head[0], torch.nn.SyncBatchNorm) and list(seg.state_dict()) == list(
         Segmenter(ViT.from_name("toy-s"), 4).state_dict())  # the same checkpoint keys
-    assert isinstance(experiment.ddp(Segmenter(ViT.from_name("toy-s"), 4), "cpu").head[0], torch.nn.BatchNorm2d)
+    assert isinstance(distributed.ddp(Segmenter(ViT.from_name("toy-s"), 4), "cpu").head[0], torch.nn.BatchNorm2d)
     # a checkpoint of an 8-GPU run, resumed where fewer GPUs are visible: this process's own state only
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     restored = []
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append(device))
     monkeypatch.setattr(torch.cuda, "set_rng_state_all",
                         lambda states: [states[i] for i in range(torch.cuda.device_count() + 1)])
-    rng = dict(experiment.rng_state("cpu"), cuda=[torch.zeros(16, dtype=torch.uint8)] * 8)
-    experiment.set_rng_state(rng, "cuda:0")
+    rng = dict(run_folder.rng_state("cpu"), cuda=[torch.zeros(16, dtype=torch.uint8)] * 8)
+    run_folder.set_rng_state(rng, "cuda:0")
     assert restored == ["cuda:0"]
 
 
@@ -2286,7 +2290,7 @@ def test_ctrl_c_is_one_line_that_names_what_is_kept_and_the_command_that_continu
                                                                                     small_synthetic, script, extra,
                                                                                     kept, rows):
     out = str(tmp_path / "my run")  # a space: the command must quote it
-    real, calls = experiment.save_checkpoint, []
+    real, calls = run_folder.save_checkpoint, []
 
     def ctrl_c_in_the_second_save(path, state):  # Ctrl-C while the second checkpoint is written: a partial .tmp
         calls.append(1)
@@ -2294,7 +2298,7 @@ def test_ctrl_c_is_one_line_that_names_what_is_kept_and_the_command_that_continu
             open(path + ".tmp", "wb").write(b"partial")
             raise KeyboardInterrupt
         real(path, state)
-    monkeypatch.setattr(experiment, "save_checkpoint", ctrl_c_in_the_second_save)
+    monkeypatch.setattr(run_folder, "save_checkpoint", ctrl_c_in_the_second_save)
     argv = TOY + extra + ["--out_dir", out]
     with pytest.raises(SystemExit) as e:
         run_as_script(script, argv, monkeypatch)
@@ -2305,8 +2309,8 @@ def test_ctrl_c_is_one_line_that_names_what_is_kept_and_the_command_that_continu
     command = shlex.split(err.split("continue with: ")[1])
     assert command == ["python", path, *argv, "--resume", ckpt]
     assert not os.path.exists(ckpt + ".tmp")  # nothing half-written, and the folder's lock let go
-    assert os.path.realpath(os.path.join(out, "run.lock")) not in experiment.LOCKS
-    monkeypatch.setattr(experiment, "save_checkpoint", real)
+    assert os.path.realpath(os.path.join(out, "run.lock")) not in run_folder.LOCKS
+    monkeypatch.setattr(run_folder, "save_checkpoint", real)
     run_as_script(script, command[2:], monkeypatch)  # the printed command continues the run
     assert [(r["stage"], r["epoch"]) for r in map(json.loads, open(os.path.join(out, "metrics.jsonl")))] == rows
     assert os.path.exists(os.path.join(out, "results.json"))
@@ -2314,7 +2318,7 @@ def test_ctrl_c_is_one_line_that_names_what_is_kept_and_the_command_that_continu
 
 @pytest.mark.parametrize("module,name,says", [
     (data, "load_splits", "interrupted before the run wrote anything"),  # while it reads the data
-    (experiment, "evaluate", "interrupted before the first checkpoint, so nothing is kept"),  # in epoch 1
+    (evaluation, "evaluate", "interrupted before the first checkpoint, so nothing is kept"),  # in epoch 1
 ])
 def test_ctrl_c_before_the_first_checkpoint_says_nothing_is_kept(tmp_path, monkeypatch, capsys, small_synthetic,
                                                                  module, name, says):
@@ -2407,7 +2411,7 @@ def test_a_classifier_of_256_classes_or_more_trains_and_counts_label_255():
     with torch.no_grad():
         labels = clf(data.normalize(x)).argmax(-1)
     labels[0] = 255 if labels[0] != 255 else 254  # a wrong prediction of an image labelled 255 (or 254)
-    res = experiment.evaluate({"student": clf}, [(x, labels)], "cpu", torch.autocast("cpu", enabled=False))
+    res = evaluation.evaluate({"student": clf}, [(x, labels)], "cpu", torch.autocast("cpu", enabled=False))
     assert res["student"]["acc"] == 75.0 and res["student"]["confusion"].sum() == 4
 
 
@@ -2418,7 +2422,7 @@ def trivial_miou(dataset):
     for i in range(len(dataset)):
         y = torch.from_numpy(np.array(dataset[i][1], dtype=np.int64)).flatten()
         confusion[:, 0] += torch.bincount(y, minlength=n)
-    return experiment.miou(confusion)
+    return evaluation.miou(confusion)
 
 
 def test_segmentation_demo_beats_all_background(tmp_path, monkeypatch):
@@ -2809,7 +2813,7 @@ def test_report_follows_symlinked_run_folders_once_and_survives_cycles(tmp_path)
 
 def test_report_reads_json_without_importing_torch(tmp_path):
     code = ("import sys, report\ntry:\n    report.main([sys.argv[1]])\nexcept SystemExit as e:\n    print(e.code)\n"
-            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'numpy', 'experiment'}))")
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'numpy', 'flags'}))")
     r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "nope")], cwd=HERE, capture_output=True, text=True)
     assert r.stdout.splitlines() == [f"report.py: error: {tmp_path / 'nope'} is not a folder this user can read", "[]"]
 
@@ -2970,7 +2974,7 @@ def test_cka_bad_input_is_one_line(tmp_path):
     good = fake_run(tmp_path / "good", 0.01, 0.01)
     other = fake_run(tmp_path / "other", 0.01, 0.01)
     config = json.load(open(os.path.join(other, "config.json")))
-    experiment.write_json(os.path.join(other, "config.json"), dict(config, student="toy-l"))
+    run_folder.write_json(os.path.join(other, "config.json"), dict(config, student="toy-l"))
     cases = [(["--runs", str(tmp_path / "nope")], "is not a finished run"),
              (["--runs", good, "--teacher", "vitb14"], "has teacher 'toy-l', not 'vitb14'"),
              (["--runs", good, other], "has student 'toy-l', not 'toy-s'"),
@@ -3408,7 +3412,7 @@ def test_miniature_reuses_a_run_only_for_its_own_config(tmp_path):
     d = str(tmp_path / "run")
     cmd = miniature.command("synthetic-fine", "SLAD", "toy-b", "toy-s", 0, miniature.TASKS["synthetic-fine"], d)
     args, _ = train_slad.parse_args(cmd[2:])
-    fake_run_folder(d, "synthetic-fine", 80.0, config_id=experiment.config_id(vars(args)))
+    fake_run_folder(d, "synthetic-fine", 80.0, config_id=flags.config_id(vars(args)))
     assert miniature.finished(d, cmd)
     quick = miniature.command("synthetic-fine", "SLAD", "toy-b", "toy-s", 0, miniature.QUICK, d)
     assert not miniature.finished(d, quick)  # --quick's 14-px, one-epoch run is not the headline's
@@ -3688,7 +3692,7 @@ def test_predict_and_export_write_errors_say_run_again_and_training_ones_resume(
         export_onnx.main([classifier, "--out", nowhere + ".onnx"])
     assert str(e.value).endswith("then run export_onnx.py again") and "--resume" not in str(e.value)
     with pytest.raises(RunError) as e:  # a training run's files: its remedy as before
-        experiment.atomic_write(nowhere + ".json", lambda tmp: experiment.write_text(tmp, "{}"))
+        run_folder.atomic_write(nowhere + ".json", lambda tmp: run_folder.write_text(tmp, "{}"))
     assert str(e.value).endswith("then continue with --resume if a ckpt.pt was written")
 
 
@@ -3786,7 +3790,7 @@ def test_default_run_folders_differ_for_every_readme_and_docs_command():
     for doc, line, script, argv in doc_commands():
         if script in ("train_slad", "train_twostep") and "--out_dir" not in argv and "--resume" not in argv:
             args, _ = importlib.import_module(script).parse_args(argv)
-            what = experiment.config_id(vars(args)), args.seed, script
+            what = flags.config_id(vars(args)), args.seed, script
             folders.setdefault(args.out_dir, set()).add(what)
     assert len(folders) >= 8 and all(len(whats) == 1 for whats in folders.values()), folders
     # the name carries what the README varies, and a hash of the rest
@@ -3846,5 +3850,5 @@ def test_config_json_holds_data_dir_outside_the_hash(tmp_path):
     a, _ = train_slad.parse_args(["--dataset", "synthetic", "--data_dir", str(tmp_path / "a")])
     b, _ = train_slad.parse_args(["--dataset", "synthetic", "--data_dir", str(tmp_path / "b")])
     assert vars(a)["data_dir"] != vars(b)["data_dir"] and a.out_dir == b.out_dir
-    assert experiment.config_id(vars(a)) == experiment.config_id(vars(b))
-    assert "data_dir" in experiment.RESUMABLE_CHANGES
+    assert flags.config_id(vars(a)) == flags.config_id(vars(b))
+    assert "data_dir" in flags.RESUMABLE_CHANGES

@@ -138,7 +138,7 @@ def lr_at(step, steps, peak, warmup=0.05):
 
 def optimizer(params, lr, weight_decay=0.05):
     """AdamW, matrices decayed: by shape alone, so the ViT's tokens and position embeddings decay too, unlike
-    experiment.adamw's (kept as the shipped family was built with it)."""
+    model.adamw's (kept as the shipped family was built with it)."""
     params = [p for p in params if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]  # matrices only, not biases, norms or LayerScale
     rest = [p for p in params if p.ndim < 2]

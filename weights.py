@@ -41,6 +41,11 @@ def initial_backbone(name, role, init, seed, weights=None):
     return ViT.from_name(name)
 
 
+def backbone(args, role):
+    """A training run's `role` encoder ('teacher' or 'student') before adaptation, from its flags (initial_backbone)."""
+    return initial_backbone(getattr(args, role), role, args.init, args.seed, getattr(args, f"{role}_weights"))
+
+
 # -----------------------------------------------------------------------------
 # where the official files are
 
