@@ -61,7 +61,8 @@ from data import (CLASSIFICATION, SEG_BASE_RATIO, SEGMENTATION, SegTrainTransfor
                   normalize, train_transform)
 from kd import distill_loss, slad_loss, task_loss
 from lora import adapt, add_lora, share_lora, trainable_parameters
-from model import CONFIGS, PEAK_FLOPS, Classifier, TeacherStudent, ViT, peak_flops, step_flops
+from distributed import PEAK_FLOPS, peak_flops
+from model import CONFIGS, Classifier, TeacherStudent, ViT, step_flops
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 METHODS = ("slad", "probe", "finetune", "lora", "distill")
@@ -838,7 +839,7 @@ def parse_args(argv=None):
             s.add_argument("--student", default="vits14", choices=list(CONFIGS))
             s.add_argument("--grad_checkpointing", action="store_true")
             s.add_argument("--peak_tflops", type=float, default=None,
-                           help="the device's peak, if not in model.PEAK_FLOPS")
+                           help="the device's peak, if not in distributed.PEAK_FLOPS")
         if name in ("memory", "data"):
             s.add_argument("--pairs", type=pair, nargs="+", default=list(PAIRS), metavar="TEACHER:STUDENT")
         if name in ("step", "data"):

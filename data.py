@@ -22,8 +22,9 @@ import torch
 import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset, default_collate
+from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
+from distributed import EpochSampler
 from images import IGNORE, SPLITS, DataError, ImageFiles, open_image
 from own_data import read_image_folder, read_mask_folder
 from synthetic import SyntheticFine, SyntheticShapes, SyntheticTextures
@@ -334,30 +335,6 @@ def describe_splits(splits):
 
 # -----------------------------------------------------------------------------
 # loaders: per-sample augmentation seeds, so an epoch's data is a function of (seed, epoch)
-
-
-class EpochSampler(Sampler):
-    """Yields (index, augmentation seed) for one epoch: a shuffled order (train) or the natural one (eval),
-    every world-th item from rank on (rank r of a world of w processes; together they make the batches one
-    process would). With `batch` (a training step's images over all processes), the order is cut to whole
-    steps first, so every process takes the same number of steps. Call set_epoch(e) before each epoch."""
-
-    def __init__(self, n, seed=0, shuffle=True, rank=0, world=1, batch=None):
-        self.n, self.seed, self.shuffle, self.rank, self.world, self.epoch = n, seed, shuffle, rank, world, 0
-        self.used = n // batch * batch if batch else n  # the incomplete last step is dropped, on every process
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-
-    def __len__(self):
-        return len(range(self.rank, self.used, self.world))
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)
-        seeds = torch.randint(2**62, (self.n,), generator=g)
-        for i in order[:self.used][self.rank::self.world].tolist():
-            yield i, int(seeds[i])
 
 
 class Transformed(Dataset):

@@ -1,6 +1,6 @@
 """
 Evaluation (§4.1, App. C.2): top-1 accuracy, or per-pixel accuracy and mIoU by a sliding window for segmentation,
-with confusion matrices, in one pass over a split for every model; and the figures results.json keeps of them.
+with confusion matrices, in one pass over a split for every model.
 """
 
 import torch
@@ -69,25 +69,3 @@ def flat(metrics, prefix=""):
     """{"teacher": {"acc": a, "miou": m, "confusion": C}} -> {prefix + "teacher_acc": a, prefix + "teacher_miou": m}:
     the numbers of a log line or results.json."""
     return {f"{prefix}{name}_{k}": v for name, ms in metrics.items() for k, v in ms.items() if k != "confusion"}
-
-
-def per_class(classes, confusions, segmentation):
-    """results.json's per-class figures from {model: confusion matrix} (rows: label, columns: prediction): each
-    class's accuracy (the share of its test images predicted right) or, for segmentation, its IoU, in %; None
-    where a class is absent (no test image; for IoU, neither labelled nor predicted)."""
-    figures = {}
-    for name, c in confusions.items():
-        c = torch.as_tensor(c).double()
-        tp, count = c.diag(), c.sum(1)
-        union = c.sum(0) + count - tp if segmentation else count
-        figures[name] = [round(100 * t / u, 2) if u > 0 else None for t, u in zip(tp.tolist(), union.tolist())]
-    count = torch.as_tensor(next(iter(confusions.values()))).sum(1).tolist()
-    return {"classes": list(classes), "figure": "iou" if segmentation else "accuracy",
-            "test_count": count, **figures}  # test_count: images, or labelled pixels
-
-
-def worst_classes(figures, name, k=5):
-    """'dotted 40.0, striped 55.0, ...': the k classes where `name` does worst, for the log."""
-    ranked = sorted((v, c) for c, v in zip(figures["classes"], figures[name]) if v is not None)
-    return ", ".join(f"{c} {v:.1f}" for v, c in ranked[:k])
-

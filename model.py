@@ -327,7 +327,7 @@ def step_flops(vit, img_size, how):
 
 
 # -----------------------------------------------------------------------------
-# the optimizer, its schedule and MFU's denominator (nanoGPT's configure_optimizers and estimate_mfu)
+# the optimizer and its schedule (nanoGPT's configure_optimizers)
 
 
 def adamw(groups, weight_decay, device):
@@ -351,26 +351,6 @@ def get_lr(it, total):
         return (it + 1) / warmup
     return 0.5 * (1 + math.cos(math.pi * (it - warmup) / max(1, total - warmup)))
 
-
-# dense bf16 peaks, FLOP/s, by a substring of torch.cuda.get_device_name()
-PEAK_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12,
-              "L4": 121e12, "A10": 125e12, "V100": 125e12, "4090": 165e12}
-
-
-def peak_flops(device):
-    """The device's dense bf16 peak in FLOP/s, None where none is known (a CPU)."""
-    if not device.startswith("cuda"):
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
-
-
-def mfu(flops_per_s, device):
-    """Model FLOPs utilisation as the log line shows it: the FLOP/s achieved over the dense bf16 peak of every
-    torchrun process's device; "n/a" where no peak is known."""
-    peak = peak_flops(device)
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    return f"{100 * flops_per_s / (peak * world):.1f}%" if peak else "n/a"
 
 
 # -----------------------------------------------------------------------------

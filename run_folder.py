@@ -28,11 +28,9 @@ import torch
 import torch.distributed as dist
 
 from data import held_out_splits
-from distributed import ddp_end
+from distributed import ddp_end, peak_flops
 from images import DataError
-from evaluation import per_class, worst_classes
 from flags import RESUMABLE_CHANGES, config_id, dataset_name
-from model import peak_flops
 from weights import CheckpointError
 
 class RunError(RuntimeError):
@@ -348,6 +346,31 @@ def load_checkpoint(args, config, method):
         raise RunError(f"--resume {path} continues the run in {folder}, not in --out_dir {args.out_dir}: drop "
                        f"--out_dir (to continue elsewhere, copy the whole run folder there first)")
     return ckpt
+
+
+# -----------------------------------------------------------------------------
+# the per-class figures results.json keeps, and the log's worst classes
+
+
+def per_class(classes, confusions, segmentation):
+    """results.json's per-class figures from {model: confusion matrix} (rows: label, columns: prediction): each
+    class's accuracy (the share of its test images predicted right) or, for segmentation, its IoU, in %; None
+    where a class is absent (no test image; for IoU, neither labelled nor predicted)."""
+    figures = {}
+    for name, c in confusions.items():
+        c = torch.as_tensor(c).double()
+        tp, count = c.diag(), c.sum(1)
+        union = c.sum(0) + count - tp if segmentation else count
+        figures[name] = [round(100 * t / u, 2) if u > 0 else None for t, u in zip(tp.tolist(), union.tolist())]
+    count = torch.as_tensor(next(iter(confusions.values()))).sum(1).tolist()
+    return {"classes": list(classes), "figure": "iou" if segmentation else "accuracy",
+            "test_count": count, **figures}  # test_count: images, or labelled pixels
+
+
+def worst_classes(figures, name, k=5):
+    """'dotted 40.0, striped 55.0, ...': the k classes where `name` does worst, for the log."""
+    ranked = sorted((v, c) for c, v in zip(figures["classes"], figures[name]) if v is not None)
+    return ", ".join(f"{c} {v:.1f}" for v, c in ranked[:k])
 
 
 # -----------------------------------------------------------------------------

@@ -80,9 +80,10 @@ import toys
 import train_slad
 import train_twostep
 import weights
-from data import (SEGMENTATION, EpochSampler, SegEvalTransform, SegTrainTransform, Transformed, eval_transform,
+from data import (SEGMENTATION, SegEvalTransform, SegTrainTransform, Transformed, eval_transform,
                   load_splits, make_loader, normalize, train_transform)
 from deploy import load_model
+from distributed import EpochSampler
 from images import DataError
 from lora import LoRALinear, add_lora, layer_mapping, merge_lora, share_lora, trainable_parameters
 from model import CONFIGS, Classifier, Segmenter, ViT, ViTConfig, slide_inference

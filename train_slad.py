@@ -19,12 +19,12 @@ import torch
 import run_folder
 from data import SEGMENTATION, describe_splits, load_splits, make_loaders, next_batch
 from deploy import export_models
-from distributed import ddp, ddp_init, ddp_mean, rank0_first, sync_gradients
+from distributed import ddp, ddp_init, ddp_mean, mfu, rank0_first, sync_gradients
 from evaluation import evaluate, flat
 from flags import NON_NEGATIVE, FlagError, dataset_name, parser, steps_per_epoch
 from kd import distill_term, slad_loss
 from lora import MAPPINGS, add_lora, share_lora, trainable_parameters
-from model import Classifier, Segmenter, TeacherStudent, adamw, get_lr, mfu, step_flops
+from model import Classifier, Segmenter, TeacherStudent, adamw, get_lr, step_flops
 from run_folder import RunError, hms, print0, save_checkpoint, stop_if_not_finite
 from weights import backbone
 

@@ -33,12 +33,12 @@ import torch
 import run_folder
 from data import SEGMENTATION, describe_splits, load_splits, make_loaders, next_batch
 from deploy import export_models
-from distributed import ddp, ddp_init, ddp_mean, rank0_first, sync_gradients, unwrap
+from distributed import ddp, ddp_init, ddp_mean, mfu, rank0_first, sync_gradients, unwrap
 from evaluation import evaluate, flat
 from flags import NON_NEGATIVE, POSITIVE, POSITIVE_INT, TOY_DEFAULTS, FlagError, dataset_name, parser, steps_per_epoch
 from kd import TaskFilters, distill_loss, distill_term, task_loss, ted_loss
 from lora import MAPPINGS, adapt, layer_mapping, trainable_parameters
-from model import Classifier, Segmenter, adamw, get_lr, mfu, step_flops
+from model import Classifier, Segmenter, adamw, get_lr, step_flops
 from run_folder import RunError, hms, print0, save_checkpoint, stop_if_not_finite
 from weights import backbone
 
