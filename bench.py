@@ -28,7 +28,7 @@ the scripts, stripped of everything but the timing.
         the GPU checks of issue 24 in one command: every training script on real-size fake data, the steps,
         memory, the largest batches, the input pipeline, each with a time cap; one markdown table (out/proof.md)
 
-MFU counts model FLOPs analytically, as the training scripts' log lines do (model.step_flops: a step's matmuls,
+MFU counts model FLOPs analytically, as the training scripts' log lines do (mfu.step_flops: a step's matmuls,
 2 per multiply-add, as nanoGPT's estimate_mfu, exactly as torch.utils.flop_counter counts them). The peak is the
 device's dense bf16 figure (--peak_tflops to set it).
 """
@@ -61,12 +61,12 @@ from data import (CLASSIFICATION, SEG_BASE_RATIO, SEGMENTATION, SegTrainTransfor
                   normalize, train_transform)
 from kd import distill_loss, slad_loss, task_loss
 from lora import adapt, add_lora, share_lora, trainable_parameters
-from distributed import PEAK_FLOPS, peak_flops
-from model import CONFIGS, Classifier, TeacherStudent, ViT, step_flops
+from mfu import PEAK_FLOPS, peak_flops, step_flops
+from model import CONFIGS, Classifier, TeacherStudent, ViT
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 METHODS = ("slad", "probe", "finetune", "lora", "distill")
-# how each method's step trains the teacher and the student (model.step_flops' `how`; None: not in the step)
+# how each method's step trains the teacher and the student (mfu.step_flops' `how`; None: not in the step)
 TRAINS = {"slad": ("lora", "lora"), "probe": ("probe", None), "lora": ("lora", None), "finetune": ("finetune", None),
           "distill": ("frozen", "lora")}
 PAIRS = (("vitb14", "vits14"), ("vitl14", "vitb14"))  # the paper's teacher -> student pairs that bench.py reports
@@ -839,7 +839,7 @@ def parse_args(argv=None):
             s.add_argument("--student", default="vits14", choices=list(CONFIGS))
             s.add_argument("--grad_checkpointing", action="store_true")
             s.add_argument("--peak_tflops", type=float, default=None,
-                           help="the device's peak, if not in distributed.PEAK_FLOPS")
+                           help="the device's peak, if not in mfu.PEAK_FLOPS")
         if name in ("memory", "data"):
             s.add_argument("--pairs", type=pair, nargs="+", default=list(PAIRS), metavar="TEACHER:STUDENT")
         if name in ("step", "data"):

@@ -24,7 +24,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import Dataset, Subset
 
-from data import DATASETS, eval_transform, load_splits, make_loader, normalize
+from data import IMAGENET_MEAN, IMAGENET_STD, DATASETS, eval_transform, load_splits, make_loader, normalize, pixel_stats
 from deploy import load_model
 from flags import COUNT, POSITIVE_INT, Parser, default_img_size, init_value
 from images import DataError
@@ -97,16 +97,17 @@ def block_features(vit, x, token="cls"):
 
 
 @torch.no_grad()
-def layer_cka(pairs, loader, token="cls", device="cpu"):
+def layer_cka(pairs, loader, token="cls", device="cpu", stats=(IMAGENET_MEAN, IMAGENET_STD)):
     """Fig. 3's matrices: for each (teacher, student) ViT pair, the (teacher depth, student depth) CKA between
-    their blocks, over the images of loader. One pass over the data for all pairs."""
+    their blocks, over the images of loader (normalised with `stats`, data.pixel_stats). One pass over the data for
+    all pairs."""
     models = list({id(m): m for pair in pairs for m in pair}.values())  # a model shared by pairs runs once
     for m in models:
         m.eval()
 
     def features():
         for x, _ in loader:
-            x = normalize(x.to(device))
+            x = normalize(x.to(device), stats)
             yield [f for m in models for f in block_features(m, x, token)]
 
     C = minibatch_cka(features())
@@ -345,7 +346,7 @@ def main(argv=None):
         ds = Subset(ds, sorted(keep.tolist()))
     loader = make_loader(ds, eval_transform(args.img_size), args.batch_size, train=False,
                          num_workers=args.num_workers, device=args.device)
-    mats = layer_cka(pairs, loader, args.token, args.device)
+    mats = layer_cka(pairs, loader, args.token, args.device, pixel_stats(args.teacher, args.teacher_weights))
     if any(C.isnan().any() for C in mats):  # e.g. a random-init DINOv3's CLS token: LayerScale starts at 1e-5
         parser.error(f"a block's {args.token} token does not vary over the images, so its CKA is undefined "
                      f"(a random-init DINOv3's CLS token barely moves): try --token patch")

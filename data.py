@@ -22,14 +22,16 @@ import torch
 import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Subset, default_collate
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset, default_collate
 
-from distributed import EpochSampler
-from images import IGNORE, SPLITS, DataError, ImageFiles, open_image
+from images import (IGNORE, SPLITS, DataError, ImageFiles, cityscapes_missing, fetch_archive, incomplete_copy,
+                    no_archive, open_image)
 from own_data import read_image_folder, read_mask_folder
 from synthetic import SyntheticFine, SyntheticShapes, SyntheticTextures
+from weights import satellite
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+SAT493M_MEAN, SAT493M_STD = (0.430, 0.411, 0.296), (0.213, 0.156, 0.143)  # DINOv3's satellite weights (its README)
 RESIZE_RATIO = 640 / 512  # the paper resizes to 640, then center-crops 512 (App. C.2)
 
 
@@ -59,22 +61,29 @@ def eval_transform(img_size):
     ])
 
 
-_STATS = {}  # device -> (mean, std), made once a device: no host-to-device copy in a training step
+def pixel_stats(name, weights=None):
+    """(mean, std) of the images model `name` was pretrained on, those its inputs are normalised with: SAT-493M's for
+    DINOv3's satellite weights (dinov3_vitl16_sat493m; the 7B by its file's name, weights.satellite), ImageNet's for
+    every other. A run normalises with its teacher's: the student sees the same batch (docs/weights.md)."""
+    return (SAT493M_MEAN, SAT493M_STD) if satellite(name, weights) else (IMAGENET_MEAN, IMAGENET_STD)
 
 
-def normalize(x):
-    """uint8 images (B, 3, H, W) -> float, ImageNet mean / std normalised, on x's device."""
-    if x.device not in _STATS:
-        _STATS[x.device] = (torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1),
-                            torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1))
-    mean, std = _STATS[x.device]
+_STATS = {}  # (device, mean, std) -> tensors, made once: no host-to-device copy in a training step
+
+
+def normalize(x, stats=(IMAGENET_MEAN, IMAGENET_STD)):
+    """uint8 images (B, 3, H, W) -> float, normalised by `stats` (mean, std; pixel_stats), on x's device."""
+    key = (x.device, *map(tuple, stats))
+    if key not in _STATS:
+        _STATS[key] = [torch.tensor(s, device=x.device).view(1, 3, 1, 1) for s in stats]
+    mean, std = _STATS[key]
     return (x.float() / 255 - mean) / std
 
 
-def next_batch(batches, device):
-    """The next (images, labels) of a loader's iterator, on `device`, the images normalised."""
+def next_batch(batches, device, stats=(IMAGENET_MEAN, IMAGENET_STD)):
+    """The next (images, labels) of a loader's iterator, on `device`, the images normalised by `stats`."""
     x, y = next(batches)
-    return normalize(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
+    return normalize(x.to(device, non_blocking=True), stats), y.to(device, non_blocking=True)
 
 
 class SegTrainTransform:
@@ -166,11 +175,6 @@ def read_cub(root):
                                if is_train[i] == (split == "train")], classes) for split in ("train", "test")}
 
 
-# the page the zips are on, after a free registration (linked so by mmsegmentation's dataset_prepare.md)
-CITYSCAPES_URL = "https://www.cityscapes-dataset.com/downloads/"
-CITYSCAPES_ZIPS = ("leftImg8bit_trainvaltest.zip", "gtFine_trainvaltest.zip")
-
-
 class Cityscapes(Dataset):
     """Cityscapes, fine annotations, labels mapped to the 19 train ids (255: ignored), read from the official
     leftImg8bit/ and gtFine/ folders through torchvision."""
@@ -203,19 +207,8 @@ def read_cityscapes(root):
     """Cityscapes' train, and its official val as test: the test labels are not public (§4.2.2)."""
     try:
         return {"train": Cityscapes(root, "train"), "test": Cityscapes(root, "val")}
-    except zipfile.BadZipFile:  # torchvision unpacks the zips on the first run
-        zips = [os.path.join(root, "cityscapes", z) for z in CITYSCAPES_ZIPS]
-        bad = [z for z in zips if not zipfile.is_zipfile(z)] or zips  # a truncated zip has no central directory
-        raise DataError(f"incomplete zip file: {' and '.join(bad)} (an interrupted download?); delete it, download "
-                        f"it again from {CITYSCAPES_URL} and run again") from None
-    except (OSError, RuntimeError) as e:
-        raise DataError(
-            f"Cityscapes is not in {os.path.join(root, 'cityscapes')} ({type(e).__name__}: {str(e).strip()[:120]}). "
-            f"It needs a (free) registration, so it cannot be downloaded for you: log in at "
-            f"{CITYSCAPES_URL}, download {CITYSCAPES_ZIPS[0]} (11 GB) and {CITYSCAPES_ZIPS[1]} (241 MB), and "
-            f"put them (or what they unpack to) in {os.path.join(root, 'cityscapes')}, so that it holds "
-            f"leftImg8bit/{{train,val}}/ and gtFine/{{train,val}}/ (the zips are unpacked on the first run)."
-        ) from None
+    except (zipfile.BadZipFile, OSError, RuntimeError) as e:  # torchvision unpacks the zips on the first run
+        raise cityscapes_missing(os.path.join(root, "cityscapes"), e) from None
 
 
 # -----------------------------------------------------------------------------
@@ -271,24 +264,12 @@ SEGMENTATION = tuple(name for name, s in DATASETS.items() if s.task == "segmenta
 
 
 def download(name, root):
-    """Fetch a dataset's archive, check its MD5 and unpack it into root (torchvision's download_and_extract_archive);
-    when that fails, one paragraph that says how to do it by hand. Refuses a dataset it has no archive for."""
+    """Fetch a dataset's archive, check its MD5 and unpack it into root (images.fetch_archive); refuses a dataset
+    it has no archive for."""
     source = DATASETS.get(name)
     if source is None or source.url is None:
-        why = "no such dataset" if source is None else "it is not fetched from an archive"
-        fetched = ", ".join(n for n, s in DATASETS.items() if s.url)
-        raise DataError(f"download: no archive to fetch for {name!r} ({why}); the datasets fetched are {fetched}")
-    from torchvision.datasets.utils import download_and_extract_archive
-    url, folder = source.url, os.path.join(root, source.folder)
-    try:
-        download_and_extract_archive(url, root, md5=source.md5)
-    except Exception as e:
-        raise DataError(
-            f"The {name} dataset is not in {folder} and could not be downloaded "
-            f"({type(e).__name__}: {str(e).strip()[:200]}). Download {url} yourself and unpack it into {root} "
-            f"(tar xzf {os.path.basename(url)} -C {root}), so that {folder} holds {source.holds}; "
-            f"then run again (or point --data_dir at the folder that holds it)."
-        ) from None
+        raise no_archive(name, source is None, [n for n, s in DATASETS.items() if s.url])
+    fetch_archive(name, source.url, source.md5, root, os.path.join(root, source.folder), source.holds)
 
 
 def hold_out(dataset, frac=0.1, seed=0):
@@ -312,9 +293,7 @@ def load_splits(name, root="./data"):
     except (OSError, KeyError, ValueError) as e:
         if source.url is None:
             raise
-        raise DataError(f"{folder} is not a complete copy of {name} ({type(e).__name__}: {str(e).strip()[:200]}): it "
-                        f"should hold {source.holds}, as unpacked from {source.url}; delete it and run again to "
-                        f"download it again") from None
+        raise incomplete_copy(folder, name, e, source.holds, source.url) from None
     if not source.own_val:
         splits["train"], splits["val"] = hold_out(splits["train"])
         splits["val"].held_out = "10 % of train, fixed seed 0"
@@ -335,6 +314,30 @@ def describe_splits(splits):
 
 # -----------------------------------------------------------------------------
 # loaders: per-sample augmentation seeds, so an epoch's data is a function of (seed, epoch)
+
+
+class EpochSampler(Sampler):
+    """Yields (index, augmentation seed) for one epoch: a shuffled order (train) or the natural one (eval),
+    every world-th item from rank on (rank r of a world of w processes; together they make the batches one
+    process would). With `batch` (a training step's images over all processes), the order is cut to whole
+    steps first, so every process takes the same number of steps. Call set_epoch(e) before each epoch."""
+
+    def __init__(self, n, seed=0, shuffle=True, rank=0, world=1, batch=None):
+        self.n, self.seed, self.shuffle, self.rank, self.world, self.epoch = n, seed, shuffle, rank, world, 0
+        self.used = n // batch * batch if batch else n  # the incomplete last step is dropped, on every process
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(range(self.rank, self.used, self.world))
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)
+        seeds = torch.randint(2**62, (self.n,), generator=g)
+        for i in order[:self.used][self.rank::self.world].tolist():
+            yield i, int(seeds[i])
 
 
 class Transformed(Dataset):

@@ -12,7 +12,7 @@ from dataclasses import asdict
 import torch
 import torch.nn as nn
 
-from data import DATASETS, IMAGENET_MEAN, IMAGENET_STD, RESIZE_RATIO, SEG_BASE_RATIO
+from data import DATASETS, RESIZE_RATIO, SEG_BASE_RATIO, pixel_stats
 from flags import FlagError, dataset_name
 from lora import merge_lora
 from model import Classifier, Segmenter, ViT, ViTConfig
@@ -57,16 +57,18 @@ def load_model(path):
 def deploy_meta(args, classes):
     """What prediction needs, saved with the exported models (load_model gives it back as model.meta): the
     task, the class names in label order, and the preprocessing it was evaluated with at the size it trained at
-    (the ViT config's img_size is the grid its position embeddings were pretrained on, not this)."""
+    (the ViT config's img_size is the grid its position embeddings were pretrained on, not this); its mean and std
+    are the run's, its teacher's pretraining's (data.pixel_stats)."""
     segmentation = DATASETS[args.dataset].task == "segmentation"
+    mean, std = pixel_stats(args.teacher, args.teacher_weights)
     resize = round(args.img_size * (SEG_BASE_RATIO if segmentation else RESIZE_RATIO))
     crop = (f"windows of {args.img_size} px, stride {args.img_size // 2}" if segmentation
             else f"center-crop {args.img_size} px")
     how = (f"turn upright as its EXIF orientation says, resize the short side to {resize} px (bilinear, "
            f"antialiased), then {crop}")
     return {"task": "segmentation" if segmentation else "classification", "classes": list(classes),
-            "img_size": args.img_size, "resize": resize, "preprocess": how, "mean": list(IMAGENET_MEAN),
-            "std": list(IMAGENET_STD), "input": "RGB, (pixel / 255 - mean) / std, (batch, 3, height, width)",
+            "img_size": args.img_size, "resize": resize, "preprocess": how, "mean": list(mean),
+            "std": list(std), "input": "RGB, (pixel / 255 - mean) / std, (batch, 3, height, width)",
             "orientation": "EXIF orientation applied first (PIL.ImageOps.exif_transpose): the image as shown",
             "interpolation": "bilinear, antialiased (PIL's Image.resize, as torchvision resizes a PIL image)",
             "dataset": dataset_name(vars(args))}

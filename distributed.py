@@ -1,7 +1,7 @@
 """
 torchrun and the devices: one process a GPU, each with its share of every global batch (nanoGPT's way), and the
-little that takes: the process group, a download on the first process first, DDP, each process's share of the
-samples (EpochSampler), gradient accumulation, a mean for the log line; and the devices' peaks, MFU's denominator.
+little that takes: the process group, a download on the first process first, DDP, gradient accumulation, a mean
+for the log line.
 Alone (no torchrun), each function is a no-op or returns its input.
 """
 
@@ -13,7 +13,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import Sampler
 
 
 def ddp_init(device):
@@ -59,30 +58,6 @@ def unwrap(module):
     return module.module if isinstance(module, DDP) else module
 
 
-class EpochSampler(Sampler):
-    """Yields (index, augmentation seed) for one epoch: a shuffled order (train) or the natural one (eval),
-    every world-th item from rank on (rank r of a world of w processes; together they make the batches one
-    process would). With `batch` (a training step's images over all processes), the order is cut to whole
-    steps first, so every process takes the same number of steps. Call set_epoch(e) before each epoch."""
-
-    def __init__(self, n, seed=0, shuffle=True, rank=0, world=1, batch=None):
-        self.n, self.seed, self.shuffle, self.rank, self.world, self.epoch = n, seed, shuffle, rank, world, 0
-        self.used = n // batch * batch if batch else n  # the incomplete last step is dropped, on every process
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-
-    def __len__(self):
-        return len(range(self.rank, self.used, self.world))
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)
-        seeds = torch.randint(2**62, (self.n,), generator=g)
-        for i in order[:self.used][self.rank::self.world].tolist():
-            yield i, int(seeds[i])
-
-
 def sync_gradients(module, now):
     """--grad_accum: let DDP average gradients only on a step's last micro-batch (nanoGPT's
     require_backward_grad_sync); the others add up locally. No-op without DDP."""
@@ -110,28 +85,3 @@ def ddp_end():
     dist.barrier()
     time.sleep(0.2)  # releases the GIL: the worker threads finish, then wait idle for the group's end
     dist.destroy_process_group()
-
-
-# -----------------------------------------------------------------------------
-# MFU's denominator: the devices' peaks (nanoGPT's estimate_mfu)
-
-
-# dense bf16 peaks, FLOP/s, by a substring of torch.cuda.get_device_name()
-PEAK_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12,
-              "L4": 121e12, "A10": 125e12, "V100": 125e12, "4090": 165e12}
-
-
-def peak_flops(device):
-    """The device's dense bf16 peak in FLOP/s, None where none is known (a CPU)."""
-    if not device.startswith("cuda"):
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
-
-
-def mfu(flops_per_s, device):
-    """Model FLOPs utilisation as the log line shows it: the FLOP/s achieved over the dense bf16 peak of every
-    torchrun process's device; "n/a" where no peak is known."""
-    peak = peak_flops(device)
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    return f"{100 * flops_per_s / (peak * world):.1f}%" if peak else "n/a"

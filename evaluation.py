@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from data import normalize
+from data import IMAGENET_MEAN, IMAGENET_STD, normalize
 from images import IGNORE
 from model import slide_inference
 
@@ -22,12 +22,12 @@ def same_size_batches(loader):
 
 
 @torch.no_grad()
-def evaluate(models, loader, device, autocast, window=None):
+def evaluate(models, loader, device, autocast, window=None, stats=(IMAGENET_MEAN, IMAGENET_STD)):
     """{name: {"acc": %, "miou": % for segmentation, "confusion": (n, n) counts}} of each model in {name: model} on
     loader, in one pass over the data. Accuracy is top-1, or per pixel; with a `window` (segmentation) each image
     is predicted by a sliding window of that side and stride window // 2 (App. C.2), and mIoU is counted at the
     labels' resolution, whatever each image's size. The confusion matrix counts images (pixels) by label (row) and
-    prediction (column)."""
+    prediction (column). The images are normalised with `stats` (mean, std: data.pixel_stats)."""
     for m in models.values():
         m.eval()
     n = next(iter(models.values())).num_classes
@@ -35,7 +35,7 @@ def evaluate(models, loader, device, autocast, window=None):
     confusion = {k: torch.zeros(n, n, device=device, dtype=torch.long) for k in models}
     total = torch.zeros((), device=device, dtype=torch.long)
     for x, y in same_size_batches(loader):  # each process evaluates its share of the split
-        x, y = normalize(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
+        x, y = normalize(x.to(device, non_blocking=True), stats), y.to(device, non_blocking=True)
         valid = y != IGNORE if window else torch.ones_like(y, dtype=torch.bool)  # an image's label 255 is a class
         total += valid.sum()
         with autocast:

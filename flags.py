@@ -92,8 +92,10 @@ def parser(doc, method, hparams):
                    help="the official weights (DINOv2's, or DINOv3's for a dinov3_* model) or random ones; "
                         "pretrained was spelled dinov2, which still works")
     p.add_argument("--teacher_weights", default=None, metavar="PATH_OR_URL",
-                   help="the teacher's official .pth, a file or a URL (DINOv3's are gated: its signed URL); default: "
-                        "torch.hub's cache (checkpoints/), where DINOv2's are downloaded")
+                   help="the teacher's weights: the official .pth (a file, or DINOv3's signed URL), a .safetensors "
+                        "file or a downloaded model folder in the official, timm or Hugging Face layout "
+                        "(docs/weights.md); "
+                        "default: torch.hub's cache (checkpoints/), where DINOv2's are downloaded")
     p.add_argument("--student_weights", default=None, metavar="PATH_OR_URL", help="the same for the student")
     p.add_argument("--epochs", type=POSITIVE_INT, default=None, help="30 by default (the paper's)")
     p.add_argument("--batch_size", type=POSITIVE_INT, default=None,

@@ -149,10 +149,10 @@ def layer_mapping(n_student, n_teacher, mapping="even"):
     raise ValueError(f"unknown mapping {mapping!r}; one of {', '.join(MAPPINGS)}")
 
 
-def share_lora(student, teacher, mapping="even"):
-    """Give student block i the adapters of teacher block g(i), sliced to the student's width (Fig. 4).
-    The teacher must carry adapters already (add_lora); teacher blocks that no student block maps to keep
-    theirs to themselves. The student's backbone is frozen. Returns g as a list."""
+def share_lora(student, teacher, mapping="even", init_width=None):
+    """Give student block i the adapters of teacher block g(i), sliced to the student's width (Fig. 4). The teacher
+    must carry adapters already (add_lora); teacher blocks that no student block maps to keep theirs to themselves.
+    The student's backbone is frozen. init_width: each shared A drawn as for a layer that wide. Returns g."""
     if student.embed_dim > teacher.embed_dim:
         raise ValueError(f"the student is {student.embed_dim} wide, wider than its teacher's {teacher.embed_dim}: "
                          f"SLAD slices the teacher's adapters, so it needs a student no wider than its teacher")
@@ -168,6 +168,8 @@ def share_lora(student, teacher, mapping="even"):
         if not adapters:
             raise ValueError(f"teacher block {j} has no LoRA adapters: call add_lora(teacher) first")
         for target, t in adapters.items():
+            if init_width and j not in g[:i]:  # once a teacher block, however many student blocks share it
+                t.lora_A.data.mul_(math.sqrt(t.lora_A.shape[1] / init_width))
             _swap(student.blocks[i], target, lambda base: LoRALinear(base, t.lora_A, t.lora_B, t.scale, t.chunks))
     return g
 

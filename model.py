@@ -41,7 +41,7 @@ class ViTConfig:
     # "dinov3": RoPE, storage tokens, LayerNorm eps 1e-5, the k-masked qkv bias, SwiGLU as w1, w2, w3
     family: str = "dinov2"
     qkv_bias: bool = True  # DINOv3's 7B has none
-    local_cls_norm: bool = False  # DINOv3's 7B holds a norm for the local crops of its pretraining, unused here
+    local_cls_norm: bool = False  # DINOv3's 7B and SAT ViT-L hold a norm for their pretraining's local crops, unused
     # in train mode the DINOv3 hub models scale RoPE's coordinates by a log-uniform factor in [1/r, r] drawn per
     # block; off (0) here: a teacher and a student that share adapters should see their patches at the same places
     rope_rescale: float = 0.0
@@ -55,15 +55,16 @@ CONFIGS = {
 }
 CONFIGS.update({f"{k}_reg": replace(c, num_register_tokens=4, interpolate_offset=0.0, interpolate_antialias=True)
                 for k, c in list(CONFIGS.items())})
-# DINOv3 (dinov3/hub/backbones.py): S, B, L distilled from the 7B, as DINOv2's from ViT-g; heads 64 wide up to H+,
-# so Fig. 4's head-aligned slicing carries over. The 7B's heads are 128 wide: it cannot be the SLAD teacher of a
-# student with 64-wide heads (a student head would meet half a teacher head).
+# DINOv3 (dinov3/hub/backbones.py): S, B, L distilled from the 7B, as DINOv2's from ViT-g (the SAT-493M ViT-L from
+# the SAT-493M 7B, loaded as dinov3_vit7b16); heads 64 wide up to H+, so Fig. 4's head-aligned slicing carries over.
+# The 7B's heads are 128 wide: it cannot be the SLAD teacher of a student with 64-wide heads (half a teacher head).
 DINOV3 = ViTConfig(family="dinov3", patch_size=16, num_register_tokens=4, init_values=1e-5)
 CONFIGS.update({
     "dinov3_vits16": replace(DINOV3, embed_dim=384, depth=12, num_heads=6),
     "dinov3_vits16plus": replace(DINOV3, embed_dim=384, depth=12, num_heads=6, ffn="swiglu", mlp_ratio=6.0),
     "dinov3_vitb16": replace(DINOV3, embed_dim=768, depth=12, num_heads=12),
     "dinov3_vitl16": replace(DINOV3, embed_dim=1024, depth=24, num_heads=16),
+    "dinov3_vitl16_sat493m": replace(DINOV3, embed_dim=1024, depth=24, num_heads=16, local_cls_norm=True),  # SAT-493M
     "dinov3_vitl16plus": replace(DINOV3, embed_dim=1024, depth=24, num_heads=16, ffn="swiglu", mlp_ratio=6.0),
     "dinov3_vith16plus": replace(DINOV3, embed_dim=1280, depth=32, num_heads=20, ffn="swiglu", mlp_ratio=6.0),
     "dinov3_vit7b16": replace(DINOV3, embed_dim=4096, depth=40, num_heads=32, ffn="swiglu", mlp_ratio=3.0,
@@ -198,7 +199,7 @@ class ViT(nn.Module):
         self.blocks = nn.ModuleList(Block(c) for _ in range(c.depth))
         self.norm = nn.LayerNorm(D, eps=NORM_EPS[c.family])
         if c.local_cls_norm:
-            self.local_cls_norm = nn.LayerNorm(D, eps=NORM_EPS[c.family])  # in the 7B's checkpoint, never used here
+            self.local_cls_norm = nn.LayerNorm(D, eps=NORM_EPS[c.family])  # in the 7B's and SAT ViT-L's, never used
         self.grad_checkpointing = False  # recompute each block in backward: memory for ViT-L/g at 518
         self.init_weights()
 
@@ -300,32 +301,6 @@ class ViT(nn.Module):
         return c.depth * per_block + 2 * (n - 1 - c.num_register_tokens) * 3 * c.patch_size**2 * D
 
 
-def step_flops(vit, img_size, how):
-    """Matmul FLOPs per image of a training step through encoder `vit`, as the step trains it (`how`): "frozen" or
-    "probe" (no gradient in it), "lora" (lora.add_lora's adapters on every block's qkv), "finetune" (all of it).
-    MFU's numerator; torch.utils.flop_counter counts the same (tested), but for LoRA's fold of its weight
-    (2 out r in a layer a step, not an image: < 0.01 % at batch 32). Heads and recomputation under
-    --grad_checkpointing are not counted."""
-    if how not in ("frozen", "probe", "lora", "finetune"):
-        raise ValueError(f"unknown how {how!r}: frozen, probe, lora or finetune")
-    c, forward = vit.config, vit.flops(img_size)
-    if how in ("frozen", "probe"):
-        return forward
-    patches, D = (img_size // c.patch_size) ** 2, c.embed_dim
-    n = 1 + c.num_register_tokens + patches
-    attention, patch_embed = c.depth * 2 * 2 * n * n * D, 2 * patches * 3 * c.patch_size**2 * D
-    # the backward: each matmul's input gradient but the patch embedding's (the image's), and attention's backward
-    # is two of its forwards (dQ and dK from dP; dP and dV from the output's gradient)
-    backward = forward - patch_embed + attention
-    if how == "finetune":  # and every weight's gradient, the patch embedding's too (attention has no weights)
-        return forward + backward + forward - attention
-    # LoRA: nothing below block 0's qkv trains, so its input gradient is never formed; each adapter's backward
-    # (lora.FoldedLoRA) is four rank-r products: x A^T again, dB, dy B and dA; its forward is in W0's matmul
-    A, B = vit.blocks[0].attn.qkv.sliced()  # A (r, D), or (3 r, D) with an adapter each for q, k, v; B (3 D, r)
-    adapters = c.depth * 2 * n * 2 * (A.shape[0] * D + B.shape[0] * B.shape[1])
-    return forward + backward - 2 * n * 3 * D * D + adapters
-
-
 # -----------------------------------------------------------------------------
 # the optimizer and its schedule (nanoGPT's configure_optimizers)
 
@@ -350,7 +325,6 @@ def get_lr(it, total):
     if it < warmup:
         return (it + 1) / warmup
     return 0.5 * (1 + math.cos(math.pi * (it - warmup) / max(1, total - warmup)))
-
 
 
 # -----------------------------------------------------------------------------

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from data import SEG_BASE_RATIO, SegEvalTransform, eval_transform, make_loader, normalize
+from data import IMAGENET_MEAN, IMAGENET_STD, SEG_BASE_RATIO, SegEvalTransform, eval_transform, make_loader, normalize
 from deploy import input_size, load_model
 from flags import FlagError, COUNT, POSITIVE_INT, Parser
 from images import DataError, ImageFiles, open_image
@@ -92,6 +92,7 @@ def main(argv=None):
         p.error(f"--device {args.device}, but torch sees no CUDA device here (use --device cpu)")
     model = load_model(args.model).to(args.device)  # eval mode; model.meta: what prediction needs
     meta = model.meta
+    stats = (meta.get("mean", IMAGENET_MEAN), meta.get("std", IMAGENET_STD))  # the teacher's pretraining's
     trained = meta.get("img_size")  # None in a file written before it was saved
     try:
         img_size = input_size(model, args.model, args.img_size)
@@ -124,7 +125,7 @@ def main(argv=None):
             img = open_image(path, fix=FIX)
             x, _ = SegEvalTransform(resize)(img, Image.new("L", (1, 1)))  # the evaluation's resize; no mask here
             with torch.no_grad():
-                logits = slide_inference(model, normalize(x[None].to(args.device)), img_size, img_size // 2)
+                logits = slide_inference(model, normalize(x[None].to(args.device), stats), img_size, img_size // 2)
                 mask = F.interpolate(logits, size=(img.height, img.width), mode="bilinear", align_corners=False)
             mask = mask.argmax(1)[0].to(torch.uint8).cpu().numpy()
             atomic_write(os.path.join(out, name), lambda tmp: Image.fromarray(mask).save(tmp, format="PNG"), AGAIN)
@@ -147,7 +148,7 @@ def main(argv=None):
     rows, hits = [], 0
     for x, y in loader:
         with torch.no_grad():
-            probs = model(normalize(x.to(args.device))).float().softmax(-1).cpu()
+            probs = model(normalize(x.to(args.device), stats)).float().softmax(-1).cpu()
         p_top, k_top = probs.topk(top_k, dim=-1)
         for pk, kk, label in zip(p_top.tolist(), k_top.tolist(), y.tolist()):
             path = paths[len(rows)]

@@ -28,7 +28,8 @@ import torch
 import torch.distributed as dist
 
 from data import held_out_splits
-from distributed import ddp_end, peak_flops
+from distributed import ddp_end
+from mfu import peak_flops
 from images import DataError
 from flags import RESUMABLE_CHANGES, config_id, dataset_name
 from weights import CheckpointError
@@ -250,7 +251,6 @@ def hms(seconds):
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-
 def stop_if_not_finite(first_bad, steps, stage, out_dir, scaler):
     """RunError, one line, if a step's loss was not finite: first_bad is the first such step's index into the
     stage (a device tensor, 2**62 if none), so the check costs a host sync only where it is called. Not under
@@ -269,7 +269,6 @@ def stop_if_not_finite(first_bad, steps, stage, out_dir, scaler):
         kept = f"{stage} epoch {epoch - 1}" if epoch > 1 else "the end of the stage before"  # twostep's teacher
         raise RunError(f"{where}; {ckpt} keeps {kept}, but a --resume would take the same steps (its flags are "
                        f"fixed): start a new run with {retry}, in another --out_dir")
-
 
 
 # -----------------------------------------------------------------------------

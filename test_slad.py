@@ -70,6 +70,7 @@ import flags
 import images
 import kd
 import lora
+import mfu
 import miniature
 import model
 import own_data
@@ -80,10 +81,9 @@ import toys
 import train_slad
 import train_twostep
 import weights
-from data import (SEGMENTATION, SegEvalTransform, SegTrainTransform, Transformed, eval_transform,
+from data import (SEGMENTATION, EpochSampler, SegEvalTransform, SegTrainTransform, Transformed, eval_transform,
                   load_splits, make_loader, normalize, train_transform)
 from deploy import load_model
-from distributed import EpochSampler
 from images import DataError
 from lora import LoRALinear, add_lora, layer_mapping, merge_lora, share_lora, trainable_parameters
 from model import CONFIGS, Classifier, Segmenter, ViT, ViTConfig, slide_inference
@@ -659,6 +659,7 @@ TINY3 = ViTConfig(family="dinov3", patch_size=16, num_register_tokens=4, init_va
 
 
 def test_dinov3_buffers_are_the_official_init_and_are_used():
+    torch.manual_seed(0)  # x below: the periods' 1 % moves these tokens by 2e-4, other draws by 1.3e-4 and less
     vit = ViT(TINY3).eval()
     qkv = vit.blocks[0].attn.qkv
     assert torch.equal(qkv.bias_mask, torch.tensor([1.0] * 32 + [0.0] * 32 + [1.0] * 32))  # q, k, v rows
@@ -939,7 +940,7 @@ def test_step_flops_are_torch_flop_counters_on_a_slad_step(separate, overrides):
     heads = 6 * batch * sum(p.numel() for m in (teacher, student) for p in m.head.parameters() if p.dim() == 2)
     folds = sum(2 * m.base.out_features * m.lora_B.shape[1] * m.base.in_features
                 for m in [*teacher.modules(), *student.modules()] if isinstance(m, LoRALinear))
-    step = model.step_flops(teacher.vit, side, "lora") + model.step_flops(student.vit, side, "lora")
+    step = mfu.step_flops(teacher.vit, side, "lora") + mfu.step_flops(student.vit, side, "lora")
     assert counter.get_total_flops() == batch * step + heads + folds
     assert torch.ops.aten.convolution_backward not in counter.get_flop_counts()["Global"]  # no patch-embed backward
 
@@ -954,9 +955,9 @@ def test_step_flops_of_one_encoder_by_how_it_trains(how):
     first, second = [p.numel() for p in clf.head.parameters() if p.dim() == 2]
     head = 6 * batch * (first + second) - (2 * batch * first if how == "probe" else 0)  # a probe's: no input gradient
     folds = 2 * clf.vit.config.depth * (3 * 48) * 4 * 48 if how == "lora" else 0  # W0 + B A: out, rank 4, in
-    assert counter.get_total_flops() == batch * model.step_flops(clf.vit, side, how) + head + folds
+    assert counter.get_total_flops() == batch * mfu.step_flops(clf.vit, side, how) + head + folds
     with pytest.raises(ValueError, match="unknown how 'distill'"):
-        model.step_flops(clf.vit, side, "distill")
+        mfu.step_flops(clf.vit, side, "distill")
 
 
 def test_grad_checkpointing_gives_the_same_gradients():
@@ -1278,7 +1279,7 @@ def test_incomplete_copy_is_a_clear_error(tmp_path):
     ("cityscapes", "https://www.cityscapes-dataset.com/downloads/"),
 ])
 def test_dataset_urls_are_the_checked_ones(name, url):
-    assert (data.CITYSCAPES_URL if name == "cityscapes" else data.DATASETS[name].url) == url
+    assert (images.CITYSCAPES_URL if name == "cityscapes" else data.DATASETS[name].url) == url
     if name in ("dtd", "aircraft"):  # the ones torchvision downloads: our message must name the same file
         assert getattr({"dtd": tvd.DTD, "aircraft": tvd.FGVCAircraft}[name], "_URL", url) == url
 
@@ -1386,7 +1387,7 @@ def test_cityscapes_zips_unpack_and_an_incomplete_one_is_named(tmp_path, bad):
         load_splits("cityscapes", str(tmp_path))
     msg = str(e.value)
     assert str(tmp_path / "cityscapes" / bad) in msg and "incomplete" in msg and "\n" not in msg
-    assert sum(z in msg for z in data.CITYSCAPES_ZIPS) == 1  # the incomplete one alone
+    assert sum(z in msg for z in images.CITYSCAPES_ZIPS) == 1  # the incomplete one alone
 
 
 @pytest.mark.parametrize("num_workers", [0, 1])
@@ -3164,7 +3165,7 @@ def test_bench_data_prints_per_worker_rate_requirements_and_shm(capsys):
     with torch.device("meta"):  # SLAD's step at the paper's rank, 16
         teacher, student = add_lora(ViT.from_name("vitb14"), rank=16), ViT.from_name("vits14")
         share_lora(student, teacher)
-    need = 0.4 * 989e12 / (model.step_flops(teacher, 112, "lora") + model.step_flops(student, 112, "lora"))
+    need = 0.4 * 989e12 / (mfu.step_flops(teacher, 112, "lora") + mfu.step_flops(student, 112, "lora"))
     assert "| vitb14 -> vits14 | slad | " in out and f"| {need:,.0f} | " in out
     shm = 16 * 4 * 4 * 3 * 112 * 112  # workers x prefetch x batch x uint8 image bytes
     assert f"{shm / 1e6:,.0f} MB with 16 workers" in out and "--shm-size" in out
@@ -3816,6 +3817,20 @@ def test_readme_and_docs_links_and_images_exist():
     assert len(open(os.path.join(here, "README.md")).read().split("\n")) <= 250
 
 
+def test_readme_reading_order_gives_each_files_line_count():
+    """The README's "Read in this order" box names each file of the reading path with its length: kept true."""
+    readme = open(os.path.join(HERE, "README.md")).read()
+    box = readme[readme.index("**Read in this order**"):readme.index("## Set up")]
+    named = re.findall(r"`(\w+\.py)` \((\d+)", box)
+    assert {f for f, _ in named} >= {"train_slad.py", "lora.py", "kd.py", "model.py", "data.py", "evaluation.py",
+                                     "train_twostep.py", "run_folder.py", "flags.py", "distributed.py"}
+    for f, n in named:
+        assert sum(1 for _ in open(os.path.join(HERE, f))) == int(n), f
+    path = ("train_slad.py", "lora.py", "kd.py", "model.py", "data.py", "evaluation.py")
+    total = sum(sum(1 for _ in open(os.path.join(HERE, f))) for f in path)
+    assert f"{total:,} lines" in box and f"| **{total:,}** |" in open(os.path.join(HERE, "docs", "reading.md")).read()
+
+
 def test_readme_setup_is_what_ci_runs():
     """The README's set-up block, a venv and the two commands, is what .ci/run runs, line for line, so CI tests a new
     user's way in; the CPU-build alternative installs from PyTorch's CPU index before requirements.txt."""
@@ -3853,3 +3868,210 @@ def test_config_json_holds_data_dir_outside_the_hash(tmp_path):
     assert vars(a)["data_dir"] != vars(b)["data_dir"] and a.out_dir == b.out_dir
     assert flags.config_id(vars(a)) == flags.config_id(vars(b))
     assert "data_dir" in flags.RESUMABLE_CHANGES
+
+
+# -----------------------------------------------------------------------------
+# weights.py, data.py: the Hugging Face Hub's copies (timm's and transformers' layouts, safetensors), SAT-493M and
+# its pixel statistics
+
+
+# fixtures/layouts/ was made by make_weight_fixtures.py (its docstring: timm 1.0.31, transformers 5.25.0, torch
+# 2.14.1): six tiny random DINOv2 and DINOv3 models built by timm's and transformers' own classes, each saved as its
+# library saves it for the Hub (config.json, model.safetensors, float16) with the library's own tokens on one image.
+# make_weight_fixtures.py measured max |ours - theirs| 0 for timm's DINOv2 and DINOv3 (with float32 RoPE periods)
+# and for transformers' DINOv2, <= 9e-8 for transformers' DINOv3 (its RoPE multiplies by 1 / period).
+LAYOUTS = os.path.join(HERE, "fixtures", "layouts")
+LAYOUT_TOKENS = torch.load(os.path.join(LAYOUTS, "outputs.pt"), weights_only=True)
+
+
+def layout_fixture(name, monkeypatch, **overrides):
+    """The fixture `name`'s folder, config (as CONFIGS["tiny"]), image and the library's tokens."""
+    fix = LAYOUT_TOKENS[name]
+    config = replace(ViTConfig(**fix["config"]), **overrides)
+    monkeypatch.setitem(CONFIGS, "tiny", config)
+    return os.path.join(LAYOUTS, name), config, fix["image"].float() / 255, fix["tokens"]
+
+
+@pytest.mark.parametrize("name", list(LAYOUT_TOKENS))
+def test_weights_of_timm_and_transformers_load_and_give_their_tokens(name, monkeypatch):
+    folder, config, x, want = layout_fixture(name, monkeypatch)
+    tensors = weights.read_tensors(os.path.join(folder, "model.safetensors"), "tiny", "")
+    assert weights.layout_of(tensors) == {"timm": "timm", "hf": "transformers"}[name.split("_")[0]]
+    for path in (folder, os.path.join(folder, "model.safetensors")):  # the Hub's folder, or its one file
+        vit = from_pretrained("tiny", path=path).eval()  # strict: every tensor used, every key found
+        with torch.no_grad():
+            assert (vit(x) - want).abs().max() <= 1e-5
+    if config.family == "dinov3":  # the periods as the released files hold them, not timm's and HF's float32 ones
+        own = ViT(config).rope_embed.periods
+        assert torch.equal(vit.rope_embed.periods, own.bfloat16().float()) and not torch.equal(vit.rope_embed.periods,
+                                                                                                 own)
+        vit.rope_embed.periods.copy_(own)
+        with torch.no_grad():
+            assert (vit(x) - want).abs().max() <= 1e-5  # theirs: 0 for timm, <= 1e-7 for transformers
+
+
+@pytest.mark.parametrize("name", list(LAYOUT_TOKENS))
+def test_weights_of_timm_and_transformers_are_restored_as_the_official_files_hold_them(name, monkeypatch):
+    """What those layouts leave out comes back as the official files have it: the mask token, the qkv bias_mask,
+    a zero k bias (masked), DINOv2's CLS position (timm's *_reg4 keep it in cls_token), local_cls_norm."""
+    folder, config, _, _ = layout_fixture(name, monkeypatch)
+    got = weights.read_weights(folder, ViT(config).state_dict(), "tiny", "")
+    own = ViT(config).state_dict()
+    assert got.keys() == own.keys() and all(got[k].shape == own[k].shape for k in own)
+    D = config.embed_dim
+    if name.startswith("timm"):  # timm drops the (unused) mask token; transformers keeps it, (1, 1, D) for DINOv3
+        assert torch.equal(got["mask_token"], torch.zeros(1, D))
+    if config.family == "dinov3" and config.qkv_bias:
+        assert torch.equal(got["blocks.0.attn.qkv.bias_mask"], own["blocks.0.attn.qkv.bias_mask"])
+        bias = got["blocks.1.attn.qkv.bias"]
+        assert not bias[D:2 * D].any()  # the k rows: masked in the official model, absent from both layouts
+        assert bias.any() == (name != "timm_dinov3_noqkvb")  # timm's models without _qkvb: no qkv bias, zeros
+    if name == "timm_dinov2":  # no_embed_class: the CLS position is in cls_token, the official pos_embed's row 0 zero
+        assert not got["pos_embed"][:, 0].any() and got["pos_embed"][:, 1:].any()
+        assert got["blocks.0.mlp.w12.weight"].shape == (2 * 16, D) and "register_tokens" in got
+    if name == "hf_dinov3_7b":  # no qkv bias; the unused local_cls_norm as the model initialises it
+        assert "blocks.0.attn.qkv.bias" not in got and torch.equal(got["local_cls_norm.weight"], torch.ones(D))
+        assert "blocks.0.mlp.w1.weight" in got and "blocks.0.mlp.w2.weight" in got
+
+
+def test_weights_from_a_hub_cache_repository_sharded_or_as_an_official_safetensors_file(tmp_path, monkeypatch):
+    from safetensors.torch import load_file, save_file
+    folder, config, x, want = layout_fixture("hf_dinov3", monkeypatch)
+    repo = tmp_path / "models--facebook--dinov3-tiny"  # huggingface_hub's cache: refs/main names the snapshot
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0123abcd")
+    shutil.copytree(folder, repo / "snapshots" / "0123abcd")
+    sharded = tmp_path / "sharded"  # a large model's shards, as save_pretrained writes them
+    sharded.mkdir()
+    tensors = load_file(os.path.join(folder, "model.safetensors"))
+    keys = sorted(tensors)
+    halves = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    for file, part in halves.items():
+        save_file({k: tensors[k] for k in part}, str(sharded / file))
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {k: file for file, part in halves.items() for k in part}}))
+    official = tmp_path / "official.safetensors"  # an official state dict saved as safetensors: no conversion
+    vit = from_pretrained("tiny", path=str(repo))
+    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(official))
+    for path in (repo, sharded, official):
+        loaded = from_pretrained("tiny", path=str(path)).eval()
+        with torch.no_grad():
+            assert (loaded(x) - want).abs().max() <= 1e-5, path
+    assert weights.layout_of(load_file(str(official))) == "official"
+
+
+def test_weights_that_do_not_fit_say_the_first_key_and_what_the_file_looks_like(tmp_path, monkeypatch):
+    from safetensors.torch import load_file, save_file
+    folder, config, _, _ = layout_fixture("timm_dinov3", monkeypatch)
+    monkeypatch.setitem(CONFIGS, "wider", replace(config, embed_dim=64, num_heads=4))
+
+    def refusal(name, path):
+        with pytest.raises(CheckpointError) as e:
+            from_pretrained(name, path=str(path))
+        assert "\n" not in str(e.value) and e.value.__cause__ is None
+        return str(e.value)
+    assert ("cls_token is (1, 1, 32), not (1, 1, 64); it looks like timm's copy of tiny (32 wide, 2 blocks, 2 heads, "
+            "swiglu FFN, 4 storage tokens)") in refusal("wider", folder)
+    tensors = load_file(os.path.join(folder, "model.safetensors"))
+    edits = {"head": {**tensors, "head.weight": torch.zeros(10, 32)},
+             "no norm": {k: v for k, v in tensors.items() if k != "blocks.1.norm2.bias"},
+             "alien": {"model.backbone.cls_token": torch.zeros(1, 1, 32)}}
+    for edit, state in edits.items():
+        save_file(state, str(tmp_path / f"{edit}.safetensors"))
+    assert "1 unexpected key(s), the first head.weight; it looks like timm's copy of tiny" in refusal(
+        "tiny", tmp_path / "head.safetensors")
+    assert "1 key(s) missing, the first blocks.1.norm2.bias; it looks like timm's copy of tiny" in refusal(
+        "tiny", tmp_path / "no norm.safetensors")
+    assert ("its keys are in none of the official, timm or transformers layouts (the first of 1: "
+            "model.backbone.cls_token)") in refusal("tiny", tmp_path / "alien.safetensors")
+    folder, _, _, _ = layout_fixture("hf_dinov3", monkeypatch)
+    hf = load_file(os.path.join(folder, "model.safetensors"))
+    save_file({k: v for k, v in hf.items() if k != "layer.0.attention.q_proj.weight"}, str(tmp_path / "hf.safetensors"))
+    assert "2 key(s) missing, the first blocks.0.attn.qkv.weight; it looks like transformers' copy of tiny" in refusal(
+        "tiny", tmp_path / "hf.safetensors")
+    (tmp_path / "empty_folder").mkdir()
+    (tmp_path / "empty_folder" / "config.json").write_text("{}")
+    assert "is a folder with no weights file" in refusal("tiny", tmp_path / "empty_folder")
+    assert "it holds config.json" in refusal("tiny", tmp_path / "empty_folder")
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(open(os.path.join(folder, "model.safetensors"), "rb").read()[:3000])
+    assert str(cut) in refusal("tiny", cut) and "cannot be read as tensors" in refusal("tiny", cut)
+
+
+def test_dinov3_sat493m_vitl_loads_under_its_own_name_and_refuses_the_other_weights(tmp_path, monkeypatch):
+    assert CONFIGS["dinov3_vitl16_sat493m"] == replace(CONFIGS["dinov3_vitl16"], local_cls_norm=True)
+    assert weights.checkpoint_url("dinov3_vitl16_sat493m") == ("https://dl.fbaipublicfiles.com/dinov3/dinov3_vitl16/"
+                                                              "dinov3_vitl16_pretrain_sat493m-eadcf0ff.pth")
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    with pytest.raises(CheckpointError) as e:  # gated: where to ask, and the ungated copies
+        from_pretrained("dinov3_vitl16_sat493m")
+    assert "dinov3_vitl16_pretrain_sat493m-eadcf0ff.pth" in str(e.value) and "timm" in str(e.value)
+    monkeypatch.setitem(CONFIGS, "dinov3_vitl16", TINY3)  # the real names, tiny models
+    monkeypatch.setitem(CONFIGS, "dinov3_vitl16_sat493m", replace(TINY3, local_cls_norm=True))
+    sat = randomize_(ViT.from_name("dinov3_vitl16_sat493m"))
+    official = tmp_path / "sat.pth"  # a file named as neither: its keys decide
+    torch.save(sat.state_dict(), official)
+    loaded = from_pretrained("dinov3_vitl16_sat493m", path=str(official))
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), sat.state_dict().values()))
+    with pytest.raises(CheckpointError) as e:  # the message no longer contradicts itself
+        from_pretrained("dinov3_vitl16", path=str(official))
+    assert "the first local_cls_norm.weight; it looks like dinov3_vitl16_sat493m (32 wide" in str(e.value)
+    lvd, sat_file = "dinov3_vitl16_pretrain_lvd1689m-8aa4cbdd.pth", "dinov3_vitl16_pretrain_sat493m-eadcf0ff.pth"
+    for file, name, other in ((lvd, "dinov3_vitl16_sat493m", "dinov3_vitl16"),
+                              (sat_file, "dinov3_vitl16", "dinov3_vitl16_sat493m")):
+        shutil.copy(official, tmp_path / file)
+        with pytest.raises(CheckpointError) as e:  # named as the other weights: refused before reading
+            from_pretrained(name, path=str(tmp_path / file))
+        assert f"load it as {other} (--teacher or --student {other}" in str(e.value) and "\n" not in str(e.value)
+    folder, config, x, want = layout_fixture("hf_dinov3", monkeypatch)  # transformers' and timm's drop local_cls_norm
+    monkeypatch.setitem(CONFIGS, "dinov3_vitl16_sat493m", replace(config, local_cls_norm=True))
+    with torch.no_grad():
+        assert (from_pretrained("dinov3_vitl16_sat493m", path=folder).eval()(x) - want).abs().max() <= 1e-5
+
+
+def test_dinov3_sat493m_statistics_normalise_runs_and_go_into_the_exported_meta():
+    sat, imagenet = (data.SAT493M_MEAN, data.SAT493M_STD), (data.IMAGENET_MEAN, data.IMAGENET_STD)
+    assert sat == ((0.430, 0.411, 0.296), (0.213, 0.156, 0.143))  # facebookresearch/dinov3's README
+    hub = "~/.cache/huggingface/hub/models--facebook--dinov3-vit7b16-pretrain-sat493m/snapshots/0123abcd"
+    assert data.pixel_stats("dinov3_vitl16_sat493m") == sat
+    for weights_path in ("dinov3_vit7b16_pretrain_sat493m-a6675841.pth", hub, "vit_7b_patch16_dinov3.sat493m",
+                         os.path.join(hub, "model.safetensors")):  # the SAT 7B: the LVD 7B's model, by its file
+        assert data.pixel_stats("dinov3_vit7b16", weights_path) == sat, weights_path
+    web = "/data/sat493m/dinov3_vit7b16_pretrain_lvd1689m-a955f4ea.pth"  # the file's own name says, not its folder
+    for name, weights_path in (("dinov3_vit7b16", None), ("dinov3_vit7b16", web), ("vitb14", None), ("toy-s", None),
+                               ("dinov3_vitl16", "model.safetensors")):
+        assert data.pixel_stats(name, weights_path) == imagenet, (name, weights_path)
+    x = torch.tensor([0, 255], dtype=torch.uint8).view(2, 1, 1, 1).expand(2, 3, 2, 2)  # a black and a white image
+    for mean, std in (sat, imagenet):
+        m, s = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+        want = ((torch.tensor([0.0, 1.0]).view(2, 1, 1, 1) - m) / s).expand(2, 3, 2, 2)
+        assert torch.allclose(normalize(x, (mean, std)), want)
+        assert torch.allclose(data.next_batch(iter([(x, torch.zeros(2))]), "cpu", (mean, std))[0], want)
+    assert torch.equal(normalize(x), normalize(x, imagenet))  # ImageNet's unless told
+    args, _ = train_slad.parse_args(["--dataset", "synthetic", "--teacher", "dinov3_vitl16_sat493m",
+                                     "--student", "dinov3_vits16"])
+    meta = deploy.deploy_meta(args, ["a", "b"])
+    assert (tuple(meta["mean"]), tuple(meta["std"])) == sat
+    args, _ = train_twostep.parse_args(["--dataset", "synthetic", "--teacher", "dinov3_vit7b16", "--student",
+                                        "dinov3_vitl16", "--teacher_weights",
+                                        "dinov3_vit7b16_pretrain_sat493m-a6675841.pth"])  # the SAT 7B, by its file
+    assert tuple(deploy.deploy_meta(args, ["a"])["mean"]) == data.SAT493M_MEAN
+
+
+def test_shared_init_student_rescales_only_the_teacher_blocks_a_student_block_maps_to():
+    torch.manual_seed(0)
+    plain = add_lora(ViT.from_name("toy-l"), rank=4)  # 6 blocks, 128 wide; toy-s: 3 blocks, 48 wide
+    torch.manual_seed(0)
+    teacher = add_lora(ViT.from_name("toy-l"), rank=4)
+    g = share_lora(ViT.from_name("toy-s"), teacher, "even", init_width=48)
+    assert g == [0, 2, 4]
+    for j in range(6):
+        ratio = teacher.blocks[j].attn.qkv.lora_A / plain.blocks[j].attn.qkv.lora_A
+        want = math.sqrt(128 / 48) if j in g else 1.0  # Kaiming's bound for the student's width, where it is shared
+        assert torch.allclose(ratio, torch.full_like(ratio, want)), j
+    torch.manual_seed(0)  # ViT-B -> ViT-S's identity mapping: every block, as add_lora's init_width would draw it
+    drawn = add_lora(ViT.from_name("toy-b"), rank=4, init_width=48)
+    torch.manual_seed(0)
+    shared = add_lora(ViT.from_name("toy-b"), rank=4)
+    share_lora(ViT.from_name("toy-s"), shared, "even", init_width=48)
+    assert all(torch.equal(a.attn.qkv.lora_A, b.attn.qkv.lora_A) for a, b in zip(drawn.blocks, shared.blocks))

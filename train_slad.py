@@ -17,14 +17,15 @@ import time
 import torch
 
 import run_folder
-from data import SEGMENTATION, describe_splits, load_splits, make_loaders, next_batch
+from data import SEGMENTATION, describe_splits, load_splits, make_loaders, next_batch, pixel_stats
 from deploy import export_models
-from distributed import ddp, ddp_init, ddp_mean, mfu, rank0_first, sync_gradients
+from distributed import ddp, ddp_init, ddp_mean, rank0_first, sync_gradients
 from evaluation import evaluate, flat
 from flags import NON_NEGATIVE, FlagError, dataset_name, parser, steps_per_epoch
 from kd import distill_term, slad_loss
 from lora import MAPPINGS, add_lora, share_lora, trainable_parameters
-from model import Classifier, Segmenter, TeacherStudent, adamw, get_lr, step_flops
+from mfu import mfu, step_flops
+from model import Classifier, Segmenter, TeacherStudent, adamw, get_lr
 from run_folder import RunError, hms, print0, save_checkpoint, stop_if_not_finite
 from weights import backbone
 
@@ -39,12 +40,11 @@ def parse_args(argv=None):
     p = parser(__doc__, "slad", HPARAMS)
     p.add_argument("--mapping", default="even", choices=MAPPINGS,
                    help="which teacher block shares its adapters with student block i (§5.2.1; paper: even)")
-    p.add_argument("--kl_into_teacher", action="store_true",
-                   help="let eq. 4's KL term send gradients into the teacher's logits too (default: the "
-                        "teacher's logits are the KL's fixed target, as in eq. 2) (paper: silent)")
+    p.add_argument("--kl_into_teacher", action="store_true", help="let eq. 4's KL term send gradients into the "
+                   "teacher's logits too (default: they are the KL's fixed target, as in eq. 2) (paper: silent)")
     p.add_argument("--shared_init", default="teacher", choices=["teacher", "student"],
                    help="draw the shared A for the teacher's width (Kaiming, as LoRA on the teacher alone) or for the "
-                        "student's (its slice starts as a fresh student adapter, the teacher's sqrt(d_t / d_s) larger)")
+                        "student's (its slice starts as a fresh student adapter; on the teacher blocks it maps to)")
     p.add_argument("--kl_warmup", type=NON_NEGATIVE, default=0.0, metavar="FRACTION",
                    help="raise eq. 4's KL weight from 0 to 1 over this fraction of the steps, while the teacher learns "
                         "the task (paper: silent; default 0, a constant weight)")
@@ -75,14 +75,13 @@ def train(args):
     with rank0_first():  # a weights file is downloaded once
         teacher, student = Model(backbone(args, "teacher"), num_classes), Model(backbone(args, "student"), num_classes)
     teacher.vit.grad_checkpointing = student.vit.grad_checkpointing = args.grad_checkpointing
-    add_lora(teacher.vit, rank=args.rank, separate=args.qkv_adapters == "separate",  # eq. 3 on every block's qkv;
-             init_width=student.vit.embed_dim if args.shared_init == "student" else None)  # the backbone frozen
-    g = share_lora(student.vit, teacher.vit, args.mapping)  # student block i uses teacher block g(i)'s, sliced
-    teacher.to(device), student.to(device)
+    add_lora(teacher.vit, rank=args.rank, separate=args.qkv_adapters == "separate")  # eq. 3 on each qkv, W0 frozen
+    g = share_lora(student.vit, teacher.vit, args.mapping,  # student block i uses teacher block g(i)'s, sliced
+                   init_width=student.vit.embed_dim if args.shared_init == "student" else None)
+    models = {"teacher": teacher.to(device), "student": student.to(device)}
     named = trainable_parameters(teacher, student, named=True)  # each shared adapter once
     optimizer = adamw([(named, args.lr)], args.weight_decay, device)
     kd_term = distill_term(args.kd, args.epochs * steps, device)  # eq. 4's KL term, or TAID's (a module: its state)
-    models = {"teacher": teacher, "student": student}
     kept = run_folder.kept_tensors({**models, **({"taid": kd_term} if args.kd == "taid" else {})})  # checkpointed
 
     # the run folder: this run's alone while it runs; a --resume puts back what its checkpoint kept
@@ -96,14 +95,15 @@ def train(args):
     both = ddp(TeacherStudent(teacher, student), device)  # one module, so DDP averages each shared adapter once
     step_model = torch.compile(both) if args.compile else both
     window = args.img_size if args.dataset in SEGMENTATION else None  # segmentation evaluates by sliding window
+    stats = pixel_stats(args.teacher, args.teacher_weights)  # the mean and std the teacher was pretrained with
     flops_per_img = step_flops(teacher.vit, args.img_size, "lora") + step_flops(student.vit, args.img_size, "lora")
 
     # training, an epoch at a time; then validation, metrics.jsonl's row and the checkpoint
     for epoch in range(start_epoch, args.epochs):
         t0 = time.perf_counter()
         train_loss = train_epoch(args, epoch, both, step_model, optimizer, scaler, autocast, kd_term, train_loader,
-                                 device, flops_per_img)
-        val = evaluate(models, val_loader, device, autocast, window)
+                                 device, stats, flops_per_img)
+        val = evaluate(models, val_loader, device, autocast, window, stats)
         metrics = {"train_loss": train_loss, **flat(val, "val_"),
                    **({"taid_t": float(kd_term.t)} if args.kd == "taid" else {})}
         print0(f"slad epoch {epoch + 1} | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()), args.out_dir)
@@ -111,15 +111,15 @@ def train(args):
                                               scaler, history, device))  # metrics.jsonl's row; ckpt.pt, for --resume
 
     # test; the exported models (adapters merged, with what prediction needs); results.json, the confusion matrices
-    test = evaluate(models, test_loader, device, autocast, window)
+    test = evaluate(models, test_loader, device, autocast, window, stats)
     export_models(args, models, splits["test"].classes)
     run_folder.finish(args, config, "slad", flat(test), {k: test[k]["confusion"] for k in models}, splits, history,
                       num_classes=num_classes, mapping=args.mapping, epochs=args.epochs, kd=args.kd, feat="none",
                       **({"taid_t": round(float(kd_term.t), 3)} if args.kd == "taid" else {}))
 
 
-def train_epoch(args, epoch, both, step_model, optimizer, scaler, autocast, kd_term, loader, device, flops_per_img):
-    """One epoch of eq. 4 on every batch, teacher and student at once; the mean loss."""
+def train_epoch(args, epoch, both, step_model, optimizer, scaler, autocast, kd_term, loader, device, stats, flops):
+    """One epoch of eq. 4 on every batch, teacher and student at once (`flops`: a step's per image); the mean loss."""
     both.train(), loader.sampler.set_epoch(epoch)
     steps = len(loader) // args.grad_accum
     batches, total = iter(loader), args.epochs * steps
@@ -131,7 +131,7 @@ def train_epoch(args, epoch, both, step_model, optimizer, scaler, autocast, kd_t
         for group in optimizer.param_groups:
             group["lr"] = lr
         for micro in range(args.grad_accum):  # --grad_accum micro-batches make one step of the batch
-            x, y = next_batch(batches, device)
+            x, y = next_batch(batches, device, stats)
             sync_gradients(both, micro == args.grad_accum - 1)
             with autocast:
                 teacher_logits, student_logits = step_model(x)  # the same augmented batch for both (App. C.2)
@@ -153,7 +153,7 @@ def train_epoch(args, epoch, both, step_model, optimizer, scaler, autocast, kd_t
             img_s = args.batch_size / dt
             print0(f"slad epoch {epoch + 1}/{args.epochs} step {step + 1}/{steps} | loss {mean_loss:.4f} | "
                    f"lr {lr:.2e} | {1000 * dt:.0f} ms/step | {img_s:.1f} img/s | "
-                   f"mfu {mfu(flops_per_img * img_s, device)} | eta {hms((total - it - 1) * dt)}", args.out_dir)
+                   f"mfu {mfu(flops * img_s, device)} | eta {hms((total - it - 1) * dt)}", args.out_dir)
             epoch_loss += mean_loss * n
             loss_sum, t0 = torch.zeros((), device=device), time.perf_counter()
     return epoch_loss / steps

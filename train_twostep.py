@@ -31,15 +31,16 @@ import time
 import torch
 
 import run_folder
-from data import SEGMENTATION, describe_splits, load_splits, make_loaders, next_batch
+from data import SEGMENTATION, describe_splits, load_splits, make_loaders, next_batch, pixel_stats
 from deploy import export_models
-from distributed import ddp, ddp_init, ddp_mean, mfu, rank0_first, sync_gradients, unwrap
+from distributed import ddp, ddp_init, ddp_mean, rank0_first, sync_gradients, unwrap
 from evaluation import evaluate, flat
 from flags import NON_NEGATIVE, POSITIVE, POSITIVE_INT, TOY_DEFAULTS, FlagError, dataset_name, parser, steps_per_epoch
 from kd import TaskFilters, distill_loss, distill_term, task_loss, ted_loss
 from lora import MAPPINGS, adapt, layer_mapping, trainable_parameters
-from model import Classifier, Segmenter, adamw, get_lr, step_flops
-from run_folder import RunError, hms, print0, save_checkpoint, stop_if_not_finite
+from mfu import mfu, step_flops
+from model import Classifier, Segmenter, adamw, get_lr
+from run_folder import RunError, hms, kept_tensors, print0, save_checkpoint, stop_if_not_finite
 from weights import backbone
 
 # -----------------------------------------------------------------------------
@@ -112,8 +113,7 @@ def train(args):
     g = add_ted_filters(teacher, student, args.mapping, num_classes) if args.feat == "ted" else None
     kd_term = distill_term(args.kd, args.student_epochs * steps, device)  # eq. 2's KL term, or TAID's (its state)
     teacher.to(device), student.to(device)
-    kept = run_folder.kept_tensors({"teacher": teacher, "student": student,  # what a checkpoint holds
-                                    **({"taid": kd_term} if args.kd == "taid" else {})})
+    kept = kept_tensors({"teacher": teacher, "student": student} | ({"taid": kd_term} if args.kd == "taid" else {}))
 
     # the run folder: this run's alone while it runs; a --resume continues the stage its checkpoint was in
     run_folder.claim(args, config, ckpt, "twostep")
@@ -136,7 +136,7 @@ def train(args):
         train_stage(*run, "teacher", teacher_ddp, functools.partial(teach, args, teacher, teacher_step, g), optimizer,
                     args.teacher_epochs, done if stage == "teacher" else 0,
                     step_flops(teacher.vit, args.img_size, args.teacher_adapt))
-        test = evaluate({"teacher": teacher}, loaders[2], device, autocast, window_of(args))
+        test = evaluate({"teacher": teacher}, loaders[2], device, autocast, *seen_as(args))
         history["teacher_test"] = flat(test)
         history["teacher_confusion"] = test["teacher"]["confusion"].tolist()  # for the end, through a resume
         print0(f"teacher test: {history['teacher_test']}", args.out_dir)
@@ -155,7 +155,7 @@ def train(args):
                                                                                args.student_adapt))
 
     # test; the exported models (adapters merged, with what prediction needs); results.json, the confusion matrices
-    test = evaluate({"student": student}, loaders[2], device, autocast, window_of(args))
+    test = evaluate({"student": student}, loaders[2], device, autocast, *seen_as(args))
     export_models(args, {"teacher": teacher, "student": student}, splits["test"].classes)
     confusions = {"teacher": torch.tensor(history.get("teacher_confusion", test["student"]["confusion"] * 0)),
                   "student": test["student"]["confusion"]}  # (a checkpoint from before confusions were kept: zeros)
@@ -166,8 +166,10 @@ def train(args):
                       **({"mapping": args.mapping} if args.feat == "ted" else {}))
 
 
-def window_of(args):
-    return args.img_size if args.dataset in SEGMENTATION else None  # segmentation evaluates by sliding window
+def seen_as(args):
+    """How the models see an image: by a sliding window of this side for segmentation (None: whole), normalised
+    with the mean and std the teacher was pretrained with (data.pixel_stats)."""
+    return args.img_size if args.dataset in SEGMENTATION else None, pixel_stats(args.teacher, args.teacher_weights)
 
 
 def add_ted_filters(teacher, student, mapping, num_classes):
@@ -221,6 +223,7 @@ def train_stage(args, config, loaders, scaler, autocast, kd_term, kept, history,
     """One stage, `name`, of `epochs`: AdamW with get_lr's schedule, raw AMP, `loss_fn(x, y)` on every batch (it
     calls `model`, in DDP under torchrun); a val accuracy, a metrics row and a checkpoint an epoch."""
     train_loader, val_loader = loaders
+    window, stats = seen_as(args)
     steps = len(train_loader) // args.grad_accum
     total = epochs * steps
     for epoch in range(start_epoch, epochs):
@@ -235,7 +238,7 @@ def train_stage(args, config, loaders, scaler, autocast, kd_term, kept, history,
             for group in optimizer.param_groups:
                 group["lr"] = group["peak_lr"] * lrm
             for micro in range(args.grad_accum):  # --grad_accum micro-batches make one step of the batch
-                x, y = next_batch(batches, device)
+                x, y = next_batch(batches, device, stats)
                 sync_gradients(model, micro == args.grad_accum - 1)
                 with autocast:
                     loss = loss_fn(x, y) / args.grad_accum
@@ -259,7 +262,7 @@ def train_stage(args, config, loaders, scaler, autocast, kd_term, kept, history,
                 loss_sum, n, t0 = torch.zeros((), device=device), 0, time.perf_counter()
 
         # per epoch: validation, the log line, metrics.jsonl's row and the checkpoint
-        val = evaluate({name: unwrap(model)}, val_loader, device, autocast, window_of(args))
+        val = evaluate({name: unwrap(model)}, val_loader, device, autocast, window, stats)
         metrics = {"train_loss": epoch_loss / steps, **flat(val, "val_"),
                    **({"taid_t": float(kd_term.t)} if args.kd == "taid" and name == "student" else {})}
         print0(f"{name} epoch {epoch + 1} | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()), args.out_dir)
