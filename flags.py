@@ -17,6 +17,7 @@ import torch
 from data import DATASETS
 from model import CONFIGS
 from own_data import fingerprint
+from weights import satellite
 
 
 # the defaults that depend on the dataset are in its row of data.DATASETS (img_size, batch_size, lr; the crop rounded
@@ -156,6 +157,8 @@ def resolve_flags(args, method, hparams):
             setattr(args, k, v)
     if source.own:  # your folder: its files, not where it is (--data_dir may move), make it this config's data
         args.data_fingerprint = fingerprint(args.data_dir)
+    if satellite(args.teacher, args.teacher_weights):  # its images' mean and std: another config (data.pixel_stats)
+        args.pretraining = "sat493m"
     if args.img_size % patch:
         raise FlagError(f"--img_size {args.img_size} is not a multiple of the patch size {patch} "
                         f"(e.g. {args.img_size // patch * patch or patch})")

@@ -4075,3 +4075,14 @@ def test_shared_init_student_rescales_only_the_teacher_blocks_a_student_block_ma
     shared = add_lora(ViT.from_name("toy-b"), rank=4)
     share_lora(ViT.from_name("toy-s"), shared, "even", init_width=48)
     assert all(torch.equal(a.attn.qkv.lora_A, b.attn.qkv.lora_A) for a, b in zip(drawn.blocks, shared.blocks))
+
+
+def test_a_satellite_teacher_is_a_config_of_its_own():
+    """The SAT-493M 7B and the web 7B share an architecture and a --teacher name, and --teacher_weights may change
+    on a resume: the satellite statistics go into the config, so the two never share a run folder or a resume."""
+    argv = ["--dataset", "synthetic", "--teacher", "dinov3_vit7b16", "--student", "dinov3_vitl16", "--device", "cpu"]
+    web = train_twostep.parse_args(argv + ["--teacher_weights", "dinov3_vit7b16_pretrain_lvd1689m-a955f4ea.pth"])[0]
+    sat = train_twostep.parse_args(argv + ["--teacher_weights", "dinov3_vit7b16_pretrain_sat493m-a6675841.pth"])[0]
+    assert sat.pretraining == "sat493m" and not hasattr(web, "pretraining")
+    assert flags.config_id(vars(web)) == flags.config_id(vars(train_twostep.parse_args(argv)[0]))  # as before
+    assert flags.config_id(vars(sat)) != flags.config_id(vars(web)) and sat.out_dir != web.out_dir
