@@ -61,6 +61,16 @@ def hold_out_per_class(samples, splits, class_of, frac=0.1, seed=0):
     return out
 
 
+def split_folders(root, dataset, layout):
+    """(split, its folder) for each split `root` has; no train/ is a DataError (--dataset `dataset` reads `layout`)."""
+    for split in SPLITS:
+        folder = os.path.join(root, split)
+        if os.path.isdir(folder):
+            yield split, folder
+        elif split == "train":
+            raise DataError(f"no images: {folder} is not a folder (--dataset {dataset} reads {layout})")
+
+
 def read_image_folder(root):
     """Your classification images, torchvision's ImageFolder layout: ROOT/train/<class>/<image> (any format
     pillow opens; subfolders of a class are read too), and val/ and test/ alike if you have them. Classes are
@@ -70,12 +80,7 @@ def read_image_folder(root):
     if os.path.isdir(os.path.join(root, "train", "images")) and os.path.isdir(os.path.join(root, "train", "masks")):
         raise DataError(f"{root} holds train/images/ and train/masks/, a segmentation folder: use --dataset folder-seg")
     found = {}  # split -> {class: [image paths]}
-    for split in SPLITS:
-        folder = os.path.join(root, split)
-        if not os.path.isdir(folder):
-            if split == "train":
-                raise DataError(f"no images: {folder} is not a folder (--dataset folder reads {layout})")
-            continue
+    for split, folder in split_folders(root, "folder", layout):
         classes = sorted(c for c in os.listdir(folder)
                          if not c.startswith(".") and os.path.isdir(os.path.join(folder, c)))
         found[split] = {c: image_files(os.path.join(folder, c)) for c in classes}
@@ -177,12 +182,7 @@ def read_mask_folder(root):
         raise DataError(f"{names_file} names {len(classes)} class{'es' * (len(classes) != 1)}: a segmentation needs "
                         f"2 to 255 (e.g. background and one object; index 255 is ignored)")
     samples = {}
-    for split in SPLITS:
-        folder = os.path.join(root, split)
-        if not os.path.isdir(folder):
-            if split == "train":
-                raise DataError(f"no images: {folder} is not a folder (--dataset folder-seg reads {layout})")
-            continue
+    for split, folder in split_folders(root, "folder-seg", layout):
         images, masks = {}, {}
         for path in image_files(os.path.join(folder, "images"), recursive=False):
             stem = os.path.splitext(os.path.basename(path))[0]
