@@ -357,11 +357,11 @@ def fake_results(path, **r):
     run_folder.write_json(os.path.join(path, "results.json"), r)
 
 
-def fake_run_folder(d, dataset, val, teacher_val=None, config_id="abc123"):
+def fake_run_folder(d, dataset, val, teacher_val=None, config_id="abc123", seconds=1.0):
     """What a training run leaves that miniature.py reads: results.json and metrics.jsonl with final val values."""
     os.makedirs(d, exist_ok=True)
     json.dump(dict(method="slad", dataset=dataset, teacher="toy-b", student="toy-s", seed=0, student_acc=val,
-                   teacher_acc=val, train_seconds=1.0, config_id=config_id), open(os.path.join(d, "results.json"), "w"))
+                   teacher_acc=val, train_seconds=seconds, config_id=config_id), open(os.path.join(d, "results.json"), "w"))
     rows = [{"stage": "slad", "epoch": 1, "val_teacher_acc": teacher_val or val, "val_student_acc": val}]
     open(os.path.join(d, "metrics.jsonl"), "w").write("".join(json.dumps(r) + "\n" for r in rows))
 
@@ -2344,7 +2344,9 @@ def test_ctrl_c_before_the_first_checkpoint_says_nothing_is_kept(tmp_path, monke
 
 def test_a_real_ctrl_c_is_one_line_and_exit_130(tmp_path):
     out = str(tmp_path / "run")
-    code = ("import runpy, sys, data\ndata.SyntheticTextures.SIZES = {'train': 96, 'val': 32, 'test': 32}\n"
+    # SIGINT as at a terminal: a shell's background job (`pytest ... &`) starts with it ignored, and Python keeps that
+    code = ("import runpy, signal, sys, data\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
+            "data.SyntheticTextures.SIZES = {'train': 96, 'val': 32, 'test': 32}\n"
             "sys.argv = sys.argv[1:]\nrunpy.run_path(sys.argv[0], run_name='__main__')")
     proc = subprocess.Popen([sys.executable, "-c", code, "train_slad.py", *TOY, "--epochs", "100", "--out_dir", out],
                             cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -3348,19 +3350,28 @@ def test_miniature_convergence_doubles_until_every_student_moves_less_than_half_
         for d, cmd in jobs:
             ran.append(os.path.basename(d))
             epochs = int(cmd[cmd.index("--epochs" if "--epochs" in cmd else "--teacher_epochs") + 1])
-            fake_run_folder(d, "synthetic-fine", curve[epochs] if "slad" in d else 90.0,
-                            teacher[epochs] if "fine-tuning" in d else None)
+            fake_run_folder(d, "synthetic-fine", curve[epochs] if "slad" in d else 90.0 + epochs / 100,
+                            teacher[epochs] if "fine-tuning" in d else None,
+                            seconds=epochs * (2.0 if "slad" in d else 3.0))  # SLAD at 2/3 of a two-step's time
     monkeypatch.setattr(miniature, "run_all", run_all)
     args, _ = miniature.parse_args(["--convergence", "--tasks", "synthetic-fine", "--seeds", "0", "1",
                                     "--out_dir", str(tmp_path)])
-    lines, chosen = miniature.convergence(args, print)
+    lines, chosen, reports = miniature.convergence(args, print)
     table = "\n".join(lines)
     assert chosen == {"synthetic-fine": 16}  # 8 -> 16 moves SLAD's student 5 points; 16 -> 32, 0.4
     assert "| synthetic-fine | 8 → 16 |" in table and "+5.0" in table and "| 16 → 32 |" in table
-    assert len(ran) == len(set(ran)) == 3 * 4 * 2  # three schedules, four methods, two seeds: each run once
     assert "+4.0" in table  # the teacher's move is shown
+    # Table 1 and Fig. 1 at the longest schedule measured (32), and LoRA run at SLAD's time: 32 x 2/3 = 21 epochs
+    assert len(ran) == len(set(ran)) == 3 * 4 * 2 + 2 and sum("lora-e21-" in r for r in ran) == 2
+    md = reports["synthetic-fine"]
+    assert "32 epochs a stage (passes the doubling check from 16)" in md
+    assert "| SLAD | 32 | 85.4 ± 0.0 | 85.4 ± 0.0 | 85.4 ± 0.0 | 64 | 0.67x |" in md
+    assert "| LoRA at SLAD's time | 21 | 90.2 ± 0.0 | 90.2 ± 0.0 | 90.2 ± 0.0 | 63 | 0.66x |" in md
+    assert Image.open(tmp_path / "fig1-converged-synthetic-fine.png").width == 900
     args.max_epochs = 16
-    assert miniature.convergence(args, print)[1] == {"synthetic-fine": None}  # the cap: not reached, said so
+    not_reached = miniature.convergence(args, print)
+    assert not_reached[1] == {"synthetic-fine": None}  # the cap: not reached, said so
+    assert "16 epochs a stage (not converged" in not_reached[2]["synthetic-fine"]
     ran.clear()
     args.max_epochs, args.first_epochs = 64, 16  # --first_epochs: the search starts there
     assert miniature.convergence(args, print)[1] == {"synthetic-fine": 16}
@@ -3378,6 +3389,13 @@ def test_miniature_convergence_doubles_until_every_student_moves_less_than_half_
     moves = miniature.doubling_moves(runs, "synthetic-fine", 16, [0, 1])
     assert max(abs(v) for (m, role), v in moves.items() if role == "student") == pytest.approx(0.4)
     assert miniature.doubling_runs(str(tmp_path), "synthetic-fine", 64, [0, 1]) is None  # 128 never ran
+
+    # the command writes both files: convergence.md and converged-TASK.md
+    monkeypatch.setattr(sys, "argv", ["miniature.py", "--convergence", "--tasks", "synthetic-fine", "--seeds", "0",
+                                      "1", "--out_dir", str(tmp_path)])
+    miniature.main()
+    assert "| 16 → 32 |" in (tmp_path / "convergence.md").read_text()
+    assert "| LoRA at SLAD's time | 21 |" in (tmp_path / "converged-synthetic-fine.md").read_text()
 
 
 def test_miniature_ablation_rule_needs_more_than_the_seed_spread(tmp_path, monkeypatch):
