@@ -477,8 +477,9 @@ def convergence(args, log):
     lines, chosen, reports = [], {}, {}
     for task in args.tasks:
         settings, epochs, runs = TASKS[task], args.first_epochs or FIRST_SCHEDULE[task], {}
-        if args.quick:  # the search's machinery, in seconds
-            settings, epochs = dict(settings, img_size=14), 1
+        cap = args.max_epochs
+        if args.quick:  # the search's machinery, in seconds: one doubling, 1 -> 2 epochs
+            settings, epochs, cap = dict(settings, img_size=14), 1, 2
         while True:
             keys = doubling_keys(task, epochs, args.seeds)
             jobs = [(run_dir(args.out_dir, *k), command(*k[:5], dict(settings, epochs=k[5]), run_dir(args.out_dir, *k)))
@@ -492,7 +493,7 @@ def convergence(args, log):
             if all(abs(v) < 0.5 for (m, role), v in moves.items() if role == "student"):
                 chosen[task] = epochs
                 break
-            if 2 * epochs >= args.max_epochs:
+            if 2 * epochs >= cap:
                 chosen[task] = None  # not reached within the cap: the table says by how much each still moves
                 break
             epochs *= 2

@@ -3342,8 +3342,9 @@ def test_miniature_quick_runs_end_to_end(tmp_path):
 
 
 def test_miniature_convergence_doubles_until_every_student_moves_less_than_half_a_point(tmp_path, monkeypatch):
-    curve = {8: 80.0, 16: 85.0, 32: 85.4, 64: 85.5}  # SLAD's student: +5 from 8 to 16, +0.4 from 16 to 32
-    teacher = {8: 80.0, 16: 84.0, 32: 88.0, 64: 92.0}  # Fine-tuning's teacher: +4 each doubling, not waited for
+    curve = {1: 70.0, 2: 75.0, 8: 80.0, 16: 85.0, 32: 85.4, 64: 85.5}  # SLAD's student: +5 from 8 to 16, +0.4 from
+    teacher = {1: 70.0, 2: 72.0, 8: 80.0, 16: 84.0, 32: 88.0, 64: 92.0}  # 16 to 32; Fine-tuning's teacher: +4 each
+    # doubling from 8, not waited for
     ran = []
 
     def run_all(jobs, workers, log):
@@ -3389,6 +3390,13 @@ def test_miniature_convergence_doubles_until_every_student_moves_less_than_half_
     moves = miniature.doubling_moves(runs, "synthetic-fine", 16, [0, 1])
     assert max(abs(v) for (m, role), v in moves.items() if role == "student") == pytest.approx(0.4)
     assert miniature.doubling_runs(str(tmp_path), "synthetic-fine", 64, [0, 1]) is None  # 128 never ran
+
+    # --quick: the machinery in one doubling, 1 -> 2 epochs, whatever --max_epochs says
+    ran.clear()
+    args.quick, args.first_epochs = True, None
+    assert miniature.convergence(args, print)[1] == {"synthetic-fine": None}
+    assert ran and all(re.search(r"-e[12]-s", r) for r in ran)
+    args.quick = False
 
     # the command writes both files: convergence.md and converged-TASK.md
     monkeypatch.setattr(sys, "argv", ["miniature.py", "--convergence", "--tasks", "synthetic-fine", "--seeds", "0",
