@@ -469,6 +469,12 @@ def doubling_runs(out_dir, task, epochs, seeds):
     return {k: read(run_dir(out_dir, *k)) for k in keys}
 
 
+def schedule_job(out_dir, key, settings):
+    """(run folder, command) of the run `key` = (task, method, teacher, student, seed, epochs a stage)."""
+    d = run_dir(out_dir, *key)
+    return d, command(*key[:5], dict(settings, epochs=key[5]), d)
+
+
 def convergence(args, log):
     """Per task (toy-b -> toy-s), double the schedule from FIRST_SCHEDULE (or --first_epochs) until doubling it
     moves the mean val (over the seeds) of every method's student by less than 0.5 points (the teachers' moves
@@ -482,9 +488,7 @@ def convergence(args, log):
             settings, epochs, cap = dict(settings, img_size=14), 1, 2
         while True:
             keys = doubling_keys(task, epochs, args.seeds)
-            jobs = [(run_dir(args.out_dir, *k), command(*k[:5], dict(settings, epochs=k[5]), run_dir(args.out_dir, *k)))
-                    for k in keys if k not in runs]
-            run_all(jobs, args.workers, log)
+            run_all([schedule_job(args.out_dir, k, settings) for k in keys if k not in runs], args.workers, log)
             runs.update({k: read(run_dir(args.out_dir, *k)) for k in keys})
             moves = doubling_moves(runs, task, epochs, args.seeds)
             lines.append(row([task, f"{epochs} → {2 * epochs}", *[
@@ -512,10 +516,9 @@ def at_schedule(args, task, settings, epochs, passed, log):
     runs = {k: read(run_dir(args.out_dir, *k)) for k in keys}
     seconds = {m: mean([runs[k]["train_seconds"] for k in keys if k[1] == m]) for m in CONVERGED[task]}
     equal = max(1, round(epochs * seconds["SLAD"] / seconds["LoRA"]))
-    keys += [(task, "LoRA", "toy-b", "toy-s", s, equal) for s in args.seeds]
-    run_all([(run_dir(args.out_dir, *k), command(*k[:5], dict(settings, epochs=k[5]), run_dir(args.out_dir, *k)))
-             for k in keys[-len(args.seeds):] if k not in runs], args.workers, log)
-    runs.update({k: read(run_dir(args.out_dir, *k)) for k in keys[-len(args.seeds):]})
+    at_equal_time = [(task, "LoRA", "toy-b", "toy-s", s, equal) for s in args.seeds]
+    run_all([schedule_job(args.out_dir, k, settings) for k in at_equal_time if k not in runs], args.workers, log)
+    runs.update({k: read(run_dir(args.out_dir, *k)) for k in at_equal_time})
     state = f"passes the doubling check from {passed}" if passed else "not converged: see the doubling rows"
     lines = [f"### {task}, toy-b -> toy-s, {epochs} epochs a stage ({state}); test, mean ± std over seeds "
              f"{', '.join(map(str, args.seeds))}", "",
