@@ -161,6 +161,12 @@ def cost(task, method, teacher):
             * (1.5 if "train_twostep" in METHODS[method][0] else 1))
 
 
+def cmd_config(cmd):
+    """The resolved config (flags.py's) a run command stands for."""
+    script = os.path.basename(cmd[1]).removesuffix(".py")
+    return vars(importlib.import_module(script).parse_args(cmd[2:])[0])
+
+
 def finished(d, cmd):
     """Whether run folder d holds the finished run of cmd: its results.json, of the config cmd resolves to (a run
     of other flags -- --quick's, an older version's -- is run again)."""
@@ -168,22 +174,41 @@ def finished(d, cmd):
         kept_id = json.load(open(os.path.join(d, "results.json")))["config_id"]
     except (OSError, ValueError, KeyError):
         return False
-    script = os.path.basename(cmd[1]).removesuffix(".py")
-    return kept_id == config_id(vars(importlib.import_module(script).parse_args(cmd[2:])[0]))
+    return kept_id == config_id(cmd_config(cmd))
+
+
+def killed(d, cmd):
+    """The ckpt.pt a killed run of cmd left in folder d (its last finished epoch), or None: no checkpoint, an
+    unreadable one, or one of another config or seed (that run starts again)."""
+    path = os.path.join(d, "ckpt.pt")
+    try:
+        kept = torch.load(path, map_location="cpu", weights_only=True)["config"]
+    except Exception:
+        return None
+    config = cmd_config(cmd)
+    return path if (config_id(kept), kept["seed"]) == (config_id(config), config["seed"]) else None
 
 
 def run_all(jobs, workers, log):
-    """Run (out_dir, cmd) jobs, `workers` at a time, one CPU thread each; skip those already done."""
+    """Run (out_dir, cmd) jobs, `workers` at a time, one CPU thread each; skip those already done, and continue
+    those killed part-way (a session's end, a Ctrl-C) from their last epoch's checkpoint: --resume, exactly as if
+    never stopped, its training time the sum of its epochs' (run_folder.end_epoch)."""
     todo = [(d, c) for d, c in jobs if not finished(d, c)]
-    log(f"{len(jobs) - len(todo)} of {len(jobs)} runs already done; {len(todo)} to run, {workers} at a time")
+    resumed = sum(killed(d, c) is not None for d, c in todo)
+    log(f"{len(jobs) - len(todo)} of {len(jobs)} runs already done; {len(todo)} to run ({resumed} continued from "
+        f"their checkpoints), {workers} at a time")
     env = dict(os.environ, OMP_NUM_THREADS="1")  # one thread a run: tiny models gain little from a second one
     running, done, t0 = [], 0, time.time()
     while todo or running:
         while todo and len(running) < workers:
             d, c = todo.pop(0)
-            shutil.rmtree(d, ignore_errors=True)  # an interrupted run starts again
-            os.makedirs(d)
-            f = open(os.path.join(d, "stdout.txt"), "w")
+            ckpt = killed(d, c)
+            if ckpt:
+                c = c + ["--resume", ckpt]
+            else:
+                shutil.rmtree(d, ignore_errors=True)  # a run with nothing to continue from starts again
+                os.makedirs(d)
+            f = open(os.path.join(d, "stdout.txt"), "a" if ckpt else "w")
             proc = subprocess.Popen(c, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=HERE)
             running.append((d, c, proc, f, time.time()))
         time.sleep(0.2)

@@ -3447,6 +3447,32 @@ def test_miniature_reuses_a_run_only_for_its_own_config(tmp_path):
     assert miniature.parse_args(["--quick"])[0].out_dir == "out/miniature-quick" != miniature.parse_args([])[0].out_dir
 
 
+def test_miniature_continues_a_killed_run_from_its_checkpoint_exactly(tmp_path, monkeypatch):
+    settings = dict(miniature.QUICK, epochs=2)
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    cmd = {d: miniature.command("synthetic-fine", "SLAD", "toy-b", "toy-s", 0, settings, d) for d in (straight, split)}
+    miniature.run_all([(straight, cmd[straight])], 1, print)
+    restore = interrupt_after(monkeypatch, "train_slad", 1)  # as if the session ended after the first epoch
+    with pytest.raises(Interrupt):
+        run_main("train_slad", cmd[split][2:], monkeypatch)
+    restore()
+    run_folder.LOCKS.pop(os.path.realpath(os.path.join(split, "run.lock"))).close()  # the killed process's lock goes
+    assert miniature.killed(split, cmd[split]) == os.path.join(split, "ckpt.pt")
+    other_seed = miniature.command("synthetic-fine", "SLAD", "toy-b", "toy-s", 1, settings, split)
+    longer = miniature.command("synthetic-fine", "SLAD", "toy-b", "toy-s", 0, dict(settings, epochs=3), split)
+    assert miniature.killed(split, other_seed) is None and miniature.killed(split, longer) is None  # start again
+    log = []
+    miniature.run_all([(split, cmd[split])], 1, log.append)
+    assert "1 to run (1 continued from their checkpoints)" in log[0]
+    assert "resuming from" in open(os.path.join(split, "stdout.txt")).read()
+    a, b = results_of(straight), results_of(split)
+    assert (a["teacher_acc"], a["student_acc"]) == (b["teacher_acc"], b["student_acc"]) and b["train_seconds"] > 0
+    assert same_weights(os.path.join(straight, "student.pt"), os.path.join(split, "student.pt"))
+    assert [json.loads(l)["epoch"] for l in open(os.path.join(split, "metrics.jsonl"))] == [1, 2]
+    open(os.path.join(split, "ckpt.pt"), "wb").write(b"partial")  # a checkpoint cut short: the run starts again
+    assert miniature.killed(split, cmd[split]) is None
+
+
 # -----------------------------------------------------------------------------
 # predict.py and export_onnx.py: your own folders end to end, per-class figures, predictions, ONNX
 
