@@ -20,6 +20,7 @@ import importlib
 import json
 import math
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -199,30 +200,33 @@ def run_all(jobs, workers, log):
         f"their checkpoints), {workers} at a time")
     env = dict(os.environ, OMP_NUM_THREADS="1")  # one thread a run: tiny models gain little from a second one
     running, done, t0 = [], 0, time.time()
-    while todo or running:
-        while todo and len(running) < workers:
-            d, c = todo.pop(0)
-            ckpt = killed(d, c)
-            if ckpt:
-                c = c + ["--resume", ckpt]
-            else:
-                shutil.rmtree(d, ignore_errors=True)  # a run with nothing to continue from starts again
-                os.makedirs(d)
-            f = open(os.path.join(d, "stdout.txt"), "a" if ckpt else "w")
-            proc = subprocess.Popen(c, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=HERE)
-            running.append((d, c, proc, f, time.time()))
-        time.sleep(0.2)
-        for r in [r for r in running if r[2].poll() is not None]:
-            running.remove(r)
-            d, c, p, f, start = r
-            f.close()
-            done += 1
-            if p.returncode:
-                for other in running:  # stop the rest: they would go on unseen
-                    other[2].terminate()
-                sys.exit(f"miniature.py: error: {' '.join(c)} failed; see {os.path.join(d, 'stdout.txt')}")
-            log(f"[{done}/{done + len(todo) + len(running)}] {os.path.basename(d)} {time.time() - start:.0f}s "
-                f"(total {time.time() - t0:.0f}s)")
+    try:
+        while todo or running:
+            while todo and len(running) < workers:
+                d, c = todo.pop(0)
+                ckpt = killed(d, c)
+                if ckpt:
+                    c = c + ["--resume", ckpt]
+                else:
+                    shutil.rmtree(d, ignore_errors=True)  # a run with nothing to continue from starts again
+                    os.makedirs(d)
+                f = open(os.path.join(d, "stdout.txt"), "a" if ckpt else "w")
+                proc = subprocess.Popen(c, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=HERE)
+                running.append((d, c, proc, f, time.time()))
+            time.sleep(0.2)
+            for r in [r for r in running if r[2].poll() is not None]:
+                running.remove(r)
+                d, c, p, f, start = r
+                f.close()
+                done += 1
+                if p.returncode:
+                    sys.exit(f"miniature.py: error: {' '.join(c)} failed; see {os.path.join(d, 'stdout.txt')}")
+                log(f"[{done}/{done + len(todo) + len(running)}] {os.path.basename(d)} {time.time() - start:.0f}s "
+                    f"(total {time.time() - t0:.0f}s)")
+    finally:  # a failed run or a Ctrl-C stops the rest: none goes on unseen; each keeps its last epoch's ckpt.pt
+        for r in running:
+            r[2].terminate()
+            r[2].wait()
 
 
 def read(d):
@@ -699,4 +703,9 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C: the runs in flight stop too (run_all), each keeping its last epoch's ckpt.pt
+        print(f"interrupted; continue with: {shlex.join(['python', *sys.argv])} (finished runs are reused, the "
+              f"stopped ones resume from their last epoch)", file=sys.stderr)
+        sys.exit(130)

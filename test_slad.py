@@ -3473,6 +3473,27 @@ def test_miniature_continues_a_killed_run_from_its_checkpoint_exactly(tmp_path, 
     assert miniature.killed(split, cmd[split]) is None
 
 
+def test_miniature_ctrl_c_stops_its_runs_and_says_how_to_continue(tmp_path):
+    out = str(tmp_path / "mini")
+    code = ("import runpy, signal, sys\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"  # as at a terminal
+            "sys.argv = sys.argv[1:]\nrunpy.run_path(sys.argv[0], run_name='__main__')")
+    proc = subprocess.Popen([sys.executable, "-c", code, "miniature.py", "--convergence", "--quick", "--out_dir", out],
+                            cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not glob.glob(os.path.join(out, "runs", "*", "config.json")) and time.time() < deadline:
+        time.sleep(0.05)  # a run has started
+    proc.send_signal(signal.SIGINT)  # to miniature alone: it stops its runs itself
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130 and len(err.splitlines()) == 1, err
+    assert err == (f"interrupted; continue with: python miniature.py --convergence --quick --out_dir {out} (finished "
+                   f"runs are reused, the stopped ones resume from their last epoch)\n")
+    locks = glob.glob(os.path.join(out, "runs", "*", "run.lock"))
+    assert locks
+    for lock in locks:  # no run goes on: each run's lock is free (the OS frees it when its process ends)
+        with open(lock) as f:
+            run_folder.fcntl.flock(f, run_folder.fcntl.LOCK_EX | run_folder.fcntl.LOCK_NB)
+
+
 # -----------------------------------------------------------------------------
 # predict.py and export_onnx.py: your own folders end to end, per-class figures, predictions, ONNX
 
