@@ -2523,7 +2523,9 @@ def weight_difference(run_a, run_b, file):
     """|a - b| / |a| over all the weights of an exported model of two runs. Float tolerance, over the whole
     model: sums taken in another order differ in the last bits, and Adam, which divides a step by the gradient's
     size, turns that into whole steps where the gradient is rounding noise (the k bias of attention, whose exact
-    gradient is 0): one tensor alone can differ by 1e-3 of its size (seen), the whole model by 1e-6."""
+    gradient is 0): one tensor alone can differ by 6e-3 of its size, the whole model by up to 1.7e-4 (seen, torch 2.4,
+    the fine-tune of one image per process; 1e-6 typically). Ranks stepping on their own halves, DDP's averaging
+    switched off, differ by 3e-2 to 5e-2 of the model (measured on these five runs): 1e-3 tells the two apart."""
     a, b = (torch.load(os.path.join(d, file), weights_only=True) for d in (run_a, run_b))
     pairs = [(a[p][k], b[p][k]) for p in ("vit", "head") for k in a[p]]
     return (sum((x - y).square().sum() for x, y in pairs) / sum(x.square().sum() for x, _ in pairs)).sqrt().item()
@@ -2562,7 +2564,7 @@ def test_torchrun_two_processes_match_one(tmp_path, monkeypatch, script, extra):
     one = str(tmp_path / "one")
     run_main(script, argv + ["--out_dir", one], monkeypatch)
     for f in ("student.pt", "teacher.pt"):
-        assert weight_difference(one, two, f) < 1e-4, f
+        assert weight_difference(one, two, f) < 1e-3, f
     assert abs(results_of(one)["student_acc"] - results_of(two)["student_acc"]) <= 100 / 16  # one test image
 
 
