@@ -296,10 +296,11 @@ def ticks(lo, hi, n=7):
 
 def fig1(points, title, path):
     """Student accuracy against training time, a labelled point per method (paper Fig. 1)."""
-    W, H, L, R, T, B = 900, 520, 80, 200, 50, 60
-    img = Image.new("RGB", (W, H), "white")
+    img = Image.new("RGB", (900, 520), "white")
     d = ImageDraw.Draw(img)
     big, small = font(16), font(13)
+    R = max(200, 44 + math.ceil(max(d.textlength(p[0], font=small) for p in points)))  # the legend, whole
+    W, H, L, T, B = 900, 520, 80, 50, 60
     xs, ys = [p[1] for p in points], [p[2] for p in points]
     x_hi = max(xs) * 1.1
     y_lo, y_hi = min(ys) - 0.1 * (max(ys) - min(ys) + 1), max(ys) + 0.1 * (max(ys) - min(ys) + 1)

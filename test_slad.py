@@ -3371,6 +3371,10 @@ def test_miniature_convergence_doubles_until_every_student_moves_less_than_half_
     assert "| SLAD | 32 | 85.4 ± 0.0 | 85.4 ± 0.0 | 85.4 ± 0.0 | 64 | 0.67x |" in md
     assert "| LoRA at SLAD's time | 21 | 90.2 ± 0.0 | 90.2 ± 0.0 | 90.2 ± 0.0 | 63 | 0.66x |" in md
     assert Image.open(tmp_path / "fig1-converged-synthetic-fine.png").width == 900
+    long = [("LoRA at SLAD's time (193 ep.)", 1342.0, 93.4), ("SLAD (256 ep.)", 1235.0, 93.1)]
+    miniature.fig1(long, "a legend's longest label", tmp_path / "long.png")
+    right = np.asarray(Image.open(tmp_path / "long.png").convert("L"))[:, -4:]
+    assert right.min() == 255  # the legend's text ends inside the figure, not cut at its edge
     args.max_epochs = 16
     not_reached = miniature.convergence(args, print)
     assert not_reached[1] == {"synthetic-fine": None}  # the cap: not reached, said so
