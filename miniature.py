@@ -7,7 +7,7 @@ procedural tasks in the paper's roles -- `synthetic` textures for DTD, `syntheti
     python miniature.py           # the headline: toy-b -> toy-s on synthetic-fine, 3 seeds (~7 min on 2 CPU cores)
     python miniature.py --full    # every pair and task: Tables 1-3, Fig. 3, Fig. 1 (~43 min on 2 CPU cores)
     python miniature.py --quick   # one seed, 14-px images, one epoch: the whole pipeline in a minute or two
-    python miniature.py --convergence --tasks synthetic-fine --first_epochs 32 --max_epochs 128  # ~3.5 h: the
+    python miniature.py --convergence --tasks synthetic-fine --first_epochs 32 --max_epochs 256  # ~7.5 h: the
                                   # converged verdict (convergence.md, converged-TASK.md, fig1-converged-TASK.png)
 
 It drives train_twostep.py, train_slad.py and cka.py through their command lines, as a reader would, and reads
@@ -511,10 +511,12 @@ def convergence(args, log):
     are shown beside, not waited for); --max_epochs caps it. Returns the markdown rows, one per doubling,
     {task: the shortest schedule, None where the cap came first} and {task: at_schedule's tables}."""
     lines, chosen, reports = [], {}, {}
+    if args.quick:  # the search's machinery in about a minute: one seed, synthetic-fine, one doubling (1 -> 2 epochs)
+        args = type(args)(**dict(vars(args), tasks=["synthetic-fine"], seeds=args.seeds[:1]))  # a copy
     for task in args.tasks:
         settings, epochs, runs = TASKS[task], args.first_epochs or FIRST_SCHEDULE[task], {}
         cap = args.max_epochs
-        if args.quick:  # the search's machinery, in seconds: one doubling, 1 -> 2 epochs
+        if args.quick:
             settings, epochs, cap = dict(settings, img_size=14), 1, 2
         while True:
             keys = doubling_keys(task, epochs, args.seeds)

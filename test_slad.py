@@ -3399,10 +3399,10 @@ def test_miniature_convergence_doubles_until_every_student_moves_less_than_half_
 
     # --quick: the machinery in one doubling, 1 -> 2 epochs, whatever --max_epochs says
     ran.clear()
-    args.quick, args.first_epochs = True, None
+    args.quick, args.first_epochs, args.tasks = True, None, ["synthetic-fine", "synthetic"]
     assert miniature.convergence(args, print)[1] == {"synthetic-fine": None}
-    assert ran and all(re.search(r"-e[12]-s", r) for r in ran)
-    args.quick = False
+    assert ran and all(re.search(r"^synthetic-fine-.*-e[12]-s0$", r) for r in ran)  # one task, one seed: a minute
+    args.quick, args.tasks = False, ["synthetic-fine"]
 
     # the command writes both files: convergence.md and converged-TASK.md
     monkeypatch.setattr(sys, "argv", ["miniature.py", "--convergence", "--tasks", "synthetic-fine", "--seeds", "0",
