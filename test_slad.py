@@ -3412,6 +3412,25 @@ def test_miniature_convergence_doubles_until_every_student_moves_less_than_half_
     assert "| LoRA at SLAD's time | 21 |" in (tmp_path / "converged-synthetic-fine.md").read_text()
 
 
+def test_the_converged_verdicts_run_records_are_what_its_command_reuses():
+    """docs/converged-runs/ keeps, in git, each finished run of issue 36's search (its config.json, results.json and
+    metrics.jsonl; no checkpoint), so that the command docs/miniature.md gives continues the search on a new
+    machine: every record must be what miniature.finished() takes as that run, done, under today's code (a change
+    of config or of a default makes a record stale, and this test says which)."""
+    root = os.path.join(HERE, "docs", "converged-runs")
+    names = {os.path.basename(miniature.run_dir(root, *k)): k for task, methods in miniature.CONVERGED.items()
+             for k in itertools.product([task], methods, ["toy-b"], ["toy-s"], range(3), range(1, 1025))}
+    records = sorted(d for d in os.listdir(os.path.join(root, "runs"))
+                     if os.path.exists(os.path.join(root, "runs", d, "results.json")))
+    assert records, "no finished run is kept"
+    for name in records:
+        key = names[name]  # a folder the search names
+        d, cmd = miniature.schedule_job(root, key, miniature.TASKS[key[0]])
+        assert miniature.finished(d, cmd), f"{name}: a record of another config than today's command runs"
+        curves = miniature.read(d)["curves"]
+        assert curves and all(len(c) == key[5] for c in curves.values()), name  # every epoch's val, once
+
+
 def test_miniature_ablation_rule_needs_more_than_the_seed_spread(tmp_path, monkeypatch):
     gains = {"kl-into-the-teacher": [0.2, 0.4, 0.3], "separate-qkv-adapters": [2.0, 2.5, 1.5],
              "a-drawn-for-the-student": [3.0, -2.0, 2.0], "kl-warm-up-20": [0.0, 0.0, 0.0]}
@@ -3808,8 +3827,8 @@ def test_dinov3_on_own_folders_then_predict_and_onnx(tmp_path, monkeypatch, caps
 # README.md and docs/: their commands parse and run, their links exist
 
 
-DOCS = ["README.md",
-        *sorted(os.path.join("docs", f) for f in os.listdir(os.path.join(os.path.dirname(__file__), "docs")))]
+DOCS = ["README.md", *sorted(os.path.join("docs", f) for f in os.listdir(os.path.join(os.path.dirname(__file__), "docs"))
+                              if f.endswith(".md"))]  # not docs/converged-runs/, the verdict's run records
 SCRIPTS = ("train_slad", "train_twostep", "cka", "bench", "report", "toys", "miniature", "predict", "export_onnx")
 
 
