@@ -3419,7 +3419,7 @@ def test_the_converged_verdicts_run_records_are_what_its_command_reuses():
     of config or of a default makes a record stale, and this test says which)."""
     root = os.path.join(HERE, "docs", "converged-runs")
     names = {os.path.basename(miniature.run_dir(root, *k)): k for task, methods in miniature.CONVERGED.items()
-             for k in itertools.product([task], methods, ["toy-b"], ["toy-s"], range(3), range(1, 1025))}
+             for k in itertools.product([task], methods, ["toy-b"], ["toy-s"], range(10), range(1, 2049))}
     records = sorted(d for d in os.listdir(os.path.join(root, "runs"))
                      if os.path.exists(os.path.join(root, "runs", d, "results.json")))
     assert records, "no finished run is kept"
